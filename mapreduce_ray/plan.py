@@ -1,0 +1,71 @@
+"""Segment planning: which miner reduces which elements, in which chunks.
+
+Cost model: a miner's time in a round is proportional to the elements it reduces
+divided by its throughput (its weight), and the round ends when the slowest miner
+ends. Giving miner i the contiguous share numel * w_i / sum(w) minimizes that
+maximum; shares are rounded to whole elements by largest remainder, so each is
+within one element of its ideal. Each segment is cut into chunks of at most
+`chunk_elems` elements so reduction and download overlap with upload.
+
+Every party calls these functions with the same job spec and tensor spec, so every
+party derives the same plan without exchanging it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+
+from mapreduce_ray.types import JobSpec, TensorSpec
+
+
+@dataclass(frozen=True)
+class Segment:
+    """The elements [start, stop) reduced by miner `miner`, cut into chunks."""
+
+    miner: int
+    start: int
+    stop: int
+    chunks: tuple[tuple[int, int], ...]
+
+    @property
+    def numel(self) -> int:
+        return self.stop - self.start
+
+
+def split_by_weight(numel: int, weights: tuple[float, ...]) -> list[int]:
+    """Sizes summing to `numel`, proportional to `weights`, by largest remainder."""
+    if numel < 0:
+        raise ValueError(f"numel must be >= 0, got {numel}")
+    if not weights or any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError(f"miner weights must be finite and >= 0, got {weights}")
+    total = sum(Fraction(w) for w in weights)
+    if total == 0:
+        raise ValueError("at least one miner weight must be positive")
+    quotas = [numel * Fraction(w) / total for w in weights]
+    sizes = [math.floor(q) for q in quotas]
+    by_remainder = sorted(range(len(weights)), key=lambda i: (sizes[i] - quotas[i], i))
+    for i in by_remainder[: numel - sum(sizes)]:
+        sizes[i] += 1
+    return sizes
+
+
+def plan_segments(numel: int, weights: tuple[float, ...], chunk_elems: int) -> tuple[Segment, ...]:
+    """One segment per miner (possibly empty), covering [0, numel) in order."""
+    if chunk_elems < 1:
+        raise ValueError(f"chunk_elems must be >= 1, got {chunk_elems}")
+    segments = []
+    start = 0
+    for miner, size in enumerate(split_by_weight(numel, weights)):
+        stop = start + size
+        chunks = tuple((a, min(a + chunk_elems, stop)) for a in range(start, stop, chunk_elems))
+        segments.append(Segment(miner, start, stop, chunks))
+        start = stop
+    return tuple(segments)
+
+
+def plan_round(job: JobSpec, tensor: TensorSpec) -> tuple[Segment, ...]:
+    """The plan of one round: the job's miner weights and chunk size applied to a tensor."""
+    chunk_elems = max(1, job.chunk_bytes // tensor.dtype_info.itemsize)
+    return plan_segments(tensor.numel, job.miner_weights, chunk_elems)
