@@ -1,0 +1,63 @@
+"""One local Ray per test session, three local subnets (1, 2 and 3 miners) on it,
+and helpers that run P peers as threads of the test process.
+
+Tests marked `cluster` run last: they shut the local Ray down and bring up a
+multi-node ray.cluster_utils.Cluster of their own.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import pytest  # noqa: E402
+import ray  # noqa: E402
+
+from actors import init_local_ray, start_local_subnet  # noqa: E402
+from mapreduce_ray import Peer  # noqa: E402
+
+CHUNK_MIB = 0.25  # small chunks, so a 1 MiB tensor travels in several pieces
+TIMEOUT_S = 30.0
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.get_closest_marker("cluster") is not None)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    init_local_ray(object_store_mib=512, num_cpus=2)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def subnets(local_ray):
+    """Local subnets by miner count, each in its own namespace."""
+    started = {
+        m: start_local_subnet(m, chunk_mib=CHUNK_MIB, timeout_s=TIMEOUT_S, namespace=f"tests-{m}-miners")
+        for m in (1, 2, 3)
+    }
+    yield started
+    if ray.is_initialized():  # cluster tests, when they ran, already shut this Ray down
+        for subnet in started.values():
+            subnet.shutdown()
+
+
+def run_peers(namespace: str, peer_count: int, fn, **peer_kwargs) -> list:
+    """fn(peer) on peers 1..peer_count, each in its own thread; results in rank order."""
+    job = uuid.uuid4().hex
+    peers = [Peer(r, peer_count, job=job, namespace=namespace, **peer_kwargs) for r in range(1, peer_count + 1)]
+    for peer in peers:
+        peer.init_process_group()
+    try:
+        with ThreadPoolExecutor(peer_count) as pool:
+            return list(pool.map(fn, peers))
+    finally:
+        for peer in peers:
+            peer.destroy_process_group()

@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+
+from mapreduce_ray import InvalidTensorError, RoundMismatchError
+from tests.conftest import run_peers
+
+
+@pytest.mark.parametrize("src", [1, 3])
+@pytest.mark.parametrize("miners", [1, 3])
+def test_broadcast_reaches_every_peer_from_any_source(subnets, src, miners):
+    source = torch.randn(300_000, dtype=torch.float32)  # over 1 MiB: several chunks per miner
+    original = source.clone()
+    results = run_peers(
+        subnets[miners].namespace, 4, lambda peer: peer.broadcast(source if peer.rank == src else None, src=src)
+    )
+    assert results[src - 1] is source and torch.equal(source, original)
+    for rank, result in enumerate(results, start=1):
+        if rank != src:
+            assert result is not source and torch.equal(result, original)
+
+
+def test_receivers_may_pass_a_tensor_to_fill(subnets):
+    source = torch.arange(24, dtype=torch.bfloat16).reshape(2, 3, 4)
+    targets = {r: torch.zeros(2, 3, 4, dtype=torch.bfloat16) for r in (2, 3)}
+    results = run_peers(
+        subnets[2].namespace, 3, lambda peer: peer.broadcast(source if peer.rank == 1 else targets[peer.rank])
+    )
+    for rank in (2, 3):
+        assert results[rank - 1] is targets[rank] and torch.equal(targets[rank], source)
+
+
+def test_zero_d_and_read_only_numpy_sources(subnets):
+    scalar = torch.tensor(3.5, dtype=torch.float64)
+    array = np.arange(10, dtype=np.int32)
+    array.flags.writeable = False
+
+    def both(peer):
+        return peer.broadcast(scalar if peer.rank == 2 else None, src=2), peer.broadcast(
+            array if peer.rank == 1 else None
+        )
+
+    for got_scalar, got_array in run_peers(subnets[2].namespace, 2, both):
+        assert got_scalar.shape == () and got_scalar.item() == 3.5
+        assert np.array_equal(np.asarray(got_array), np.arange(10))
+
+
+def test_a_receiver_with_the_wrong_shape_gets_a_clear_error_and_keeps_its_tensor(subnets):
+    wrong = torch.full((5,), 7.0)
+
+    def attempt(peer):
+        if peer.rank == 1:
+            return peer.broadcast(torch.ones(4))
+        with pytest.raises(RoundMismatchError, match=r"rank 1 sends float32 \(4,\) but rank 2 passed float32 \(5,\)"):
+            peer.broadcast(wrong)
+
+    run_peers(subnets[2].namespace, 2, attempt)
+    assert torch.equal(wrong, torch.full((5,), 7.0))
+
+
+def test_source_must_pass_a_tensor_and_src_must_be_a_rank(subnets):
+    def attempt(peer):
+        with pytest.raises(InvalidTensorError, match="rank 1 is the broadcast source and must pass the tensor"):
+            peer.broadcast(None)
+        with pytest.raises(ValueError, match=r"src must be an int in 1..1, got 2"):
+            peer.broadcast(torch.ones(1), src=2)
+
+    run_peers(subnets[1].namespace, 1, attempt)

@@ -1,0 +1,97 @@
+import time
+
+import pytest
+import ray
+import torch
+
+from actors import start_local_subnet
+from mapreduce_ray import JobError, Peer
+from tests.conftest import run_peers
+
+
+def test_init_process_group_returns_the_job_spec(subnets):
+    specs = run_peers(subnets[3].namespace, 2, lambda peer: peer.spec)
+    assert specs[0] == specs[1]
+    assert specs[0].peer_count == 2 and [m.name for m in specs[0].miners] == ["miner-0", "miner-1", "miner-2"]
+
+
+def test_rounds_are_released_once_every_peer_left(subnets):
+    subnet = subnets[2]
+    run_peers(subnet.namespace, 3, lambda peer: [peer.all_reduce(torch.randn(100_000)) for _ in range(3)])
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        statuses = ray.get([m.status.remote() for m in subnet.miners])
+        if all(s["open_rounds"] == 0 for s in statuses):
+            break
+        time.sleep(0.05)
+    assert [s["open_rounds"] for s in statuses] == [0, 0]
+    assert ray.get(subnet.validator.jobs.remote()) == []
+
+
+def test_a_peer_keeps_only_its_latest_round_open(subnets):
+    subnet = subnets[1]
+
+    def three_rounds(peer):
+        for _ in range(3):
+            peer.all_reduce(torch.randn(1000))
+        return ray.get(subnet.miners[0].status.remote())["open_rounds"]
+
+    assert max(run_peers(subnet.namespace, 2, three_rounds)) <= 2
+
+
+def test_joining_without_a_subnet_names_the_fix(local_ray):
+    with pytest.raises(
+        JobError, match=r"no validator named 'validator-0' in Ray namespace 'nowhere'; start a subnet first"
+    ):
+        Peer(1, 1, namespace="nowhere").init_process_group()
+
+
+def test_collectives_before_joining_name_the_fix(subnets):
+    with pytest.raises(JobError, match=r"rank 1 has not joined a job; call init_process_group\(\) first"):
+        Peer(1, 1, namespace=subnets[1].namespace).all_reduce(torch.ones(1))
+
+
+def test_joining_twice_and_disagreeing_about_peer_count_are_refused(subnets):
+    ns = subnets[1].namespace
+    first = Peer(1, 2, job="twice", namespace=ns)
+    first.init_process_group()
+    try:
+        with pytest.raises(JobError, match=r"rank 1 already joined job 'twice'; call destroy_process_group\(\) first"):
+            first.init_process_group()
+        with pytest.raises(JobError, match=r"rank 1 already joined job 'twice'; a rank joins once"):
+            Peer(1, 2, job="twice", namespace=ns).init_process_group()
+        with pytest.raises(JobError, match=r"job 'twice' has 2 peers but rank 2 says 3; pass the same peer_count"):
+            Peer(2, 3, job="twice", namespace=ns).init_process_group()
+    finally:
+        first.destroy_process_group()
+
+
+def test_peer_arguments_are_checked():
+    with pytest.raises(ValueError, match=r"rank must be an int in 1..2, got 0"):
+        Peer(0, 2)
+    with pytest.raises(ValueError, match="peer_count must be a positive int, got 0"):
+        Peer(1, 0)
+    with pytest.raises(ValueError, match="bandwidth must be a positive number of bytes or None, got -5"):
+        Peer(1, 1, -5)
+
+
+def test_peer_works_as_a_context_manager(subnets):
+    with Peer(1, 1, job="ctx", namespace=subnets[1].namespace) as peer:
+        assert peer.all_reduce(torch.tensor([2.0, 4.0]), "sum").tolist() == [2.0, 4.0]
+    assert peer.spec is None
+
+
+def test_a_second_subnet_in_the_same_namespace_is_refused(subnets):
+    with pytest.raises(
+        RuntimeError, match=r"a subnet already runs in Ray namespace 'tests-1-miners'.*pass another namespace"
+    ):
+        start_local_subnet(1, namespace=subnets[1].namespace)
+
+
+def test_joining_before_connecting_to_ray_names_the_fix(monkeypatch):
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    with pytest.raises(
+        JobError,
+        match=r"Ray is not connected: call ray.init\(address='auto'\) on a cluster, or actors.start_local_subnet\(\)",
+    ):
+        Peer(1, 1).init_process_group()

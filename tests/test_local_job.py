@@ -1,0 +1,47 @@
+"""python -m jobs.local, run the way a user runs it."""
+
+import subprocess
+import sys
+
+
+def run_job(cwd, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.local", "ray.object_store_mib=256", f"hydra.run.dir={cwd}", *overrides],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+
+
+def test_local_job_checks_and_times_every_round(tmp_path):
+    done = run_job(tmp_path, "topology.peers=3", "topology.miners=2", "size_mib=1", "rounds=2", "dtype=bfloat16")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].split() == [
+        "collective",
+        "size",
+        "peers",
+        "miners",
+        "rounds",
+        "median",
+        "ms",
+        "algbw",
+        "GB/s",
+        "busbw",
+        "GB/s",
+        "check",
+    ]
+    assert lines[1].split()[:8] == ["broadcast", "1", "MiB", "bfloat16", "3", "2", "1", lines[1].split()[7]]
+    assert lines[2].split()[:8] == ["all_reduce", "avg", "1", "MiB", "bfloat16", "3", "2", "2"]
+    assert lines[1].endswith("exact") and lines[2].endswith("exact")
+
+
+def test_impossible_settings_are_one_clear_line(tmp_path):
+    done = run_job(tmp_path, "dtype=int32", "op=avg")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1] == "error: op=avg of int32 would truncate; pass op=sum"
+    done = run_job(tmp_path, "bandwidth.miner_mbit=[100]")
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: bandwidth.miner_mbit has 1 speeds for 2 miners; give one per miner"
+    )

@@ -1,0 +1,66 @@
+from fractions import Fraction
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mapreduce_ray.plan import plan_round, plan_segments, split_by_weight
+from mapreduce_ray.types import JobSpec, MinerSlot, TensorSpec
+
+weights_st = (
+    st.lists(st.integers(0, 1000), min_size=1, max_size=8).filter(any).map(lambda ws: tuple(float(w) for w in ws))
+)
+# (numel, chunk) with at most a few thousand chunks
+sizes_st = st.integers(0, 10**7).flatmap(lambda n: st.tuples(st.just(n), st.integers(max(1, n // 2000), 10**7)))
+
+
+@given(sizes=sizes_st, weights=weights_st)
+def test_plan_covers_every_element_once_in_order(sizes, weights):
+    numel, chunk = sizes
+    segments = plan_segments(numel, weights, chunk)
+    assert [s.miner for s in segments] == list(range(len(weights)))
+    assert segments[0].start == 0 and segments[-1].stop == numel
+    for before, after in zip(segments, segments[1:], strict=False):
+        assert before.stop == after.start
+    for s in segments:
+        pieces = [b - a for a, b in s.chunks]
+        assert sum(pieces) == s.numel
+        assert all(1 <= n <= chunk for n in pieces)
+        assert [a for a, _ in s.chunks] == list(range(s.start, s.stop, chunk))
+
+
+@given(sizes=sizes_st, weights=weights_st)
+def test_segment_sizes_follow_weights_within_one_element(sizes, weights):
+    numel, chunk = sizes
+    total = sum(Fraction(w) for w in weights)
+    for s, w in zip(plan_segments(numel, weights, chunk), weights, strict=True):
+        ideal = numel * Fraction(w) / total
+        assert abs(s.numel - ideal) < 1  # so within one chunk as well
+        if w == 0:
+            assert s.numel == 0 and s.chunks == ()
+
+
+def test_numel_smaller_than_miner_count_leaves_some_miners_empty():
+    assert split_by_weight(2, (1.0, 1.0, 1.0)) == [1, 1, 0]
+    assert split_by_weight(1, (1.0, 2.0)) == [0, 1]
+
+
+def test_plan_round_cuts_chunks_by_bytes():
+    job = JobSpec("j", "j", "ns", 2, (MinerSlot("a", 1.0), MinerSlot("b", 1.0)), chunk_bytes=1024, timeout_s=1)
+    segments = plan_round(job, TensorSpec("float64", (3, 100)))
+    assert [(s.start, s.stop) for s in segments] == [(0, 150), (150, 300)]
+    assert segments[0].chunks == ((0, 128), (128, 150))
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [((), "finite and >= 0"), ((1.0, -1.0), "finite and >= 0"), ((float("nan"),), "finite"), ((0.0, 0.0), "positive")],
+)
+def test_bad_weights_are_refused(weights, message):
+    with pytest.raises(ValueError, match=message):
+        split_by_weight(10, weights)
+
+
+def test_chunk_must_be_positive():
+    with pytest.raises(ValueError, match="chunk_elems must be >= 1"):
+        plan_segments(10, (1.0,), 0)
