@@ -1,0 +1,171 @@
+"""Start a local subnet; broadcast once and all_reduce K rounds across P peer actors.
+
+    python -m jobs.local
+    python -m jobs.local topology.peers=2 topology.miners=3 size_mib=100 rounds=10 dtype=bfloat16
+
+Every peer's result is checked bit for bit against mapreduce_ray.reference, and a
+table of times, algbw and busbw is printed. Settings: conf/local.yaml.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+
+import hydra
+import ray
+import torch
+from omegaconf import DictConfig
+
+from actors import PeerActor, connect_ray, start_local_subnet
+from mapreduce_ray.dtypes import dtype_named
+from mapreduce_ray.errors import MapReduceError
+from mapreduce_ray.reference import reference_reduce
+from mapreduce_ray.shards import digest
+from mapreduce_ray.types import ReduceOp
+
+log = logging.getLogger(__name__)
+MIB = 1024 * 1024
+START_DELAY_S = 0.5
+
+
+def random_tensor(seed: int, numel: int, dtype: str) -> torch.Tensor:
+    """The same tensor for the same arguments, on any process."""
+    generator = torch.Generator().manual_seed(seed)
+    info = dtype_named(dtype)
+    if info.is_integer:
+        return torch.randint(-1000, 1000, (numel,), generator=generator, dtype=info.torch_dtype)
+    return torch.randn(numel, generator=generator, dtype=info.torch_dtype)
+
+
+def broadcast_round(peer, seed: int, numel: int, dtype: str, start_at: float) -> tuple[float, float, str]:
+    tensor = random_tensor(seed, numel, dtype) if peer.rank == 1 else None
+    _sleep_until(start_at)
+    start = time.time()
+    tensor = peer.broadcast(tensor, src=1)
+    return start, time.time(), digest(tensor)
+
+
+def all_reduce_round(peer, seed: int, numel: int, dtype: str, op: str, start_at: float) -> tuple[float, float, str]:
+    tensor = random_tensor(seed + peer.rank, numel, dtype)
+    _sleep_until(start_at)
+    start = time.time()
+    peer.all_reduce(tensor, op)
+    return start, time.time(), digest(tensor)
+
+
+def _sleep_until(wall_time: float) -> None:
+    time.sleep(max(wall_time - time.time(), 0))
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Refuse settings that cannot work before anything starts."""
+    dtype = dtype_named(cfg.dtype)
+    op = ReduceOp.parse(cfg.op)
+    if op is ReduceOp.AVG and dtype.is_integer:
+        raise ValueError(f"op=avg of {cfg.dtype} would truncate; pass op=sum")
+    weights = cfg.bandwidth.miner_mbit
+    if weights is not None and len(weights) != cfg.topology.miners:
+        raise ValueError(
+            f"bandwidth.miner_mbit has {len(weights)} speeds for {cfg.topology.miners} miners; give one per miner"
+        )
+
+
+def run(cfg: DictConfig) -> list[dict]:
+    """Run the job; return one table row per collective."""
+    check_config(cfg)
+    connect_ray(**cfg.ray)
+    weights = cfg.bandwidth.miner_mbit
+    subnet = start_local_subnet(
+        cfg.topology.miners,
+        miner_weights=list(weights) if weights is not None else None,
+        chunk_mib=cfg.topology.chunk_mib,
+        timeout_s=cfg.subnet.timeout_s,
+        validator_uid=cfg.subnet.validator_uid,
+        namespace=cfg.subnet.namespace,
+    )
+    p = cfg.topology.peers
+    peer_actor = ray.remote(num_cpus=0)(PeerActor)
+    peers = [
+        peer_actor.remote(
+            r, p, validator_uid=cfg.subnet.validator_uid, job="jobs.local", namespace=cfg.subnet.namespace
+        )
+        for r in range(1, p + 1)
+    ]
+    try:
+        ray.get([a.init_process_group.remote() for a in peers], timeout=cfg.subnet.timeout_s)
+        numel = max(1, int(cfg.size_mib * MIB) // dtype_named(cfg.dtype).itemsize)
+        rows = [_broadcast_row(cfg, peers, numel), _all_reduce_row(cfg, peers, numel)]
+        ray.get([a.destroy_process_group.remote() for a in peers], timeout=cfg.subnet.timeout_s)
+        return rows
+    finally:
+        for actor in peers:
+            ray.kill(actor)
+        subnet.shutdown()
+
+
+def _broadcast_row(cfg: DictConfig, peers: list, numel: int) -> dict:
+    expected = digest(random_tensor(cfg.seed, numel, cfg.dtype))
+    spans = ray.get(
+        [a.run.remote(broadcast_round, cfg.seed, numel, cfg.dtype, time.time() + START_DELAY_S) for a in peers]
+    )
+    return _row(cfg, "broadcast", numel, [spans], [expected], bus_factor=1.0)
+
+
+def _all_reduce_row(cfg: DictConfig, peers: list, numel: int) -> dict:
+    p = len(peers)
+    rounds, expected = [], []
+    for k in range(cfg.rounds):
+        seed = cfg.seed + 1000 * (k + 1)
+        start_at = time.time() + START_DELAY_S
+        rounds.append(
+            ray.get([a.run.remote(all_reduce_round, seed, numel, cfg.dtype, cfg.op, start_at) for a in peers])
+        )
+        inputs = [random_tensor(seed + r, numel, cfg.dtype) for r in range(1, p + 1)]
+        expected.append(digest(reference_reduce(inputs, cfg.op)))
+    return _row(cfg, f"all_reduce {cfg.op}", numel, rounds, expected, bus_factor=2 * (p - 1) / p)
+
+
+def _row(cfg: DictConfig, name: str, numel: int, rounds: list, expected: list[str], bus_factor: float) -> dict:
+    nbytes = numel * dtype_named(cfg.dtype).itemsize
+    times = [max(end for _, end, _ in spans) - min(start for start, _, _ in spans) for spans in rounds]
+    exact = all(d == want for spans, want in zip(rounds, expected, strict=True) for _, _, d in spans)
+    t = statistics.median(times)
+    return {
+        "collective": name,
+        "size": f"{nbytes / MIB:g} MiB {cfg.dtype}",
+        "peers": len(rounds[0]),
+        "miners": cfg.topology.miners,
+        "rounds": len(rounds),
+        "median ms": f"{t * 1e3:.1f}",
+        "algbw GB/s": f"{nbytes / t / 1e9:.3f}",
+        "busbw GB/s": f"{nbytes / t / 1e9 * bus_factor:.3f}",
+        "check": "exact" if exact else "MISMATCH",
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    keys = list(rows[0])
+    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in keys]
+    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths, strict=True))]
+    lines += ["  ".join(str(r[k]).ljust(w) for k, w in zip(keys, widths, strict=True)) for r in rows]
+    return "\n".join(lines)
+
+
+@hydra.main(config_path="../conf", config_name="local", version_base=None)
+def main(cfg: DictConfig) -> None:
+    try:
+        rows = run(cfg)
+    except (MapReduceError, ValueError) as e:
+        print(f"error: {getattr(e, 'cause', e)}", file=sys.stderr)
+        sys.exit(2)
+    print(format_table(rows))
+    if any(r["check"] != "exact" for r in rows):
+        print("error: a result differs from the reference", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
