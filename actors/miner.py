@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import threading
 import time
 
@@ -33,6 +34,7 @@ from mapreduce_ray.types import RoundKind, RoundSpec
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = 256
+PREFETCH_CHUNKS = 2
 
 
 class _Round:
@@ -138,6 +140,7 @@ class MinerActor:
             return {
                 "name": self.name,
                 "node_id": ray.get_runtime_context().get_node_id(),
+                "pid": os.getpid(),
                 "open_rounds": len(self._rounds),
                 "rounds_done": self._rounds_done,
                 "bytes_in": self._bytes_in,
@@ -178,6 +181,7 @@ class MinerActor:
                 spec = state.spec
                 contributions = [state.chunks.pop(rank) for rank in sorted(state.contributors)]
             self._reduce_segment(state, spec, plan_round(spec.job, spec.tensor)[state.miner], contributions)
+            del contributions
             with state.cond:
                 state.done = True
                 state.cond.notify_all()
@@ -203,15 +207,17 @@ class MinerActor:
                     f"{spec.describe()}: rank {rank} sent {len(chunks)} chunks to miner {self.name!r}, "
                     f"the plan has {len(segment.chunks)}"
                 )
-        fetches = [[prefetch(chunk) for chunk in chunks] for chunks in contributions]  # all pulls start now
-        del contributions
         dtype = spec.tensor.dtype_info
         out_bytes, accumulator = self._take_buffers(max((b - a for a, b in segment.chunks), default=0) * dtype.itemsize)
+        n = len(segment.chunks)
+        in_flight = {c: [prefetch(chunks[c]) for chunks in contributions] for c in range(min(PREFETCH_CHUNKS, n))}
         try:
             for c, (a, b) in enumerate(segment.chunks):
-                buffers = [f[c].result(timeout=max(state.deadline - time.monotonic(), 0)) for f in fetches]
-                for f in fetches:
-                    f[c] = None
+                buffers = [f.result(timeout=max(state.deadline - time.monotonic(), 0)) for f in in_flight.pop(c)]
+                for chunks in contributions:
+                    chunks[c] = None  # this miner's hold on the piece ends here
+                if c + PREFETCH_CHUNKS < n:
+                    in_flight[c + PREFETCH_CHUNKS] = [prefetch(chunks[c + PREFETCH_CHUNKS]) for chunks in contributions]
                 if spec.kind is RoundKind.BROADCAST:
                     result = ship(from_buffer(buffers[0], dtype), copy_inline=True)
                 else:
