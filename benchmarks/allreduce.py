@@ -1,0 +1,178 @@
+"""Relay all_reduce vs torch gloo all_reduce vs a numpy floor, measured in one run.
+
+    python benchmarks/allreduce.py --peers 4 --miners 2 --output benchmarks/RESULTS.md
+
+P peer actors each time relay all_reduce (through the miners) and torch.distributed
+gloo all_reduce on the same float32 tensor, starting every repetition together
+after a gloo barrier; a repetition lasts from the first peer's start to the last
+peer's end. ray.util.collective allreduce (gloo) runs in its own P actors. The
+methods take turns within every repetition, so drift in the machine's load hits
+them alike. The numpy floor is one process summing P arrays and copying the sum
+out P times.
+algbw = bytes / time; busbw = algbw * 2(P-1)/P (NCCL's definition).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+
+import numpy as np
+import ray
+import torch
+import torch.distributed as dist
+
+from actors import init_local_ray, start_local_subnet
+from mapreduce_ray import Peer
+
+SIZES = {"4KiB": 4 << 10, "1MiB": 1 << 20, "16MiB": 16 << 20, "100MiB": 100 << 20}
+
+
+class BenchPeer:
+    """A peer process holding both a relay Peer and a gloo process group."""
+
+    def __init__(self, rank: int, peers: int, port: int, job: str):
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank - 1, world_size=peers)
+        self.peer = Peer(rank, peers, job=job)
+        self.peer.init_process_group()
+        self.tensors: dict[int, torch.Tensor] = {}
+
+    def time_round(self, method: str, nbytes: int) -> tuple[float, float]:
+        x = self.tensors.setdefault(
+            nbytes, torch.rand(nbytes // 4, generator=torch.Generator().manual_seed(self.peer.rank))
+        )
+        run = self.peer.all_reduce if method == "relay" else dist.all_reduce
+        dist.barrier()
+        start = time.perf_counter()
+        run(x)
+        return start, time.perf_counter()
+
+
+class CollectivePeer:
+    """A peer in a ray.util.collective gloo group."""
+
+    def __init__(self, rank: int, peers: int):
+        import ray.util.collective as col
+
+        torch.set_num_threads(1)
+        self.col = col
+        col.init_collective_group(peers, rank - 1, backend="gloo", group_name="bench")
+        self.rank = rank
+        self.tensors: dict[int, torch.Tensor] = {}
+
+    def time_round(self, method: str, nbytes: int) -> tuple[float, float]:
+        x = self.tensors.setdefault(nbytes, torch.rand(nbytes // 4, generator=torch.Generator().manual_seed(self.rank)))
+        self.col.barrier(group_name="bench")
+        start = time.perf_counter()
+        self.col.allreduce(x, group_name="bench")
+        return start, time.perf_counter()
+
+
+def round_time(spans: list[tuple[float, float]]) -> float:
+    """Last end minus first start across peers."""
+    return max(end for _, end in spans) - min(start for start, _ in spans)
+
+
+def numpy_floor(peers: int, nbytes: int, reps: int) -> list[float]:
+    xs = [np.random.default_rng(r).random(nbytes // 4, dtype=np.float32) for r in range(peers)]
+    outs = [np.empty_like(xs[0]) for _ in range(peers)]
+    acc = np.empty_like(xs[0])
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        np.add(xs[0], xs[1 % peers], out=acc) if peers > 1 else np.copyto(acc, xs[0])
+        for x in xs[2:]:
+            np.add(acc, x, out=acc)
+        for out in outs:
+            np.copyto(out, acc)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--miners", type=int, default=2)
+    parser.add_argument("--chunk-mib", type=float, default=64)
+    parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, from {list(SIZES)}")
+    parser.add_argument("--reps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--object-store-mib", type=int, default=2048)
+    parser.add_argument("--no-collective", action="store_true", help="skip ray.util.collective")
+    parser.add_argument("--output", help="also write the table as markdown to this file")
+    args = parser.parse_args()
+    sizes = [s.strip() for s in args.sizes.split(",")]
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+
+    init_local_ray(object_store_mib=args.object_store_mib)
+    subnet = start_local_subnet(miners=args.miners, chunk_mib=args.chunk_mib)
+    port = free_port()
+    bench_peer = ray.remote(num_cpus=0)(BenchPeer)
+    peers = [bench_peer.remote(r, args.peers, port, "bench") for r in range(1, args.peers + 1)]
+    collective = []
+    if not args.no_collective:
+        collective_peer = ray.remote(num_cpus=0)(CollectivePeer)
+        collective = [collective_peer.remote(r, args.peers) for r in range(1, args.peers + 1)]
+
+    rows = []
+    for size in sizes:
+        nbytes = SIZES[size]
+        groups = {"relay": peers, "gloo": peers}
+        if collective:
+            groups["ray.util.collective"] = collective
+        results: dict[str, list[float]] = {method: [] for method in groups}
+        for rep in range(args.warmup + args.reps):
+            for method, actors in groups.items():
+                took = round_time(ray.get([a.time_round.remote(method, nbytes) for a in actors]))
+                if rep >= args.warmup:
+                    results[method].append(took)
+        results["numpy floor"] = numpy_floor(args.peers, nbytes, args.warmup + args.reps)[args.warmup :]
+        medians = {m: statistics.median(t) for m, t in results.items()}
+        for method, t in medians.items():
+            algbw = nbytes / t / 1e9
+            rows.append(
+                (
+                    size,
+                    method,
+                    f"{t * 1e3:.2f}",
+                    f"{algbw:.3f}",
+                    f"{algbw * 2 * (args.peers - 1) / args.peers:.3f}",
+                    f"{medians['gloo'] / t:.2f}",
+                    f"{medians['numpy floor'] / t:.2f}",
+                )
+            )
+            print(" | ".join(rows[-1]), flush=True)
+
+    header = ("size", "method", "median ms", "algbw GB/s", "busbw GB/s", "gloo time / time", "floor time / time")
+    table = "\n".join(
+        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+    )
+    print(table)
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write(
+                f"\n## {datetime.date.today().isoformat()}: {args.peers} peers, {args.miners} miners, "
+                f"chunk {args.chunk_mib:g} MiB, float32, {args.reps} reps (median)\n\n"
+                f"Command: `python {' '.join(sys.argv)}`  \n"
+                f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
+                f"ray {ray.__version__}, torch {torch.__version__}\n\n{table}\n"
+            )
+    subnet.shutdown()
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
