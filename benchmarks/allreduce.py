@@ -32,6 +32,14 @@ from actors import init_local_ray, start_local_subnet
 from mapreduce_ray import Peer
 
 SIZES = {"4KiB": 4 << 10, "1MiB": 1 << 20, "16MiB": 16 << 20, "100MiB": 100 << 20}
+METHODS = ("relay", "gloo", "ray.util.collective")
+
+
+def tensor_for(cache: dict[int, torch.Tensor], nbytes: int, rank: int) -> torch.Tensor:
+    """This rank's float32 tensor of `nbytes`, made once per size."""
+    if nbytes not in cache:
+        cache[nbytes] = torch.rand(nbytes // 4, generator=torch.Generator().manual_seed(rank))
+    return cache[nbytes]
 
 
 class BenchPeer:
@@ -45,9 +53,7 @@ class BenchPeer:
         self.tensors: dict[int, torch.Tensor] = {}
 
     def time_round(self, method: str, nbytes: int) -> tuple[float, float]:
-        x = self.tensors.setdefault(
-            nbytes, torch.rand(nbytes // 4, generator=torch.Generator().manual_seed(self.peer.rank))
-        )
+        x = tensor_for(self.tensors, nbytes, self.peer.rank)
         run = self.peer.all_reduce if method == "relay" else dist.all_reduce
         dist.barrier()
         start = time.perf_counter()
@@ -68,7 +74,7 @@ class CollectivePeer:
         self.tensors: dict[int, torch.Tensor] = {}
 
     def time_round(self, method: str, nbytes: int) -> tuple[float, float]:
-        x = self.tensors.setdefault(nbytes, torch.rand(nbytes // 4, generator=torch.Generator().manual_seed(self.rank)))
+        x = tensor_for(self.tensors, nbytes, self.rank)
         self.col.barrier(group_name="bench")
         start = time.perf_counter()
         self.col.allreduce(x, group_name="bench")
@@ -111,10 +117,19 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--object-store-mib", type=int, default=2048)
-    parser.add_argument("--no-collective", action="store_true", help="skip ray.util.collective")
+    parser.add_argument(
+        "--methods",
+        default=",".join(METHODS),
+        help=f"comma-separated subset of {list(METHODS)}; the numpy floor always runs "
+        "(a subset, e.g. relay alone, is for profiling; the ratio to gloo then shows '-')",
+    )
     parser.add_argument("--output", help="also write the table as markdown to this file")
     args = parser.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",")]
+    methods = [m.strip() for m in args.methods.split(",")]
+    for name, given, known in (("size", sizes, SIZES), ("method", methods, METHODS)):
+        if unknown := [g for g in given if g not in known]:
+            parser.error(f"unknown {name} {unknown}; choose from {list(known)}")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
     init_local_ray(object_store_mib=args.object_store_mib)
@@ -122,17 +137,14 @@ def main() -> None:
     port = free_port()
     bench_peer = ray.remote(num_cpus=0)(BenchPeer)
     peers = [bench_peer.remote(r, args.peers, port, "bench") for r in range(1, args.peers + 1)]
-    collective = []
-    if not args.no_collective:
+    groups = {m: peers for m in methods if m in ("relay", "gloo")}
+    if "ray.util.collective" in methods:
         collective_peer = ray.remote(num_cpus=0)(CollectivePeer)
-        collective = [collective_peer.remote(r, args.peers) for r in range(1, args.peers + 1)]
+        groups["ray.util.collective"] = [collective_peer.remote(r, args.peers) for r in range(1, args.peers + 1)]
 
     rows = []
     for size in sizes:
         nbytes = SIZES[size]
-        groups = {"relay": peers, "gloo": peers}
-        if collective:
-            groups["ray.util.collective"] = collective
         results: dict[str, list[float]] = {method: [] for method in groups}
         for rep in range(args.warmup + args.reps):
             for method, actors in groups.items():
@@ -150,7 +162,7 @@ def main() -> None:
                     f"{t * 1e3:.2f}",
                     f"{algbw:.3f}",
                     f"{algbw * 2 * (args.peers - 1) / args.peers:.3f}",
-                    f"{medians['gloo'] / t:.2f}",
+                    f"{medians['gloo'] / t:.2f}" if "gloo" in medians else "-",
                     f"{medians['numpy floor'] / t:.2f}",
                 )
             )
