@@ -2,11 +2,12 @@
 
 Each peer calls `reduce` once per round with its chunks of this miner's segment
 (shipped inline when small, as object refs otherwise) and reads back a stream of
-batches of reduced chunks, shipped the same way. A driver thread
-per round fetches every chunk concurrently from the start and reduces chunk c as
-soon as every peer's chunk c is local, in rank order, into a pooled buffer, then
-puts the result once. For a broadcast it re-puts the source's chunks as its own
-objects, so the source uploads each byte once.
+batches of reduced chunks, shipped the same way. A driver thread per round keeps
+PREFETCH_CHUNKS chunks of every peer in flight, reduces chunk c as soon as every
+peer's chunk c is local, in rank order, into a pooled buffer, puts the result
+once and lets go of the pieces it used. The miner's node thus holds a few chunks
+per peer at a time, not whole contributions. For a broadcast it re-puts the
+source's chunks as its own objects, so the source uploads each byte once.
 
 A round's objects stay alive until every peer has released it: a peer releases its
 earlier rounds of a job by starting a later one here, and all of them by leaving
@@ -20,6 +21,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import TimeoutError as FetchTimeout
 
 import ray
 import torch
@@ -96,7 +98,7 @@ class _Round:
         if self.spec.kind is RoundKind.BROADCAST:
             with self.cond:
                 self.wait_until(lambda: self.error is not None or self.spec.tensor is not None, self.deadline + grace)
-                self._raise_if_failed()
+                self.raise_if_failed()
                 spec = self.spec.tensor
             yield [spec]
         sent = 0
@@ -106,14 +108,14 @@ class _Round:
                     lambda sent=sent: self.error is not None or self.done or len(self.results) > sent,
                     self.deadline + grace,
                 )
-                self._raise_if_failed()
+                self.raise_if_failed()
                 batch, sent, done = self.results[sent:], len(self.results), self.done
             if batch:
                 yield batch
             elif done:
                 return
 
-    def _raise_if_failed(self) -> None:
+    def raise_if_failed(self) -> None:
         if self.error is not None:
             raise self.error
         if time.monotonic() > self.deadline + self.spec.job.timeout_s:
@@ -177,7 +179,7 @@ class MinerActor:
                         f"{state.spec.describe()}: rank(s) {missing} sent nothing to miner {self.name!r} "
                         f"within {state.spec.job.timeout_s:g} s"
                     )
-                state._raise_if_failed()
+                state.raise_if_failed()
                 spec = state.spec
                 contributions = [state.chunks.pop(rank) for rank in sorted(state.contributors)]
             self._reduce_segment(state, spec, plan_round(spec.job, spec.tensor)[state.miner], contributions)
@@ -229,7 +231,7 @@ class MinerActor:
                     state.results.append(result)
                     state.cond.notify_all()
                 del buffers
-        except TimeoutError:
+        except FetchTimeout:  # the builtin TimeoutError only from Python 3.11 on
             raise RoundTimeoutError(
                 f"{spec.describe()}: miner {self.name!r} could not fetch the peers' chunks "
                 f"within {spec.job.timeout_s:g} s"

@@ -1,11 +1,11 @@
 """The Peer API: a trainer's handle on a job, in the shape of the seed's `Peer`.
 
 A peer joins a job through a validator, then runs collectives through the job's
-miners. For each round it cuts its flat tensor into the plan's chunks, puts each
-chunk into Ray's object store once, and hands every miner the refs of its segment.
-Miners stream back refs of reduced chunks; the peer copies them into its tensor
-only after every chunk has arrived, so a failed round leaves the tensor untouched.
-All peers read the same result objects, so all end with bitwise-identical tensors.
+miners. For each round it cuts its flat tensor into the plan's chunks and makes one
+call per miner carrying that miner's chunks (inline when small, else through the
+object store once). Miners stream back the reduced chunks; the peer copies them
+into its tensor only after every chunk has arrived, so a failed round leaves the
+tensor untouched. All peers read the same results, so all end bitwise identical.
 """
 
 from __future__ import annotations
@@ -203,8 +203,9 @@ class Peer:
                 except StopIteration:
                     del pending[stream]
                     continue
-                with _miner_errors(round_, miner):
-                    items[miner].extend(ray.get(item))
+                name = f"{round_.describe()}: miner {round_.job.miners[miner].name!r}"
+                with _causes_raised(name, round_.job.timeout_s):
+                    items[miner].extend(ray.get(item, timeout=max(deadline - time.monotonic(), 0)))
         return items
 
     def _write(self, round_: RoundSpec, flat: FlatTensor, plan, results: dict[int, list]) -> None:
@@ -212,12 +213,8 @@ class Peer:
         if any(len(results.get(seg.miner, [])) != len(seg.chunks) for seg in plan):
             raise RoundMismatchError(f"{round_.describe()}: miners returned a different number of chunks than planned")
         chunks = [(rng, item) for seg in plan for rng, item in zip(seg.chunks, results.get(seg.miner, []), strict=True)]
-        try:
+        with _causes_raised(f"{round_.describe()}: reading results", round_.job.timeout_s):
             buffers = receive([item for _, item in chunks], round_.job.timeout_s)
-        except GetTimeoutError:
-            raise RoundTimeoutError(
-                f"{round_.describe()}: results not readable within {round_.job.timeout_s:g} s"
-            ) from None
         for ((a, b), _), buffer in zip(chunks, buffers, strict=True):
             flat.flat[a:b].copy_(from_buffer(buffer, flat.dtype))
         flat.commit()
@@ -245,23 +242,20 @@ def _lookup(name: str, namespace: str, role: str):
 
 
 def _get(refs, timeout_s: float, what: str):
-    try:
+    with _causes_raised(what, timeout_s):
         return ray.get(refs, timeout=timeout_s)
+
+
+@contextmanager
+def _causes_raised(what: str, timeout_s: float) -> Iterator[None]:
+    """Raise our own errors from remote calls as themselves, and Ray's as one clear line."""
+    try:
+        yield
     except GetTimeoutError:
         raise RoundTimeoutError(f"{what}: no answer within {timeout_s:g} s") from None
     except RayTaskError as e:
         if isinstance(e.cause, MapReduceError):
             raise e.cause from None
         raise
-
-
-@contextmanager
-def _miner_errors(round_: RoundSpec, miner: int) -> Iterator[None]:
-    try:
-        yield
-    except RayTaskError as e:
-        if isinstance(e.cause, MapReduceError):
-            raise e.cause from None
-        raise
     except RayActorError:
-        raise MapReduceError(f"{round_.describe()}: miner {round_.job.miners[miner].name!r} died") from None
+        raise MapReduceError(f"{what}: the actor died") from None
