@@ -23,20 +23,29 @@ def inputs_for(peers: int, shape, dtype=torch.float32, seed=0) -> list[torch.Ten
     return [torch.randn(shape, generator=g, dtype=dtype) for _ in range(peers)]
 
 
+def transposed(peers: int) -> list[torch.Tensor]:
+    """Non-contiguous views: every other column of a transposed 6 x 11 tensor."""
+    return [t.t()[::2] for t in inputs_for(peers, (6, 11))]
+
+
+INPUTS = {name: (lambda peers, shape=shape: inputs_for(peers, shape)) for name, shape in SHAPES.items()}
+INPUTS["non-contiguous"] = transposed
+
+
 def all_reduce_everywhere(namespace: str, tensors: list, op: str) -> list:
     return run_peers(namespace, len(tensors), lambda peer: peer.all_reduce(tensors[peer.rank - 1], op))
 
 
-@pytest.mark.parametrize("shape", list(SHAPES.values()), ids=list(SHAPES))
+@pytest.mark.parametrize("make", list(INPUTS.values()), ids=list(INPUTS))
 @pytest.mark.parametrize("miners", [1, 2, 3])
 @pytest.mark.parametrize("peers", [1, 2, 4])
-def test_all_reduce_equals_the_reference_on_every_peer(subnets, peers, miners, shape):
-    tensors = inputs_for(peers, shape)
+def test_all_reduce_equals_the_reference_on_every_peer(subnets, peers, miners, make):
+    tensors = make(peers)
     expected = reference_reduce([t.clone() for t in tensors], "avg")
     results = all_reduce_everywhere(subnets[miners].namespace, tensors, "avg")
     for tensor, result in zip(tensors, results, strict=True):
         assert result is tensor  # in place, and returned
-        assert tensor.shape == shape
+        assert tensor.shape == expected.shape
         assert torch.equal(tensor, expected)  # bit for bit, so identical on every peer
 
 
