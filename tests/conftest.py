@@ -49,8 +49,14 @@ def subnets(local_ray):
             subnet.shutdown()
 
 
-def run_peers(namespace: str, peer_count: int, fn, **peer_kwargs) -> list:
-    """fn(peer) on peers 1..peer_count, each in its own thread; results in rank order."""
+@pytest.fixture
+def run_peers():
+    """run_peers(namespace, peer_count, fn, **peer_kwargs): fn(peer) on peers 1..peer_count, each in its own
+    thread; returns the results in rank order."""
+    return _run_peers
+
+
+def _run_peers(namespace: str, peer_count: int, fn, **peer_kwargs) -> list:
     job = uuid.uuid4().hex
     peers = [Peer(r, peer_count, job=job, namespace=namespace, **peer_kwargs) for r in range(1, peer_count + 1)]
     for peer in peers:

@@ -5,7 +5,6 @@ import torch
 from mapreduce_ray import InvalidTensorError, RoundMismatchError, UnsupportedDtypeError
 from mapreduce_ray.dtypes import SUPPORTED
 from mapreduce_ray.reference import reference_reduce
-from tests.conftest import run_peers
 
 SHAPES = {
     "0-d": (),
@@ -32,14 +31,20 @@ INPUTS = {name: (lambda peers, shape=shape: inputs_for(peers, shape)) for name, 
 INPUTS["non-contiguous"] = transposed
 
 
-def all_reduce_everywhere(namespace: str, tensors: list, op: str) -> list:
-    return run_peers(namespace, len(tensors), lambda peer: peer.all_reduce(tensors[peer.rank - 1], op))
+@pytest.fixture
+def all_reduce_everywhere(run_peers):
+    """all_reduce_everywhere(namespace, tensors, op): peer r reduces tensors[r - 1]; returns what each got back."""
+
+    def run(namespace: str, tensors: list, op: str) -> list:
+        return run_peers(namespace, len(tensors), lambda peer: peer.all_reduce(tensors[peer.rank - 1], op))
+
+    return run
 
 
 @pytest.mark.parametrize("make", list(INPUTS.values()), ids=list(INPUTS))
 @pytest.mark.parametrize("miners", [1, 2, 3])
 @pytest.mark.parametrize("peers", [1, 2, 4])
-def test_all_reduce_equals_the_reference_on_every_peer(subnets, peers, miners, make):
+def test_all_reduce_equals_the_reference_on_every_peer(subnets, peers, miners, make, all_reduce_everywhere):
     tensors = make(peers)
     expected = reference_reduce([t.clone() for t in tensors], "avg")
     results = all_reduce_everywhere(subnets[miners].namespace, tensors, "avg")
@@ -50,7 +55,7 @@ def test_all_reduce_equals_the_reference_on_every_peer(subnets, peers, miners, m
 
 
 @pytest.mark.parametrize("name", list(SUPPORTED))
-def test_every_dtype_sums_exactly(subnets, name):
+def test_every_dtype_sums_exactly(subnets, name, all_reduce_everywhere):
     tensors = inputs_for(3, (1000,), SUPPORTED[name].torch_dtype, seed=1)
     expected = reference_reduce([t.clone() for t in tensors], "sum")
     all_reduce_everywhere(subnets[2].namespace, tensors, "sum")
@@ -58,14 +63,14 @@ def test_every_dtype_sums_exactly(subnets, name):
 
 
 @pytest.mark.parametrize("name", ["float16", "bfloat16", "float64", "complex64"])
-def test_every_float_dtype_averages_exactly(subnets, name):
+def test_every_float_dtype_averages_exactly(subnets, name, all_reduce_everywhere):
     tensors = inputs_for(4, (50_000,), SUPPORTED[name].torch_dtype, seed=2)
     expected = reference_reduce([t.clone() for t in tensors], "avg")
     all_reduce_everywhere(subnets[3].namespace, tensors, "avg")
     assert all(torch.equal(t, expected) for t in tensors)
 
 
-def test_non_contiguous_inputs_are_reduced_and_written_back(subnets):
+def test_non_contiguous_inputs_are_reduced_and_written_back(subnets, all_reduce_everywhere):
     bases = inputs_for(2, (30, 40))
     views = [b.t()[::2] for b in bases]  # strided views into each peer's storage
     expected = reference_reduce([v.clone() for v in views], "sum")
@@ -76,7 +81,7 @@ def test_non_contiguous_inputs_are_reduced_and_written_back(subnets):
         assert torch.equal(base.t()[1::2], rest)  # only the view's elements were written
 
 
-def test_numpy_arrays_are_reduced_in_place(subnets):
+def test_numpy_arrays_are_reduced_in_place(subnets, all_reduce_everywhere):
     arrays = [t.numpy() for t in inputs_for(3, (7, 9), torch.float64, seed=3)]
     expected = reference_reduce([torch.from_numpy(a.copy()) for a in arrays], "avg").numpy()
     results = all_reduce_everywhere(subnets[2].namespace, arrays, "avg")
@@ -85,14 +90,14 @@ def test_numpy_arrays_are_reduced_in_place(subnets):
         np.testing.assert_array_equal(array, expected)
 
 
-def test_peers_sharing_memory_still_get_the_exact_result(subnets):
+def test_peers_sharing_memory_still_get_the_exact_result(subnets, all_reduce_everywhere):
     shared = torch.arange(1000, dtype=torch.float32)
     expected = reference_reduce([shared.clone(), shared.clone()], "sum")
     all_reduce_everywhere(subnets[2].namespace, [shared, shared], "sum")  # nobody writes before all contributed
     assert torch.equal(shared, expected)
 
 
-def test_a_failed_round_leaves_every_tensor_unchanged(subnets):
+def test_a_failed_round_leaves_every_tensor_unchanged(subnets, run_peers):
     tensors = [torch.ones(10), torch.ones(12)]
     before = [t.clone() for t in tensors]
 
@@ -107,7 +112,7 @@ def test_a_failed_round_leaves_every_tensor_unchanged(subnets):
     assert all(torch.equal(t, b) for t, b in zip(tensors, before, strict=True))
 
 
-def test_avg_of_integers_is_a_clear_error(subnets):
+def test_avg_of_integers_is_a_clear_error(subnets, run_peers):
     def attempt(peer):
         with pytest.raises(
             UnsupportedDtypeError, match=r"avg of int64 tensors would truncate; use all_reduce\(t, op='sum'\)"
@@ -127,7 +132,7 @@ def test_avg_of_integers_is_a_clear_error(subnets):
     ],
     ids=["unknown-op", "empty", "over-bandwidth", "bool"],
 )
-def test_bad_input_is_refused_before_anything_is_sent(subnets, tensor, kwargs, error, message):
+def test_bad_input_is_refused_before_anything_is_sent(subnets, tensor, kwargs, error, message, run_peers):
     def attempt(peer):
         with pytest.raises(error, match=message):
             peer.all_reduce(tensor, **kwargs)

@@ -3,12 +3,11 @@ import pytest
 import torch
 
 from mapreduce_ray import InvalidTensorError, RoundMismatchError
-from tests.conftest import run_peers
 
 
 @pytest.mark.parametrize("src", [1, 3])
 @pytest.mark.parametrize("miners", [1, 3])
-def test_broadcast_reaches_every_peer_from_any_source(subnets, src, miners):
+def test_broadcast_reaches_every_peer_from_any_source(subnets, src, miners, run_peers):
     source = torch.randn(300_000, dtype=torch.float32)  # over 1 MiB: several chunks per miner
     original = source.clone()
     results = run_peers(
@@ -20,7 +19,7 @@ def test_broadcast_reaches_every_peer_from_any_source(subnets, src, miners):
             assert result is not source and torch.equal(result, original)
 
 
-def test_receivers_may_pass_a_tensor_to_fill(subnets):
+def test_receivers_may_pass_a_tensor_to_fill(subnets, run_peers):
     source = torch.arange(24, dtype=torch.bfloat16).reshape(2, 3, 4)
     targets = {r: torch.zeros(2, 3, 4, dtype=torch.bfloat16) for r in (2, 3)}
     results = run_peers(
@@ -30,7 +29,7 @@ def test_receivers_may_pass_a_tensor_to_fill(subnets):
         assert results[rank - 1] is targets[rank] and torch.equal(targets[rank], source)
 
 
-def test_zero_d_and_read_only_numpy_sources(subnets):
+def test_zero_d_and_read_only_numpy_sources(subnets, run_peers):
     scalar = torch.tensor(3.5, dtype=torch.float64)
     array = np.arange(10, dtype=np.int32)
     array.flags.writeable = False
@@ -45,7 +44,7 @@ def test_zero_d_and_read_only_numpy_sources(subnets):
         assert np.array_equal(np.asarray(got_array), np.arange(10))
 
 
-def test_a_receiver_with_the_wrong_shape_gets_a_clear_error_and_keeps_its_tensor(subnets):
+def test_a_receiver_with_the_wrong_shape_gets_a_clear_error_and_keeps_its_tensor(subnets, run_peers):
     wrong = torch.full((5,), 7.0)
 
     def attempt(peer):
@@ -58,7 +57,7 @@ def test_a_receiver_with_the_wrong_shape_gets_a_clear_error_and_keeps_its_tensor
     assert torch.equal(wrong, torch.full((5,), 7.0))
 
 
-def test_source_must_pass_a_tensor_and_src_must_be_a_rank(subnets):
+def test_source_must_pass_a_tensor_and_src_must_be_a_rank(subnets, run_peers):
     def attempt(peer):
         with pytest.raises(InvalidTensorError, match="rank 1 is the broadcast source and must pass the tensor"):
             peer.broadcast(None)

@@ -7,7 +7,6 @@ from ray.cluster_utils import Cluster
 
 from actors import start_local_subnet
 from mapreduce_ray.reference import reference_reduce
-from tests.conftest import run_peers
 
 pytestmark = pytest.mark.cluster
 
@@ -37,14 +36,14 @@ def test_miners_run_on_the_other_node(two_nodes):
 
 
 @pytest.mark.parametrize("shape", [(3,), (700_000,)], ids=["inline", "several-chunks"])
-def test_all_reduce_across_nodes(two_nodes, shape):
+def test_all_reduce_across_nodes(two_nodes, shape, run_peers):
     tensors = [torch.randn(shape, generator=torch.Generator().manual_seed(r)) for r in range(3)]
     expected = reference_reduce([t.clone() for t in tensors], "avg")
     run_peers(two_nodes.namespace, 3, lambda peer: peer.all_reduce(tensors[peer.rank - 1]))
     assert all(torch.equal(t, expected) for t in tensors)
 
 
-def test_broadcast_across_nodes(two_nodes):
+def test_broadcast_across_nodes(two_nodes, run_peers):
     source = torch.randn(500_000, dtype=torch.float64)
     results = run_peers(two_nodes.namespace, 3, lambda peer: peer.broadcast(source if peer.rank == 2 else None, src=2))
     assert all(torch.equal(r, source) for r in results)

@@ -6,16 +6,15 @@ import torch
 
 from actors import start_local_subnet
 from mapreduce_ray import JobError, Peer
-from tests.conftest import run_peers
 
 
-def test_init_process_group_returns_the_job_spec(subnets):
+def test_init_process_group_returns_the_job_spec(subnets, run_peers):
     specs = run_peers(subnets[3].namespace, 2, lambda peer: peer.spec)
     assert specs[0] == specs[1]
     assert specs[0].peer_count == 2 and [m.name for m in specs[0].miners] == ["miner-0", "miner-1", "miner-2"]
 
 
-def test_rounds_are_released_once_every_peer_left(subnets):
+def test_rounds_are_released_once_every_peer_left(subnets, run_peers):
     subnet = subnets[2]
     run_peers(subnet.namespace, 3, lambda peer: [peer.all_reduce(torch.randn(100_000)) for _ in range(3)])
     deadline = time.monotonic() + 10
@@ -28,7 +27,7 @@ def test_rounds_are_released_once_every_peer_left(subnets):
     assert ray.get(subnet.validator.jobs.remote()) == []
 
 
-def test_a_peer_keeps_only_its_latest_round_open(subnets):
+def test_a_peer_keeps_only_its_latest_round_open(subnets, run_peers):
     subnet = subnets[1]
 
     def three_rounds(peer):
