@@ -64,7 +64,7 @@ def start_local_subnet(
     miners: int = 2,
     *,
     miner_weights: list[float] | None = None,
-    chunk_mib: float = 8,
+    chunk_mib: float = 64,
     timeout_s: float = 60.0,
     validator_uid: int = 0,
     namespace: str = DEFAULT_NAMESPACE,

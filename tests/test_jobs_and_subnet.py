@@ -4,8 +4,9 @@ import pytest
 import ray
 import torch
 
-from actors import start_local_subnet
+from actors import ValidatorActor, start_local_subnet
 from mapreduce_ray import JobError, Peer
+from mapreduce_ray.types import MinerSlot
 
 
 def test_init_process_group_returns_the_job_spec(subnets, run_peers):
@@ -94,3 +95,30 @@ def test_joining_before_connecting_to_ray_names_the_fix(monkeypatch):
         match=r"Ray is not connected: call ray.init\(address='auto'\) on a cluster, or actors.start_local_subnet\(\)",
     ):
         Peer(1, 1).init_process_group()
+
+
+def test_a_refused_subnet_leaves_no_miner_behind(local_ray):
+    namespace = "tests-validator-taken"
+    squatter = ray.remote(num_cpus=0)(ValidatorActor).options(name="validator-0", namespace=namespace)
+    squatter = squatter.remote(namespace, [MinerSlot("m", 1.0)], 1024, 1.0)
+    try:
+        with pytest.raises(RuntimeError, match="a subnet already runs in Ray namespace 'tests-validator-taken'"):
+            start_local_subnet(2, namespace=namespace)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _named(namespace, "miner-0", "miner-1"):
+            time.sleep(0.05)
+        assert _named(namespace, "miner-0", "miner-1") == []
+    finally:
+        ray.kill(squatter)
+
+
+def _named(namespace: str, *names: str) -> list[str]:
+    """Which of `names` are live actors in `namespace`."""
+    alive = []
+    for name in names:
+        try:
+            ray.get_actor(name, namespace=namespace)
+            alive.append(name)
+        except ValueError:
+            pass
+    return alive
