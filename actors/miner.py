@@ -76,7 +76,8 @@ class _Round:
         elif spec.kind is RoundKind.ALL_REDUCE and spec.tensor != self.spec.tensor:
             self.fail(
                 RoundMismatchError(
-                    f"{spec.describe()}: rank {rank} passed {_show(spec)}, another rank {_show(self.spec)}"
+                    f"{spec.describe()}: rank {rank} passed {spec.tensor.describe()}, "
+                    f"another rank {self.spec.tensor.describe()}"
                 )
             )
         if chunks is not None:
@@ -253,8 +254,3 @@ class MinerActor:
 
 def _what(spec: RoundSpec) -> str:
     return f"{spec.kind.value} op={spec.op and spec.op.value} src={spec.src}"
-
-
-def _show(spec: RoundSpec) -> str:
-    t = spec.tensor
-    return "no tensor" if t is None else f"{t.dtype} {tuple(t.shape)}"

@@ -151,8 +151,8 @@ class Peer:
             flat = flatten(new_tensor(source_spec))
         elif flat.spec != source_spec:
             raise RoundMismatchError(
-                f"{round_.describe()}: rank {round_.src} sends {_show(source_spec)} "
-                f"but rank {self.rank} passed {_show(flat.spec)}"
+                f"{round_.describe()}: rank {round_.src} sends {source_spec.describe()} "
+                f"but rank {self.rank} passed {flat.spec.describe()}"
             )
         self._write(round_, flat, plan_round(round_.job, source_spec), {i: r[1:] for i, r in results.items()})
         return flat.source
@@ -225,10 +225,6 @@ def _source_spec(round_: RoundSpec, results: dict[int, list]) -> TensorSpec:
     if len(specs) != 1:
         raise RoundMismatchError(f"{round_.describe()}: miners disagree about the source tensor: {specs}")
     return specs.pop()
-
-
-def _show(spec: TensorSpec) -> str:
-    return f"{spec.dtype} {tuple(spec.shape)}"
 
 
 def _lookup(name: str, namespace: str, role: str):

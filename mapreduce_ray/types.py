@@ -72,6 +72,9 @@ class TensorSpec:
     def nbytes(self) -> int:
         return self.numel * self.dtype_info.itemsize
 
+    def describe(self) -> str:
+        return f"{self.dtype} {tuple(self.shape)}"
+
 
 @dataclass(frozen=True)
 class RoundSpec:
