@@ -23,3 +23,55 @@ class RoundMismatchError(MapReduceError):
 
 class RoundTimeoutError(MapReduceError, TimeoutError):
     """A round did not complete before its deadline."""
+
+
+class IdentityError(MapReduceError):
+    """Who a party is, or what it may do, could not be established."""
+
+
+class WalletError(IdentityError):
+    """A wallet or its hotkey is missing or unreadable."""
+
+
+class ChainError(IdentityError):
+    """The chain refused a request or could not be reached."""
+
+
+class NotRegisteredError(ChainError):
+    """A hotkey is not registered on the subnet."""
+
+
+class NoValidatorPermitError(ChainError):
+    """A hotkey acts as a validator but holds no validator permit."""
+
+
+class RateLimitedError(ChainError):
+    """The chain's rate limit forbids this write for some more blocks."""
+
+
+class MessageRejectedError(IdentityError):
+    """A signed message failed a check; the subclass names which."""
+
+
+class MalformedMessageError(MessageRejectedError):
+    """Not a message of our protocol, or not of the expected kind or version."""
+
+
+class SignatureSchemeError(MessageRejectedError):
+    """Signed with another scheme than sr25519."""
+
+
+class BadSignatureError(MessageRejectedError):
+    """The signature does not match the bytes: tampered, or signed by another key."""
+
+
+class WrongReceiverError(MessageRejectedError):
+    """Addressed to another hotkey."""
+
+
+class ExpiredMessageError(MessageRejectedError):
+    """Timestamp outside the accepted window."""
+
+
+class ReplayedMessageError(MessageRejectedError):
+    """A nonce this receiver has already seen from this sender."""

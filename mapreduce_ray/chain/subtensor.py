@@ -1,0 +1,161 @@
+"""`Chain` on a real subnet, through the bittensor 11 SDK.
+
+Reads are the SDK's typed reads; writes are its intents (`bt.ServeAxon`, `bt.SetWeights`), signed by the
+hotkey. Every SDK failure leaves as one of our errors, in one line naming the hotkey and the subnet.
+Registering costs TAO and needs the coldkey, so it is the operator's step: `how_to_register` gives the command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import re
+import threading
+from collections.abc import Iterator, Mapping
+
+import bittensor as bt
+from bittensor.settings import resolve_endpoint
+
+from mapreduce_ray.chain.base import DEFAULT_NETUID, Chain, Metagraph, Neuron
+from mapreduce_ray.errors import ChainError, NotRegisteredError, NoValidatorPermitError, RateLimitedError
+
+_RETRY_IN = re.compile(r"retry in ~(\d+) blocks", re.IGNORECASE)  # from the SDK's rate-limit preflight
+
+
+class SubtensorChain(Chain):
+    """`netuid` on `network`: finney, test, local, or a ws:// or wss:// endpoint.
+
+    `substrate` replaces the SDK's RPC backend (tests pass an in-memory fake). Nothing is contacted
+    before the first call.
+    """
+
+    def __init__(self, network: str = "finney", netuid: int = DEFAULT_NETUID, *, substrate=None):
+        self.network = network
+        self.netuid = netuid
+        self._endpoint = resolve_endpoint(network)[1]  # ValueError for an unknown network name
+        self._substrate = substrate
+        self._client: bt.SyncClient | None = None
+        self._lock = threading.Lock()
+
+    def describe(self) -> str:
+        return f"netuid {self.netuid} on {self.network}"
+
+    def how_to_register(self, wallet: str) -> str:
+        name, _, hotkey = wallet.partition("/")
+        return (
+            f"btcli subnets register --netuid {self.netuid} --network {self.network} "
+            f"--wallet {name} --wallet-hotkey {hotkey or 'default'}"
+        )
+
+    def register(self, hotkey: str, coldkey: str, stake: float = 0.0) -> int:
+        """The uid of an already registered hotkey; registering a new one is left to the operator."""
+        uid = self.uid_of(hotkey)
+        if uid is None:
+            raise ChainError(
+                f"hotkey {hotkey} is not registered on {self.describe()}; registering costs TAO and is signed by "
+                f"its coldkey {coldkey}, so the operator runs: btcli subnets register --netuid {self.netuid} "
+                f"--network {self.network} --wallet <coldkey-wallet> --hotkey {hotkey}"
+            )
+        return uid
+
+    def block(self) -> int:
+        with self._errors("reading the block"):
+            return self._sync().block
+
+    def uid_of(self, hotkey: str) -> int | None:
+        with self._errors(f"looking up the uid of hotkey {hotkey}"):
+            return self._sync().neurons.uid(hotkey_ss58=hotkey, netuid=self.netuid)
+
+    def metagraph(self) -> Metagraph:
+        with self._errors("reading the metagraph"):
+            graph = self._sync().subnets.metagraph(self.netuid, commitments=False)
+        if graph is None:
+            raise ChainError(f"{self.describe()} does not exist")
+        neurons = tuple(
+            Neuron(
+                uid=n.uid,
+                hotkey=n.hotkey,
+                coldkey=n.coldkey,
+                stake=n.total_stake.amount,
+                validator_permit=n.validator_permit,
+                endpoint=n.axon,
+                last_update=n.last_update,
+            )
+            for n in graph.neurons
+        )
+        return Metagraph(netuid=self.netuid, block=graph.block, neurons=neurons)
+
+    def serve(self, signer, endpoint: str) -> None:
+        ip, port = _ip_and_port(endpoint)
+        with self._errors(f"serving {endpoint}", signer.ss58_address):
+            self._sync().execute(bt.ServeAxon(netuid=self.netuid, ip=ip, port=port), signer).raise_for_failure()
+
+    def set_weights(self, signer, weights: Mapping[int, float], version_key: int = 0) -> None:
+        with self._errors("setting weights", signer.ss58_address):
+            intent = bt.SetWeights(netuid=self.netuid, weights=dict(weights), version_key=version_key)
+            self._sync().execute(intent, signer).raise_for_failure()
+
+    def weights(self) -> dict[int, dict[int, float]]:
+        with self._errors("reading the weights"):
+            rows = self._sync().weights.weights(self.netuid)  # each row sums to 1
+        return {uid: _largest_is_one(row) for uid, row in rows.items() if row}
+
+    def _sync(self) -> bt.SyncClient:
+        """The SDK client, built and connected on first use (and connecting again after a failed attempt)."""
+        with self._lock:
+            if self._client is None:
+                self._client = bt.SyncClient(
+                    self.network, fallback_endpoints=[], archive_endpoints=[], substrate=self._substrate
+                )
+            return self._client.connect()
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, hotkey: str | None = None) -> Iterator[None]:
+        """Raise the SDK's failures while doing `action` (signed by `hotkey`) as our errors."""
+        try:
+            yield
+        except bt.RpcConnectionError as e:
+            raise ChainError(f"could not reach {self._endpoint} ({self.describe()}): {_one_line(e)}") from e
+        except bt.ChainError as e:
+            raise self._error(e, action, hotkey) from e
+        except bt.BittensorError as e:  # refused before reaching the chain, e.g. weights that are all zero
+            raise ChainError(f"{action}{_by(hotkey)} on {self.describe()} failed: {_one_line(e)}") from e
+
+    def _error(self, error: bt.ChainError, action: str, hotkey: str | None) -> ChainError:
+        where = self.describe()
+        if error.code is bt.ErrorCode.NOT_REGISTERED:
+            return NotRegisteredError(f"hotkey {hotkey} is not registered on {where}")
+        # The chain's dispatch error has a name; the SDK's own check (on Null-consensus subnets) only words.
+        if error.name == "NeuronNoValidatorPermit" or "validator permit" in error.message.lower():
+            return NoValidatorPermitError(
+                f"hotkey {hotkey} has no validator permit on {where}, so it cannot set weights; "
+                "permits go to the top stakers"
+            )
+        if error.code is bt.ErrorCode.RATE_LIMITED:
+            wait = _RETRY_IN.search(error.message)
+            retry = f"retry in {wait[1]} blocks" if wait else f"retry later ({_one_line(error)})"
+            return RateLimitedError(f"{action}{_by(hotkey)} on {where} is rate limited; {retry}")
+        return ChainError(f"{action}{_by(hotkey)} on {where} failed: {_one_line(error)}")
+
+
+def _ip_and_port(endpoint: str) -> tuple[str, int]:
+    """("10.0.0.1", 8091) from "10.0.0.1:8091"; IPv6 as "[::1]:8091"."""
+    host, _, port = endpoint.rpartition(":")
+    with contextlib.suppress(ValueError):
+        ip = ipaddress.ip_address(host.removeprefix("[").removesuffix("]"))
+        if 0 < int(port) < 65536:
+            return str(ip), int(port)
+    raise ValueError(f"endpoint must be ip:port, e.g. 10.0.0.1:8091; got {endpoint!r}")
+
+
+def _largest_is_one(row: dict[int, float]) -> dict[int, float]:
+    top = max(row.values())
+    return {uid: weight / top for uid, weight in row.items()}
+
+
+def _by(hotkey: str | None) -> str:
+    return f" by hotkey {hotkey}" if hotkey else ""
+
+
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())

@@ -1,0 +1,194 @@
+"""What only the bittensor backend does: the extrinsics it submits, the btcli commands it gives, and how the
+SDK's failures become our errors. It runs the real SDK against the in-memory chain of `fake_substrate`."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shlex
+
+import bittensor as bt
+import pytest
+import typer
+from bittensor.cli.main import app as btcli
+from bittensor.sp_core import Keypair
+from fake_substrate import SubtensorUnderTest
+
+from mapreduce_ray.chain.subtensor import SubtensorChain
+from mapreduce_ray.errors import ChainError, NotRegisteredError, NoValidatorPermitError, RateLimitedError
+
+ALICE, BOB, EVE = (Keypair.create_from_uri(f"//{name}") for name in ("Alice", "Bob", "Eve"))
+NO_PERMIT = "has no validator permit on netuid 10 on local, so it cannot set weights; permits go to the top stakers"
+
+
+def key(name: str) -> Keypair:
+    return Keypair.create_from_uri(f"//{name}")
+
+
+def exactly(message: str) -> str:
+    return f"^{re.escape(message)}$"
+
+
+def btcli_params(command: str) -> dict:
+    """The options the installed btcli parses from `command` (a `btcli subnets register ...` line)."""
+    argv = shlex.split(command)
+    assert argv[:3] == ["btcli", "subnets", "register"]
+    register = typer.main.get_command(btcli).commands["subnets"].commands["register"]
+    return register.make_context("register", argv[3:]).params
+
+
+@pytest.fixture(autouse=True)
+def token_symbols_in_tmp(monkeypatch, tmp_path):
+    """The SDK caches token symbols on connect; keep the file in the test's tmp dir."""
+    monkeypatch.setenv("BTCLI_TOKEN_SYMBOLS_CACHE", str(tmp_path / "btcli_token_symbols.json"))
+
+
+@pytest.fixture
+def sut() -> SubtensorUnderTest:
+    """Alice (uid 0) validates with 100 TAO; Bob, Charlie and Dave (uids 1..3) mine. Eve is not registered."""
+    under = SubtensorUnderTest(rate_limit=5, max_validators=1)
+    for name, stake in [("Alice", 100.0), ("Bob", 0.0), ("Charlie", 0.0), ("Dave", 0.0)]:
+        under.enroll(key(name).ss58_address, key(name).ss58_address, stake)
+    return under
+
+
+def test_how_to_register_is_the_btcli_command():
+    chain = SubtensorChain()  # finney, netuid 10; building it contacts nothing
+    assert chain.describe() == "netuid 10 on finney"
+    command = chain.how_to_register("cold/hot")
+    assert command == "btcli subnets register --netuid 10 --network finney --wallet cold --wallet-hotkey hot"
+    expected = {"netuid": 10, "network": "finney", "wallet": "cold", "wallet_hotkey": "hot"}
+    assert btcli_params(command).items() >= expected.items()
+
+
+def test_register_leaves_registration_to_the_operator(sut):
+    eve, cold = EVE.ss58_address, key("EveCold").ss58_address
+    with pytest.raises(ChainError) as refused:
+        sut.chain.register(eve, cold)
+    assert str(refused.value) == (
+        f"hotkey {eve} is not registered on netuid 10 on local; registering costs TAO and is signed by its coldkey "
+        f"{cold}, so the operator runs: btcli subnets register --netuid 10 --network local "
+        f"--wallet <coldkey-wallet> --hotkey {eve}"
+    )
+    command = str(refused.value).partition("runs: ")[2].replace("<coldkey-wallet>", "evecold")
+    expected = {"netuid": 10, "network": "local", "wallet": "evecold", "hotkey_ss58": eve}
+    assert btcli_params(command).items() >= expected.items()
+    assert sut.chain.register(BOB.ss58_address, BOB.ss58_address) == 1  # already registered: keeps its uid
+    assert sut.substrate.submitted == []
+
+
+def test_an_unreachable_endpoint_is_one_chain_error():
+    with pytest.raises(ChainError) as failed:
+        SubtensorChain("ws://127.0.0.1:9", 10).block()  # nothing listens on the discard port
+    assert type(failed.value) is ChainError
+    assert re.fullmatch(  # one line
+        r"could not reach ws://127\.0\.0\.1:9 \(netuid 10 on ws://127\.0\.0\.1:9\): .+", str(failed.value)
+    )
+
+
+def test_an_unknown_network_is_refused_at_once():
+    with pytest.raises(ValueError, match="Unknown network 'mock'"):
+        SubtensorChain("mock")
+
+
+def test_set_weights_submits_the_quantized_weights(sut):
+    sut.chain.set_weights(ALICE, {1: 0.2, 2: 0.5, 3: 0.3}, version_key=7)
+    call = bt.calls.SubtensorModule.set_mechanism_weights(
+        netuid=10, mecid=0, dests=[1, 2, 3], weights=[26214, 65535, 39321], version_key=7
+    )
+    assert sut.substrate.submitted == [(ALICE.ss58_address, call)]
+    assert sut.chain.weights() == {0: pytest.approx({1: 26214 / 65535, 2: 1.0, 3: 39321 / 65535})}
+    assert sut.chain.metagraph().neuron(0).last_update == sut.chain.block() == 1
+
+
+@pytest.mark.parametrize("endpoint", ["10.0.0.1:8091", "[2001:db8::1]:8091"])
+def test_serve_publishes_the_endpoint(sut, endpoint):
+    ip = ipaddress.ip_address(endpoint.rpartition(":")[0].strip("[]"))
+    sut.chain.serve(BOB, endpoint)
+    call = bt.calls.SubtensorModule.serve_axon(
+        netuid=10, version=1, ip=int(ip), port=8091, ip_type=ip.version, protocol=4, placeholder1=0, placeholder2=0
+    )
+    assert sut.substrate.submitted == [(BOB.ss58_address, call)]
+    assert sut.chain.metagraph().neuron(1).endpoint == endpoint
+
+
+@pytest.mark.parametrize("endpoint", ["10.0.0.1", "miner.example:8091", "10.0.0.1:0", "10.0.0.1:65536"])
+def test_serve_refuses_a_malformed_endpoint(sut, endpoint):
+    with pytest.raises(ValueError, match="endpoint must be ip:port"):
+        sut.chain.serve(BOB, endpoint)
+    assert sut.substrate.submitted == []
+
+
+def test_weights_from_an_unregistered_hotkey_stop_before_signing(sut):
+    message = f"hotkey {EVE.ss58_address} is not registered on netuid 10 on local"
+    with pytest.raises(NotRegisteredError, match=exactly(message)):
+        sut.chain.set_weights(EVE, {1: 1.0})
+    assert sut.substrate.submitted == []  # the SDK's preflight caught it
+
+
+def test_weights_without_a_permit_are_refused_by_the_chain(sut):
+    message = f"hotkey {BOB.ss58_address} {NO_PERMIT}"
+    with pytest.raises(NoValidatorPermitError, match=exactly(message)):
+        sut.chain.set_weights(BOB, {2: 1.0})
+    assert [call.function for _, call in sut.substrate.submitted] == ["set_mechanism_weights"]  # dispatch refused it
+    assert sut.chain.weights() == {}
+
+
+def test_weights_without_a_permit_are_refused_by_the_sdk_on_a_null_subnet(sut):
+    sut.substrate.consensus = "Null"  # the SDK checks the sole permit itself there
+    message = f"hotkey {BOB.ss58_address} {NO_PERMIT}"
+    with pytest.raises(NoValidatorPermitError, match=exactly(message)):
+        sut.chain.set_weights(BOB, {2: 1.0})
+    assert sut.substrate.submitted == []
+
+
+def test_rate_limited_weights_say_how_many_blocks_to_wait(sut):
+    sut.chain.set_weights(ALICE, {1: 1.0})
+    prefix = f"setting weights by hotkey {ALICE.ss58_address} on netuid 10 on local is rate limited; "
+    with pytest.raises(RateLimitedError, match=exactly(prefix + "retry in 5 blocks")):
+        sut.chain.set_weights(ALICE, {2: 1.0})
+    sut.advance(2)
+    with pytest.raises(RateLimitedError, match=exactly(prefix + "retry in 3 blocks")):
+        sut.chain.set_weights(ALICE, {2: 1.0})
+    sut.advance(3)
+    sut.chain.set_weights(ALICE, {2: 1.0})
+    assert sut.chain.weights() == {0: {2: 1.0}}
+
+
+def test_serving_from_an_unregistered_hotkey_is_refused_by_the_chain(sut):
+    message = f"hotkey {EVE.ss58_address} is not registered on netuid 10 on local"
+    with pytest.raises(NotRegisteredError, match=exactly(message)):
+        sut.chain.serve(EVE, "10.0.0.1:8091")
+    assert len(sut.substrate.submitted) == 1  # no preflight for serving: the chain refused it
+
+
+def test_serving_too_often_is_rate_limited(sut):
+    sut.substrate.serving_rate_limit = 50
+    sut.chain.serve(BOB, "10.0.0.1:8091")
+    message = (
+        f"serving 10.0.0.2:8091 by hotkey {BOB.ss58_address} on netuid 10 on local is rate limited; retry later "
+        "(An axon or prometheus serving exceeded the rate limit for a registered neuron.)"
+    )
+    with pytest.raises(RateLimitedError, match=exactly(message)):
+        sut.chain.serve(BOB, "10.0.0.2:8091")
+    assert sut.chain.metagraph().neuron(1).endpoint == "10.0.0.1:8091"
+
+
+def test_other_chain_failures_are_chain_errors(sut):
+    failed = f"setting weights by hotkey {ALICE.ss58_address} on netuid 10 on local failed: "
+    with pytest.raises(ChainError) as unknown_uid:  # refused by the chain
+        sut.chain.set_weights(ALICE, {1: 1.0, 9: 1.0})
+    assert type(unknown_uid.value) is ChainError
+    assert str(unknown_uid.value) == (
+        failed + "The caller is attempting to set weight to at least one UID that does not exist in the metagraph."
+    )
+    with pytest.raises(ChainError, match=exactly(failed + "All weights are zero; nothing to set.")):  # by the SDK
+        sut.chain.set_weights(ALICE, {1: 0.0})
+
+
+def test_a_subnet_that_does_not_exist(sut):
+    elsewhere = SubtensorChain("local", 11, substrate=sut.substrate)
+    with pytest.raises(ChainError, match=exactly("netuid 11 on local does not exist")):
+        elsewhere.metagraph()
+    assert elsewhere.uid_of(ALICE.ss58_address) is None
+    assert elsewhere.weights() == {}
