@@ -12,6 +12,10 @@ source's chunks as its own objects, so the source uploads each byte once.
 A round's objects stay alive until every peer has released it: a peer releases its
 earlier rounds of a job by starting a later one here, and all of them by leaving
 the job (`release_job`). At the round's deadline the miner lets go regardless.
+
+Every message is signed: the validator admits each peer to a job (`admit`), peers
+sign their contributions, and the miner signs a receipt for each contribution and
+every batch of results (digests and object ids), addressed to the peer reading it.
 """
 
 from __future__ import annotations
@@ -22,16 +26,30 @@ import os
 import threading
 import time
 from concurrent.futures import TimeoutError as FetchTimeout
+from dataclasses import dataclass, field
 
 import ray
 import torch
 
-from mapreduce_ray.errors import MapReduceError, RoundMismatchError, RoundTimeoutError
+from mapreduce_ray.chain import ChainConfig
+from mapreduce_ray.errors import JobError, MapReduceError, RoundMismatchError, RoundTimeoutError
+from mapreduce_ray.messages import (
+    Contribution,
+    ContributionReceipt,
+    JobAdmission,
+    JobLeave,
+    SegmentResult,
+    open_body,
+    seal_body,
+)
+from mapreduce_ray.naming import miner_name
 from mapreduce_ray.plan import Segment, plan_round
+from mapreduce_ray.protocol import MetagraphCache, Verifier
 from mapreduce_ray.reduce import block_accumulator, reduce_chunk
-from mapreduce_ray.shards import from_buffer
+from mapreduce_ray.shards import digest, from_buffer
 from mapreduce_ray.transport import prefetch, ship
-from mapreduce_ray.types import RoundKind, RoundSpec
+from mapreduce_ray.types import JobSpec, RoundKind, RoundSpec
+from mapreduce_ray.wallets import WalletConfig, load_identity
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +112,8 @@ class _Round:
         return self.cond.wait_for(predicate, timeout=max(deadline - time.monotonic(), 0))
 
     def stream(self):
-        """Batches of reduced chunks in chunk order; a broadcast starts with [tensor spec]."""
+        """(first chunk, batch of (shipped, digest, object id)) in chunk order; at least one batch."""
         grace = self.spec.job.timeout_s
-        if self.spec.kind is RoundKind.BROADCAST:
-            with self.cond:
-                self.wait_until(lambda: self.error is not None or self.spec.tensor is not None, self.deadline + grace)
-                self.raise_if_failed()
-                spec = self.spec.tensor
-            yield [spec]
         sent = 0
         while True:
             with self.cond:
@@ -110,10 +122,11 @@ class _Round:
                     self.deadline + grace,
                 )
                 self.raise_if_failed()
-                batch, sent, done = self.results[sent:], len(self.results), self.done
-            if batch:
-                yield batch
-            elif done:
+                batch, first, done = self.results[sent:], sent, self.done
+                sent = len(self.results)
+            if batch or (done and first == 0):
+                yield first, batch
+            if done:
                 return
 
     def raise_if_failed(self) -> None:
@@ -123,16 +136,33 @@ class _Round:
             raise RoundTimeoutError(f"{self.spec.describe()}: miner gave up waiting for its own driver")
 
 
-class MinerActor:
-    """A miner hosting segment reducers.
+@dataclass
+class _Job:
+    """A job as the validator admitted its peers here."""
 
-    Create with `ray.remote(MinerActor).options(max_concurrency=MAX_CONCURRENCY, ...)`.
+    spec: JobSpec
+    index: int  # this miner's place in spec.miners
+    peers: dict[int, str] = field(default_factory=dict)  # rank -> hotkey
+    left: set[int] = field(default_factory=set)
+
+
+class MinerActor:
+    """A miner hosting segment reducers, signing as the wallet's hotkey.
+
+    Create with `ray.remote(MinerActor).options(name=miner_name(uid), max_concurrency=MAX_CONCURRENCY, ...)`.
+    On start it announces its endpoint (node ip : Ray GCS port) on the chain.
     """
 
-    def __init__(self, name: str):
+    def __init__(self, wallet: WalletConfig, chain: ChainConfig):
         torch.set_num_threads(1)
-        self.name = name
+        self._identity = load_identity(wallet)
+        self._chain = chain.open()
+        self.uid = self._chain.require_uid(self._identity.hotkey, wallet.describe())
+        self.name = miner_name(self.uid)
+        self._verifier = Verifier(self._identity.hotkey, MetagraphCache(self._chain))
+        self._chain.serve(self._identity.keypair, node_endpoint())
         self._lock = threading.Lock()
+        self._jobs: dict[str, _Job] = {}
         self._rounds: dict[tuple[str, int], _Round] = {}
         self._buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (out bytes, accumulator) free for reuse
         self._rounds_done = 0
@@ -142,28 +172,93 @@ class MinerActor:
         with self._lock:
             return {
                 "name": self.name,
+                "uid": self.uid,
+                "hotkey": self._identity.hotkey,
                 "node_id": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(),
+                "jobs": len(self._jobs),
                 "open_rounds": len(self._rounds),
                 "rounds_done": self._rounds_done,
                 "bytes_in": self._bytes_in,
             }
 
-    def reduce(self, spec: RoundSpec, miner: int, rank: int, chunks: list | None):
-        """Contribute `chunks` (this peer's shipped chunks of our segment, or None); stream results back."""
+    def admit(self, wire: bytes) -> None:
+        """The validator admits a peer to a job (a signed JobAdmission addressed to this miner)."""
+        admission, _ = open_body(self._verifier, wire, JobAdmission)
+        spec = admission.spec
+        index = next((i for i, m in enumerate(spec.miners) if m.hotkey == self._identity.hotkey), None)
+        if index is None:
+            raise JobError(f"job {spec.name!r} ({spec.job_id}) does not include miner {self.name!r}")
         with self._lock:
-            self._release(spec.job.job_id, rank, before_seq=spec.seq)
+            job = self._jobs.setdefault(spec.job_id, _Job(spec, index))
+            if job.spec != spec:
+                raise JobError(f"job {spec.job_id} was admitted here with another spec")
+            job.peers[admission.rank] = admission.peer
+
+    def reduce(self, wire: bytes, chunks: list | None):
+        """Contribute `chunks` under a signed Contribution; stream back a signed receipt, then signed results."""
+        contribution, envelope = open_body(self._verifier, wire, Contribution)
+        with self._lock:
+            spec = self._admitted(contribution, envelope.sender)
+            if len(contribution.digests) != len(chunks or ()):
+                raise RoundMismatchError(
+                    f"{spec.describe()}: rank {contribution.rank} shipped {len(chunks or ())} chunks "
+                    f"with {len(contribution.digests)} digests"
+                )
+            self._release(spec.job.job_id, contribution.rank, before_seq=spec.seq)
             state = self._rounds.get(spec.key)
             if state is None:
-                state = self._rounds[spec.key] = _Round(spec, miner, rank, self._lock)
+                state = self._rounds[spec.key] = _Round(spec, contribution.miner, contribution.rank, self._lock)
                 threading.Thread(target=self._run, args=(state,), name=f"round-{spec.seq}", daemon=True).start()
-            state.join(spec, rank, chunks)
-        yield from state.stream()
+            state.join(spec, contribution.rank, chunks)
+        yield self._seal(
+            ContributionReceipt(spec.job.job_id, spec.seq, contribution.miner, contribution.rank, contribution.digests),
+            envelope.sender,
+        )
+        for first, batch in state.stream():
+            result = SegmentResult(
+                spec.job.job_id,
+                spec.seq,
+                contribution.miner,
+                contribution.rank,
+                first,
+                state.spec.tensor,
+                tuple(d for _, d, _ in batch),
+                tuple(o for _, _, o in batch),
+            )
+            yield self._seal(result, envelope.sender), [shipped for shipped, _, _ in batch]
 
-    def release_job(self, job_id: str, rank: int) -> None:
-        """`rank` left the job: release every round of it."""
+    def release_job(self, wire: bytes) -> None:
+        """A peer left its job (signed JobLeave): release every round of it; forget the job once all left."""
+        leave, envelope = open_body(self._verifier, wire, JobLeave)
         with self._lock:
-            self._release(job_id, rank, before_seq=None)
+            job = self._jobs.get(leave.job_id)
+            if job is None or job.peers.get(leave.rank) != envelope.sender:
+                return
+            self._release(leave.job_id, leave.rank, before_seq=None)
+            job.left.add(leave.rank)
+            if job.left >= job.peers.keys():
+                del self._jobs[leave.job_id]
+
+    def _admitted(self, contribution: Contribution, sender: str) -> RoundSpec:
+        """The round a contribution belongs to, if the validator admitted its sender at that rank."""
+        job = self._jobs.get(contribution.job_id)
+        if job is None:
+            raise JobError(
+                f"miner {self.name!r} knows no job {contribution.job_id}: it is unknown or finished; "
+                "call init_process_group() again"
+            )
+        if job.peers.get(contribution.rank) != sender:
+            raise JobError(f"hotkey {sender} was not admitted as rank {contribution.rank} of job {job.spec.name!r}")
+        if contribution.miner != job.index:
+            raise JobError(
+                f"contribution for miner #{contribution.miner} of job {job.spec.name!r} sent to {self.name!r}"
+            )
+        c = contribution
+        return RoundSpec(job.spec, c.seq, c.kind, c.op, c.src, c.tensor)
+
+    def _seal(self, body, receiver: str) -> bytes:
+        return seal_body(self._identity.keypair, body, receiver)
 
     def _release(self, job_id: str, rank: int, before_seq: int | None) -> None:
         for (job, seq), state in self._rounds.items():
@@ -222,11 +317,13 @@ class MinerActor:
                 if c + PREFETCH_CHUNKS < n:
                     in_flight[c + PREFETCH_CHUNKS] = [prefetch(chunks[c + PREFETCH_CHUNKS]) for chunks in contributions]
                 if spec.kind is RoundKind.BROADCAST:
-                    result = ship(from_buffer(buffers[0], dtype), copy_inline=True)
+                    out = from_buffer(buffers[0], dtype)
                 else:
                     out = out_bytes[: (b - a) * dtype.itemsize].view(dtype.torch_dtype)
                     reduce_chunk([from_buffer(buf, dtype) for buf in buffers], spec.op, out, accumulator)
-                    result = ship(out, copy_inline=True)
+                shipped = ship(out, copy_inline=True)
+                object_id = shipped.hex() if isinstance(shipped, ray.ObjectRef) else None
+                result = (shipped, digest(out), object_id)
                 with state.cond:
                     self._bytes_in += sum(buf.size for buf in buffers)
                     state.results.append(result)
@@ -254,3 +351,9 @@ class MinerActor:
 
 def _what(spec: RoundSpec) -> str:
     return f"{spec.kind.value} op={spec.op and spec.op.value} src={spec.src}"
+
+
+def node_endpoint() -> str:
+    """This node's address and its Ray cluster's GCS port: where a peer joins to reach actors here."""
+    gcs_port = ray.get_runtime_context().gcs_address.rpartition(":")[2]
+    return f"{ray.util.get_node_ip_address()}:{gcs_port}"

@@ -45,10 +45,10 @@ def tensor_for(cache: dict[int, torch.Tensor], nbytes: int, rank: int) -> torch.
 class BenchPeer:
     """A peer process holding both a relay Peer and a gloo process group."""
 
-    def __init__(self, rank: int, peers: int, port: int, job: str):
+    def __init__(self, rank: int, peers: int, port: int, peer_options: dict):
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank - 1, world_size=peers)
-        self.peer = Peer(rank, peers, job=job)
+        self.peer = Peer(rank, peers, job="bench", **peer_options)
         self.peer.init_process_group()
         self.tensors: dict[int, torch.Tensor] = {}
 
@@ -133,10 +133,10 @@ def main() -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
     init_local_ray(object_store_mib=args.object_store_mib)
-    subnet = start_local_subnet(miners=args.miners, chunk_mib=args.chunk_mib)
+    subnet = start_local_subnet(miners=args.miners, peers=args.peers, chunk_mib=args.chunk_mib)
     port = free_port()
     bench_peer = ray.remote(num_cpus=0)(BenchPeer)
-    peers = [bench_peer.remote(r, args.peers, port, "bench") for r in range(1, args.peers + 1)]
+    peers = [bench_peer.remote(r, args.peers, port, subnet.peer_options) for r in range(1, args.peers + 1)]
     groups = {m: peers for m in methods if m in ("relay", "gloo")}
     if "ray.util.collective" in methods:
         collective_peer = ray.remote(num_cpus=0)(CollectivePeer)

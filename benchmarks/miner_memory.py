@@ -100,11 +100,12 @@ def main() -> None:
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        subnet = start_local_subnet(1, chunk_mib=args.chunk_mib, miner_resources={"miner_node": 0.01})
+        subnet = start_local_subnet(1, peers=args.peers, chunk_mib=args.chunk_mib, miner_resources={"miner_node": 0.01})
         status = ray.get(subnet.miners[0].status.remote())
         node = next(n for n in ray.nodes() if n["NodeID"] == status["node_id"])
         peer_actor = ray.remote(num_cpus=0, resources={"peer_node": 1})(PeerActor)
-        peers = [peer_actor.remote(r, args.peers, job="memory") for r in range(1, args.peers + 1)]
+        options = {"job": "memory", **subnet.peer_options}
+        peers = [peer_actor.remote(r, args.peers, **options) for r in range(1, args.peers + 1)]
         ray.get([p.init_process_group.remote() for p in peers])
         sampler = Sampler(node, status["pid"])
         base_store, base_private = sampler.sample()

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from actors import PeerActor, connect_ray, start_local_subnet
+from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.dtypes import dtype_named
 from mapreduce_ray.errors import MapReduceError
 from mapreduce_ray.reference import reference_reduce
@@ -78,22 +79,18 @@ def run(cfg: DictConfig) -> list[dict]:
     check_config(cfg)
     connect_ray(**cfg.ray)
     weights = cfg.bandwidth.miner_mbit
+    p = cfg.topology.peers
     subnet = start_local_subnet(
         cfg.topology.miners,
+        peers=p,
         miner_weights=list(weights) if weights is not None else None,
         chunk_mib=cfg.topology.chunk_mib,
         timeout_s=cfg.subnet.timeout_s,
-        validator_uid=cfg.subnet.validator_uid,
         namespace=cfg.subnet.namespace,
+        chain=ChainConfig(**cfg.subnet.chain),
     )
-    p = cfg.topology.peers
     peer_actor = ray.remote(num_cpus=0)(PeerActor)
-    peers = [
-        peer_actor.remote(
-            r, p, validator_uid=cfg.subnet.validator_uid, job="jobs.local", namespace=cfg.subnet.namespace
-        )
-        for r in range(1, p + 1)
-    ]
+    peers = [peer_actor.remote(r, p, job="jobs.local", **subnet.peer_options) for r in range(1, p + 1)]
     try:
         ray.get([a.init_process_group.remote() for a in peers], timeout=cfg.subnet.timeout_s)
         numel = max(1, int(cfg.size_mib * MIB) // dtype_named(cfg.dtype).itemsize)

@@ -6,30 +6,48 @@ call per miner carrying that miner's chunks (inline when small, else through the
 object store once). Miners stream back the reduced chunks; the peer copies them
 into its tensor only after every chunk has arrived, so a failed round leaves the
 tensor untouched. All peers read the same results, so all end bitwise identical.
+
+Identity: the peer signs as its wallet's hotkey, which must be registered on the
+subnet. It asks the validator with a signed JobRequest and accepts only a job
+spec signed by that validator holding a permit; it signs every contribution with
+the digests of its chunks, and checks the miners' signed receipts and results.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from pathlib import Path
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from mapreduce_ray.chain import DEFAULT_NETUID, ChainConfig
 from mapreduce_ray.errors import (
     InvalidTensorError,
     JobError,
-    MapReduceError,
+    NoValidatorPermitError,
     RoundMismatchError,
     RoundTimeoutError,
     UnsupportedDtypeError,
+    WalletError,
+)
+from mapreduce_ray.messages import (
+    Contribution,
+    ContributionReceipt,
+    JobAdmission,
+    JobLeave,
+    JobRequest,
+    SegmentResult,
+    open_body,
+    seal_body,
 )
 from mapreduce_ray.naming import DEFAULT_NAMESPACE, validator_name
 from mapreduce_ray.plan import Segment, plan_round
-from mapreduce_ray.shards import FlatTensor, Tensor, flatten, from_buffer, new_tensor
+from mapreduce_ray.protocol import MetagraphCache, Verifier
+from mapreduce_ray.remote import causes_raised, get
+from mapreduce_ray.shards import FlatTensor, Tensor, digest, flatten, from_buffer, new_tensor
 from mapreduce_ray.transport import receive, ship
 from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, RoundSpec, TensorSpec
+from mapreduce_ray.wallets import Identity, dev_peer_wallet, identity_of
 
 
 class Peer:
@@ -37,7 +55,13 @@ class Peer:
 
     rank, peer_count: this process's rank and the number of peers in the job.
     bandwidth: the largest tensor, in bytes, this peer will hand in (None: no limit).
+    wallet: a bittensor.Wallet, a hotkey Keypair or a WalletConfig whose hotkey is
+        registered on the subnet. None on the embedded chain: the development wallet
+        dev-peer/rank-{rank} that a local subnet registers.
     validator_uid: the validator to ask for the job.
+    network: "embedded" (the offline chain in `state_dir`), or a bittensor network:
+        finney, test, local, or a ws:// or wss:// URL.
+    netuid: the subnet. state_dir: the embedded chain's directory (None: the default).
     job: peers that use the same job name (and validator) form one job.
     namespace: the Ray namespace the subnet's actors live in.
     connect_timeout_s: deadline for joining and leaving the job.
@@ -48,8 +72,12 @@ class Peer:
         rank: int,
         peer_count: int,
         bandwidth: int | None = None,
-        *,
+        wallet=None,
         validator_uid: int = 0,
+        network: str = "embedded",
+        *,
+        netuid: int = DEFAULT_NETUID,
+        state_dir: str | Path | None = None,
         job: str = "default",
         namespace: str = DEFAULT_NAMESPACE,
         connect_timeout_s: float = 30.0,
@@ -63,17 +91,24 @@ class Peer:
         self.rank = rank
         self.peer_count = peer_count
         self.bandwidth = bandwidth
+        self.wallet = wallet
         self.validator_uid = validator_uid
+        self.chain = chain_config(network, netuid, state_dir)
         self.job = job
         self.namespace = namespace
         self.connect_timeout_s = connect_timeout_s
         self.spec: JobSpec | None = None
+        self._identity: Identity | None = None
+        self._verifier: Verifier | None = None
         self._validator = None
+        self._validator_hotkey = ""
         self._miners: list = []
         self._seq = 0
+        self._sent: dict[int, Contribution] = {}  # this round's contributions, by miner
+        self._results: dict[int, list[SegmentResult]] = {}  # this round's signed results, by miner
 
     def init_process_group(self) -> JobSpec:
-        """Join the job through the validator and look up its miners."""
+        """Join the job through the validator (signed request, signed admission) and look up its miners."""
         if self.spec is not None:
             raise JobError(f"rank {self.rank} already joined job {self.job!r}; call destroy_process_group() first")
         if not ray.is_initialized():
@@ -81,9 +116,26 @@ class Peer:
                 "Ray is not connected: call ray.init(address='auto') on a cluster, "
                 "or actors.start_local_subnet() in this process"
             )
-        self._validator = _lookup(validator_name(self.validator_uid), self.namespace, "validator")
-        join = self._validator.join.remote(self.job, self.rank, self.peer_count)
-        self.spec = _get(join, self.connect_timeout_s, f"joining job {self.job!r}")
+        identity = self._load_identity()
+        chain = self.chain.open()
+        metagraph = MetagraphCache(chain)
+        chain.require_uid(identity.hotkey, identity.wallet)
+        validator = metagraph.get(refresh=True).neuron(self.validator_uid)
+        permitted = sorted(n.uid for n in metagraph.get().validators)
+        if validator is None or not validator.validator_permit:
+            raise NoValidatorPermitError(
+                f"uid {self.validator_uid} is no validator on {chain.describe()}; "
+                f"pass validator_uid= one of {permitted}"
+            )
+        handle = _lookup(validator_name(self.validator_uid), self.namespace, "validator")
+        self._verifier = Verifier(identity.hotkey, metagraph)
+        request = seal_body(identity.keypair, JobRequest(self.job, self.rank, self.peer_count), validator.hotkey)
+        answer = get(handle.join.remote(request), self.connect_timeout_s, f"joining job {self.job!r}")
+        admission, _ = open_body(self._verifier, answer, JobAdmission, sender=validator.hotkey)
+        if (admission.rank, admission.peer, admission.spec.name) != (self.rank, identity.hotkey, self.job):
+            raise JobError(f"validator uid {self.validator_uid} admitted someone else; refusing its job spec")
+        self._identity, self._validator, self._validator_hotkey = identity, handle, validator.hotkey
+        self.spec = admission.spec
         self._miners = [_lookup(m.name, self.spec.namespace, "miner") for m in self.spec.miners]
         self._seq = 0
         return self.spec
@@ -92,9 +144,13 @@ class Peer:
         """Leave the job: miners release its rounds, the validator ends it when its last peer leaves."""
         spec, miners, self.spec, self._miners = self.spec, self._miners, None, []
         if spec is not None:
-            calls = [m.release_job.remote(spec.job_id, self.rank) for m in miners]
-            calls.append(self._validator.leave.remote(spec.job_id, self.rank))
-            _get(calls, self.connect_timeout_s, "leaving the job")
+            leave = JobLeave(spec.job_id, self.rank)
+            calls = [
+                m.release_job.remote(self._seal(leave, slot.hotkey))
+                for m, slot in zip(miners, spec.miners, strict=True)
+            ]
+            calls.append(self._validator.leave.remote(self._seal(leave, self._validator_hotkey)))
+            get(calls, self.connect_timeout_s, "leaving the job")
 
     def __enter__(self) -> Peer:
         self.init_process_group()
@@ -146,7 +202,7 @@ class Peer:
 
     def _receive(self, round_: RoundSpec, flat: FlatTensor | None, results: dict[int, list]) -> Tensor:
         """Write a broadcast's result into `flat`, or into a new tensor when None."""
-        source_spec = _source_spec(round_, results)
+        source_spec = self._source_spec(round_)
         if flat is None:
             flat = flatten(new_tensor(source_spec))
         elif flat.spec != source_spec:
@@ -154,7 +210,7 @@ class Peer:
                 f"{round_.describe()}: rank {round_.src} sends {source_spec.describe()} "
                 f"but rank {self.rank} passed {flat.spec.describe()}"
             )
-        self._write(round_, flat, plan_round(round_.job, source_spec), {i: r[1:] for i, r in results.items()})
+        self._write(round_, flat, plan_round(round_.job, source_spec), results)
         return flat.source
 
     def _flatten(self, tensor: Tensor, verb: str) -> FlatTensor:
@@ -175,16 +231,25 @@ class Peer:
         if self.spec is None:
             raise JobError(f"rank {self.rank} has not joined a job; call init_process_group() first")
         self._seq += 1
+        self._sent, self._results = {}, {}
         return RoundSpec(self.spec, self._seq, kind, op, src, tensor)
 
     def _send(self, round_: RoundSpec, miner: int, flat: FlatTensor | None, segment: Segment | None):
-        """Ship this peer's chunks of `segment` and open the miner's result stream."""
-        chunks = None if flat is None else [ship(flat.flat[a:b]) for a, b in segment.chunks]
+        """Ship this peer's chunks of `segment` under a signed Contribution and open the miner's result stream."""
+        pieces = [] if flat is None else [flat.flat[a:b] for a, b in segment.chunks]
+        digests = tuple(digest(p) for p in pieces)
+        r = round_
+        contribution = Contribution(r.job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, miner, self.rank, digests)
+        self._sent[miner] = contribution
+        chunks = None if flat is None else [ship(p) for p in pieces]
         call = self._miners[miner].reduce.options(num_returns="streaming")
-        return call.remote(round_, miner, self.rank, chunks)
+        return call.remote(self._seal(contribution, r.job.miners[miner].hotkey), chunks)
+
+    def _seal(self, body, receiver: str) -> bytes:
+        return seal_body(self._identity.keypair, body, receiver)
 
     def _collect(self, round_: RoundSpec, streams: dict) -> dict[int, list]:
-        """Everything each miner's stream yields, in order, by miner index."""
+        """The reduced chunks each miner streams back, in order, by miner index, every signed item checked."""
         deadline = time.monotonic() + round_.job.timeout_s
         items: dict[int, list] = {i: [] for i in streams.values()}
         pending = dict(streams)
@@ -204,27 +269,63 @@ class Peer:
                     del pending[stream]
                     continue
                 name = f"{round_.describe()}: miner {round_.job.miners[miner].name!r}"
-                with _causes_raised(name, round_.job.timeout_s):
-                    items[miner].extend(ray.get(item, timeout=max(deadline - time.monotonic(), 0)))
+                with causes_raised(name, round_.job.timeout_s):
+                    value = ray.get(item, timeout=max(deadline - time.monotonic(), 0))
+                if miner not in self._results:
+                    self._check_receipt(round_, miner, value)
+                    self._results[miner] = []
+                else:
+                    items[miner].extend(self._check_result(round_, miner, len(items[miner]), *value))
         return items
+
+    def _check_receipt(self, round_: RoundSpec, miner: int, wire: bytes) -> None:
+        slot, sent = round_.job.miners[miner], self._sent[miner]
+        receipt, _ = open_body(self._verifier, wire, ContributionReceipt, sender=slot.hotkey)
+        expected = ContributionReceipt(sent.job_id, sent.seq, miner, self.rank, sent.digests)
+        if receipt != expected:
+            raise RoundMismatchError(f"{round_.describe()}: miner {slot.name!r} receipted another contribution")
+
+    def _check_result(self, round_: RoundSpec, miner: int, first: int, wire: bytes, batch: list) -> list:
+        """The batch, if the miner's signed SegmentResult vouches for exactly these chunks."""
+        slot = round_.job.miners[miner]
+        result, _ = open_body(self._verifier, wire, SegmentResult, sender=slot.hotkey)
+        ids = tuple(s.hex() if isinstance(s, ray.ObjectRef) else None for s in batch)
+        if (result.job_id, result.seq, result.miner, result.rank, result.first_chunk, result.objects) != (
+            round_.job.job_id,
+            round_.seq,
+            miner,
+            self.rank,
+            first,
+            ids,
+        ) or len(result.digests) != len(batch):
+            raise RoundMismatchError(f"{round_.describe()}: miner {slot.name!r} signed other results than it sent")
+        self._results[miner].append(result)
+        return batch
+
+    def _source_spec(self, round_: RoundSpec) -> TensorSpec:
+        """The broadcast source's tensor spec, as every miner signed it."""
+        specs = {r.tensor for results in self._results.values() for r in results}
+        if len(specs) != 1:
+            raise RoundMismatchError(f"{round_.describe()}: miners disagree about the source tensor: {specs}")
+        return specs.pop()
+
+    def _load_identity(self) -> Identity:
+        if self.wallet is not None:
+            return identity_of(self.wallet)
+        if self.chain.backend != "embedded":
+            raise WalletError(f"pass wallet= (a bittensor.Wallet registered on netuid {self.chain.netuid})")
+        return identity_of(dev_peer_wallet(self.chain.state_path, self.rank))
 
     def _write(self, round_: RoundSpec, flat: FlatTensor, plan, results: dict[int, list]) -> None:
         """The final in-place write: copy every reduced chunk into the tensor."""
         if any(len(results.get(seg.miner, [])) != len(seg.chunks) for seg in plan):
             raise RoundMismatchError(f"{round_.describe()}: miners returned a different number of chunks than planned")
         chunks = [(rng, item) for seg in plan for rng, item in zip(seg.chunks, results.get(seg.miner, []), strict=True)]
-        with _causes_raised(f"{round_.describe()}: reading results", round_.job.timeout_s):
+        with causes_raised(f"{round_.describe()}: reading results", round_.job.timeout_s):
             buffers = receive([item for _, item in chunks], round_.job.timeout_s)
         for ((a, b), _), buffer in zip(chunks, buffers, strict=True):
             flat.flat[a:b].copy_(from_buffer(buffer, flat.dtype))
         flat.commit()
-
-
-def _source_spec(round_: RoundSpec, results: dict[int, list]) -> TensorSpec:
-    specs = {r[0] for r in results.values()}
-    if len(specs) != 1:
-        raise RoundMismatchError(f"{round_.describe()}: miners disagree about the source tensor: {specs}")
-    return specs.pop()
 
 
 def _lookup(name: str, namespace: str, role: str):
@@ -237,21 +338,8 @@ def _lookup(name: str, namespace: str, role: str):
         ) from None
 
 
-def _get(refs, timeout_s: float, what: str):
-    with _causes_raised(what, timeout_s):
-        return ray.get(refs, timeout=timeout_s)
-
-
-@contextmanager
-def _causes_raised(what: str, timeout_s: float) -> Iterator[None]:
-    """Raise our own errors from remote calls as themselves, and Ray's as one clear line."""
-    try:
-        yield
-    except GetTimeoutError:
-        raise RoundTimeoutError(f"{what}: no answer within {timeout_s:g} s") from None
-    except RayTaskError as e:
-        if isinstance(e.cause, MapReduceError):
-            raise e.cause from None
-        raise
-    except RayActorError:
-        raise MapReduceError(f"{what}: the actor died") from None
+def chain_config(network: str, netuid: int, state_dir: str | Path | None) -> ChainConfig:
+    """The chain a `network` name means: "embedded", or a bittensor network."""
+    if network == "embedded":
+        return ChainConfig(netuid=netuid, state_dir=None if state_dir is None else str(state_dir))
+    return ChainConfig(backend="bittensor", network=network, netuid=netuid)

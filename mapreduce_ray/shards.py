@@ -9,13 +9,13 @@ memory and must never be written.
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
+from blake3 import blake3
 
 from mapreduce_ray.dtypes import DType, dtype_of
 from mapreduce_ray.errors import InvalidTensorError
@@ -101,8 +101,8 @@ def read_only_tensor(array: np.ndarray) -> torch.Tensor:
 
 
 def digest(elements: torch.Tensor) -> str:
-    """A 128-bit BLAKE2b digest of the elements' bytes; equal digests mean equal bits."""
-    return hashlib.blake2b(_bytes(elements.detach().contiguous().reshape(-1)), digest_size=16).hexdigest()
+    """A 256-bit BLAKE3 digest of the elements' bytes; equal digests mean equal bits."""
+    return blake3(_bytes(elements.detach().contiguous().reshape(-1))).hexdigest()
 
 
 def _bytes(elements: torch.Tensor) -> np.ndarray:

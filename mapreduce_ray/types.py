@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from mapreduce_ray.dtypes import DType, dtype_named
+from mapreduce_ray.naming import miner_name
 
 
 class ReduceOp(str, Enum):
@@ -30,10 +31,15 @@ class RoundKind(str, Enum):
 
 @dataclass(frozen=True)
 class MinerSlot:
-    """A miner taking part in a job, and its share of every tensor."""
+    """A miner taking part in a job (its uid and hotkey), and its share of every tensor."""
 
-    name: str
+    uid: int
+    hotkey: str
     weight: float
+
+    @property
+    def name(self) -> str:
+        return miner_name(self.uid)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """One local Ray per test session, three local subnets (1, 2 and 3 miners) on it,
 and helpers that run P peers as threads of the test process.
 
+The subnets share one embedded chain in a temporary state dir (netuids 101..103);
+MAPREDUCE_STATE_DIR points every process there, Ray's workers included.
+
 Tests marked `cluster` run last: they shut the local Ray down and bring up a
 multi-node ray.cluster_utils.Cluster of their own.
 """
@@ -8,9 +11,14 @@ multi-node ray.cluster_utils.Cluster of their own.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+STATE_DIR = tempfile.mkdtemp(prefix="mapreduce-tests-")
+os.environ["MAPREDUCE_STATE_DIR"] = STATE_DIR
+os.environ.setdefault("BTCLI_TOKEN_SYMBOLS_CACHE", os.path.join(STATE_DIR, "btcli_token_symbols.json"))
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -18,8 +26,9 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import pytest  # noqa: E402
 import ray  # noqa: E402
 
-from actors import init_local_ray, start_local_subnet  # noqa: E402
+from actors import LocalSubnet, init_local_ray, start_local_subnet  # noqa: E402
 from mapreduce_ray import Peer  # noqa: E402
+from mapreduce_ray.chain import ChainConfig  # noqa: E402
 
 CHUNK_MIB = 0.25  # small chunks, so a 1 MiB tensor travels in several pieces
 TIMEOUT_S = 30.0
@@ -34,13 +43,20 @@ def local_ray():
     init_local_ray(object_store_mib=512, num_cpus=2)
     yield
     ray.shutdown()
+    shutil.rmtree(STATE_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
 def subnets(local_ray):
     """Local subnets by miner count, each in its own namespace."""
     started = {
-        m: start_local_subnet(m, chunk_mib=CHUNK_MIB, timeout_s=TIMEOUT_S, namespace=f"tests-{m}-miners")
+        m: start_local_subnet(
+            m,
+            chunk_mib=CHUNK_MIB,
+            timeout_s=TIMEOUT_S,
+            namespace=f"tests-{m}-miners",
+            chain=ChainConfig(netuid=100 + m),
+        )
         for m in (1, 2, 3)
     }
     yield started
@@ -51,14 +67,15 @@ def subnets(local_ray):
 
 @pytest.fixture
 def run_peers():
-    """run_peers(namespace, peer_count, fn, **peer_kwargs): fn(peer) on peers 1..peer_count, each in its own
-    thread; returns the results in rank order."""
+    """run_peers(subnet, peer_count, fn, **peer_kwargs): fn(peer) on peers 1..peer_count of a new job on
+    `subnet`, each in its own thread; returns the results in rank order."""
     return _run_peers
 
 
-def _run_peers(namespace: str, peer_count: int, fn, **peer_kwargs) -> list:
+def _run_peers(subnet: LocalSubnet, peer_count: int, fn, **peer_kwargs) -> list:
     job = uuid.uuid4().hex
-    peers = [Peer(r, peer_count, job=job, namespace=namespace, **peer_kwargs) for r in range(1, peer_count + 1)]
+    options = {**subnet.peer_options, "job": job, **peer_kwargs}
+    peers = [Peer(r, peer_count, **options) for r in range(1, peer_count + 1)]
     for peer in peers:
         peer.init_process_group()
     try:

@@ -33,10 +33,10 @@ INPUTS["non-contiguous"] = transposed
 
 @pytest.fixture
 def all_reduce_everywhere(run_peers):
-    """all_reduce_everywhere(namespace, tensors, op): peer r reduces tensors[r - 1]; returns what each got back."""
+    """all_reduce_everywhere(subnet, tensors, op): peer r reduces tensors[r - 1]; returns what each got back."""
 
-    def run(namespace: str, tensors: list, op: str) -> list:
-        return run_peers(namespace, len(tensors), lambda peer: peer.all_reduce(tensors[peer.rank - 1], op))
+    def run(subnet, tensors: list, op: str) -> list:
+        return run_peers(subnet, len(tensors), lambda peer: peer.all_reduce(tensors[peer.rank - 1], op))
 
     return run
 
@@ -47,7 +47,7 @@ def all_reduce_everywhere(run_peers):
 def test_all_reduce_equals_the_reference_on_every_peer(subnets, peers, miners, make, all_reduce_everywhere):
     tensors = make(peers)
     expected = reference_reduce([t.clone() for t in tensors], "avg")
-    results = all_reduce_everywhere(subnets[miners].namespace, tensors, "avg")
+    results = all_reduce_everywhere(subnets[miners], tensors, "avg")
     for tensor, result in zip(tensors, results, strict=True):
         assert result is tensor  # in place, and returned
         assert tensor.shape == expected.shape
@@ -58,7 +58,7 @@ def test_all_reduce_equals_the_reference_on_every_peer(subnets, peers, miners, m
 def test_every_dtype_sums_exactly(subnets, name, all_reduce_everywhere):
     tensors = inputs_for(3, (1000,), SUPPORTED[name].torch_dtype, seed=1)
     expected = reference_reduce([t.clone() for t in tensors], "sum")
-    all_reduce_everywhere(subnets[2].namespace, tensors, "sum")
+    all_reduce_everywhere(subnets[2], tensors, "sum")
     assert all(torch.equal(t, expected) for t in tensors)
 
 
@@ -66,7 +66,7 @@ def test_every_dtype_sums_exactly(subnets, name, all_reduce_everywhere):
 def test_every_float_dtype_averages_exactly(subnets, name, all_reduce_everywhere):
     tensors = inputs_for(4, (50_000,), SUPPORTED[name].torch_dtype, seed=2)
     expected = reference_reduce([t.clone() for t in tensors], "avg")
-    all_reduce_everywhere(subnets[3].namespace, tensors, "avg")
+    all_reduce_everywhere(subnets[3], tensors, "avg")
     assert all(torch.equal(t, expected) for t in tensors)
 
 
@@ -75,7 +75,7 @@ def test_non_contiguous_inputs_are_reduced_and_written_back(subnets, all_reduce_
     views = [b.t()[::2] for b in bases]  # strided views into each peer's storage
     expected = reference_reduce([v.clone() for v in views], "sum")
     untouched = [b.t()[1::2].clone() for b in bases]
-    all_reduce_everywhere(subnets[2].namespace, views, "sum")
+    all_reduce_everywhere(subnets[2], views, "sum")
     for base, view, rest in zip(bases, views, untouched, strict=True):
         assert torch.equal(view, expected)
         assert torch.equal(base.t()[1::2], rest)  # only the view's elements were written
@@ -84,7 +84,7 @@ def test_non_contiguous_inputs_are_reduced_and_written_back(subnets, all_reduce_
 def test_numpy_arrays_are_reduced_in_place(subnets, all_reduce_everywhere):
     arrays = [t.numpy() for t in inputs_for(3, (7, 9), torch.float64, seed=3)]
     expected = reference_reduce([torch.from_numpy(a.copy()) for a in arrays], "avg").numpy()
-    results = all_reduce_everywhere(subnets[2].namespace, arrays, "avg")
+    results = all_reduce_everywhere(subnets[2], arrays, "avg")
     for array, result in zip(arrays, results, strict=True):
         assert result is array
         np.testing.assert_array_equal(array, expected)
@@ -93,7 +93,7 @@ def test_numpy_arrays_are_reduced_in_place(subnets, all_reduce_everywhere):
 def test_peers_sharing_memory_still_get_the_exact_result(subnets, all_reduce_everywhere):
     shared = torch.arange(1000, dtype=torch.float32)
     expected = reference_reduce([shared.clone(), shared.clone()], "sum")
-    all_reduce_everywhere(subnets[2].namespace, [shared, shared], "sum")  # nobody writes before all contributed
+    all_reduce_everywhere(subnets[2], [shared, shared], "sum")  # nobody writes before all contributed
     assert torch.equal(shared, expected)
 
 
@@ -108,7 +108,7 @@ def test_a_failed_round_leaves_every_tensor_unchanged(subnets, run_peers):
         ):
             peer.all_reduce(tensors[peer.rank - 1], "sum")
 
-    run_peers(subnets[1].namespace, 2, attempt)
+    run_peers(subnets[1], 2, attempt)
     assert all(torch.equal(t, b) for t, b in zip(tensors, before, strict=True))
 
 
@@ -119,7 +119,7 @@ def test_avg_of_integers_is_a_clear_error(subnets, run_peers):
         ):
             peer.all_reduce(torch.ones(3, dtype=torch.int64))
 
-    run_peers(subnets[1].namespace, 1, attempt)
+    run_peers(subnets[1], 1, attempt)
 
 
 @pytest.mark.parametrize(
@@ -138,4 +138,4 @@ def test_bad_input_is_refused_before_anything_is_sent(subnets, tensor, kwargs, e
             peer.all_reduce(tensor, **kwargs)
         return peer._seq
 
-    assert run_peers(subnets[1].namespace, 1, attempt, bandwidth=100) == [0]
+    assert run_peers(subnets[1], 1, attempt, bandwidth=100) == [0]

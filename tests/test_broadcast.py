@@ -10,9 +10,7 @@ from mapreduce_ray import InvalidTensorError, RoundMismatchError
 def test_broadcast_reaches_every_peer_from_any_source(subnets, src, miners, run_peers):
     source = torch.randn(300_000, dtype=torch.float32)  # over 1 MiB: several chunks per miner
     original = source.clone()
-    results = run_peers(
-        subnets[miners].namespace, 4, lambda peer: peer.broadcast(source if peer.rank == src else None, src=src)
-    )
+    results = run_peers(subnets[miners], 4, lambda peer: peer.broadcast(source if peer.rank == src else None, src=src))
     assert results[src - 1] is source and torch.equal(source, original)
     for rank, result in enumerate(results, start=1):
         if rank != src:
@@ -22,9 +20,7 @@ def test_broadcast_reaches_every_peer_from_any_source(subnets, src, miners, run_
 def test_receivers_may_pass_a_tensor_to_fill(subnets, run_peers):
     source = torch.arange(24, dtype=torch.bfloat16).reshape(2, 3, 4)
     targets = {r: torch.zeros(2, 3, 4, dtype=torch.bfloat16) for r in (2, 3)}
-    results = run_peers(
-        subnets[2].namespace, 3, lambda peer: peer.broadcast(source if peer.rank == 1 else targets[peer.rank])
-    )
+    results = run_peers(subnets[2], 3, lambda peer: peer.broadcast(source if peer.rank == 1 else targets[peer.rank]))
     for rank in (2, 3):
         assert results[rank - 1] is targets[rank] and torch.equal(targets[rank], source)
 
@@ -39,7 +35,7 @@ def test_zero_d_and_read_only_numpy_sources(subnets, run_peers):
             array if peer.rank == 1 else None
         )
 
-    for got_scalar, got_array in run_peers(subnets[2].namespace, 2, both):
+    for got_scalar, got_array in run_peers(subnets[2], 2, both):
         assert got_scalar.shape == () and got_scalar.item() == 3.5
         assert np.array_equal(np.asarray(got_array), np.arange(10))
 
@@ -53,7 +49,7 @@ def test_a_receiver_with_the_wrong_shape_gets_a_clear_error_and_keeps_its_tensor
         with pytest.raises(RoundMismatchError, match=r"rank 1 sends float32 \(4,\) but rank 2 passed float32 \(5,\)"):
             peer.broadcast(wrong)
 
-    run_peers(subnets[2].namespace, 2, attempt)
+    run_peers(subnets[2], 2, attempt)
     assert torch.equal(wrong, torch.full((5,), 7.0))
 
 
@@ -64,4 +60,4 @@ def test_source_must_pass_a_tensor_and_src_must_be_a_rank(subnets, run_peers):
         with pytest.raises(ValueError, match=r"src must be an int in 1..1, got 2"):
             peer.broadcast(torch.ones(1), src=2)
 
-    run_peers(subnets[1].namespace, 1, attempt)
+    run_peers(subnets[1], 1, attempt)

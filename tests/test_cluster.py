@@ -6,6 +6,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from actors import start_local_subnet
+from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.reference import reference_reduce
 
 pytestmark = pytest.mark.cluster
@@ -21,7 +22,12 @@ def two_nodes():
     cluster.wait_for_nodes()
     ray.init(address=cluster.address, log_to_driver=False)
     subnet = start_local_subnet(
-        2, chunk_mib=0.25, timeout_s=60, namespace="tests-cluster", miner_resources={"miner_node": 0.01}
+        2,
+        chunk_mib=0.25,
+        timeout_s=60,
+        namespace="tests-cluster",
+        chain=ChainConfig(netuid=200),
+        miner_resources={"miner_node": 0.01},
     )
     yield subnet
     subnet.shutdown()
@@ -39,11 +45,11 @@ def test_miners_run_on_the_other_node(two_nodes):
 def test_all_reduce_across_nodes(two_nodes, shape, run_peers):
     tensors = [torch.randn(shape, generator=torch.Generator().manual_seed(r)) for r in range(3)]
     expected = reference_reduce([t.clone() for t in tensors], "avg")
-    run_peers(two_nodes.namespace, 3, lambda peer: peer.all_reduce(tensors[peer.rank - 1]))
+    run_peers(two_nodes, 3, lambda peer: peer.all_reduce(tensors[peer.rank - 1]))
     assert all(torch.equal(t, expected) for t in tensors)
 
 
 def test_broadcast_across_nodes(two_nodes, run_peers):
     source = torch.randn(500_000, dtype=torch.float64)
-    results = run_peers(two_nodes.namespace, 3, lambda peer: peer.broadcast(source if peer.rank == 2 else None, src=2))
+    results = run_peers(two_nodes, 3, lambda peer: peer.broadcast(source if peer.rank == 2 else None, src=2))
     assert all(torch.equal(r, source) for r in results)

@@ -4,20 +4,20 @@ import pytest
 import ray
 import torch
 
-from actors import ValidatorActor, start_local_subnet
+from actors import PeerActor, start_local_subnet
 from mapreduce_ray import JobError, Peer
-from mapreduce_ray.types import MinerSlot
+from mapreduce_ray.chain import ChainConfig
 
 
 def test_init_process_group_returns_the_job_spec(subnets, run_peers):
-    specs = run_peers(subnets[3].namespace, 2, lambda peer: peer.spec)
+    specs = run_peers(subnets[3], 2, lambda peer: peer.spec)
     assert specs[0] == specs[1]
-    assert specs[0].peer_count == 2 and [m.name for m in specs[0].miners] == ["miner-0", "miner-1", "miner-2"]
+    assert specs[0].peer_count == 2 and [m.name for m in specs[0].miners] == ["miner-1", "miner-2", "miner-3"]
 
 
 def test_rounds_are_released_once_every_peer_left(subnets, run_peers):
     subnet = subnets[2]
-    run_peers(subnet.namespace, 3, lambda peer: [peer.all_reduce(torch.randn(100_000)) for _ in range(3)])
+    run_peers(subnet, 3, lambda peer: [peer.all_reduce(torch.randn(100_000)) for _ in range(3)])
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         statuses = ray.get([m.status.remote() for m in subnet.miners])
@@ -36,32 +36,32 @@ def test_a_peer_keeps_only_its_latest_round_open(subnets, run_peers):
             peer.all_reduce(torch.randn(1000))
         return ray.get(subnet.miners[0].status.remote())["open_rounds"]
 
-    assert max(run_peers(subnet.namespace, 2, three_rounds)) <= 2
+    assert max(run_peers(subnet, 2, three_rounds)) <= 2
 
 
-def test_joining_without_a_subnet_names_the_fix(local_ray):
+def test_joining_without_a_subnet_names_the_fix(subnets):
     with pytest.raises(
         JobError, match=r"no validator named 'validator-0' in Ray namespace 'nowhere'; start a subnet first"
     ):
-        Peer(1, 1, namespace="nowhere").init_process_group()
+        Peer(1, 1, **{**subnets[1].peer_options, "namespace": "nowhere"}).init_process_group()
 
 
 def test_collectives_before_joining_name_the_fix(subnets):
     with pytest.raises(JobError, match=r"rank 1 has not joined a job; call init_process_group\(\) first"):
-        Peer(1, 1, namespace=subnets[1].namespace).all_reduce(torch.ones(1))
+        Peer(1, 1, **subnets[1].peer_options).all_reduce(torch.ones(1))
 
 
 def test_joining_twice_and_disagreeing_about_peer_count_are_refused(subnets):
-    ns = subnets[1].namespace
-    first = Peer(1, 2, job="twice", namespace=ns)
+    options = {**subnets[1].peer_options, "job": "twice"}
+    first = Peer(1, 2, **options)
     first.init_process_group()
     try:
         with pytest.raises(JobError, match=r"rank 1 already joined job 'twice'; call destroy_process_group\(\) first"):
             first.init_process_group()
         with pytest.raises(JobError, match=r"rank 1 already joined job 'twice'; a rank joins once"):
-            Peer(1, 2, job="twice", namespace=ns).init_process_group()
+            Peer(1, 2, **options).init_process_group()
         with pytest.raises(JobError, match=r"job 'twice' has 2 peers but rank 2 says 3; pass the same peer_count"):
-            Peer(2, 3, job="twice", namespace=ns).init_process_group()
+            Peer(2, 3, **options).init_process_group()
     finally:
         first.destroy_process_group()
 
@@ -76,7 +76,7 @@ def test_peer_arguments_are_checked():
 
 
 def test_peer_works_as_a_context_manager(subnets):
-    with Peer(1, 1, job="ctx", namespace=subnets[1].namespace) as peer:
+    with Peer(1, 1, job="ctx", **subnets[1].peer_options) as peer:
         assert peer.all_reduce(torch.tensor([2.0, 4.0]), "sum").tolist() == [2.0, 4.0]
     assert peer.spec is None
 
@@ -85,7 +85,7 @@ def test_a_second_subnet_in_the_same_namespace_is_refused(subnets):
     with pytest.raises(
         RuntimeError, match=r"a subnet already runs in Ray namespace 'tests-1-miners'.*pass another namespace"
     ):
-        start_local_subnet(1, namespace=subnets[1].namespace)
+        start_local_subnet(1, namespace=subnets[1].namespace, chain=subnets[1].chain)
 
 
 def test_joining_before_connecting_to_ray_names_the_fix(monkeypatch):
@@ -98,16 +98,16 @@ def test_joining_before_connecting_to_ray_names_the_fix(monkeypatch):
 
 
 def test_a_refused_subnet_leaves_no_miner_behind(local_ray):
-    namespace = "tests-validator-taken"
-    squatter = ray.remote(num_cpus=0)(ValidatorActor).options(name="validator-0", namespace=namespace)
-    squatter = squatter.remote(namespace, [MinerSlot("m", 1.0)], 1024, 1.0)
+    namespace = "tests-validator-taken"  # on a fresh netuid the validator is uid 0, the miners 1 and 2
+    squatter = ray.remote(num_cpus=0)(PeerActor).options(name="validator-0", namespace=namespace).remote(1, 1)
+    ray.get(squatter.run.remote(lambda peer: None))
     try:
         with pytest.raises(RuntimeError, match="a subnet already runs in Ray namespace 'tests-validator-taken'"):
-            start_local_subnet(2, namespace=namespace)
+            start_local_subnet(2, namespace=namespace, chain=ChainConfig(netuid=150))
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and _named(namespace, "miner-0", "miner-1"):
+        while time.monotonic() < deadline and _named(namespace, "miner-1", "miner-2"):
             time.sleep(0.05)
-        assert _named(namespace, "miner-0", "miner-1") == []
+        assert _named(namespace, "miner-1", "miner-2") == []
     finally:
         ray.kill(squatter)
 

@@ -1,0 +1,144 @@
+"""The typed bodies of the protocol's messages, and their strict JSON codec.
+
+wire = seal_body(keypair, JobRequest("default", 1, 4), validator_hotkey)
+request, envelope = open_body(verifier, wire, JobRequest)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from enum import Enum
+
+from mapreduce_ray.errors import MalformedMessageError
+from mapreduce_ray.protocol import Kind, Verifier, seal
+from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, TensorSpec
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A peer asks to take `rank` in job `job` of `peer_count` peers."""
+
+    job: str
+    rank: int
+    peer_count: int
+
+
+@dataclass(frozen=True)
+class JobAdmission:
+    """The validator admits hotkey `peer` as `rank` of the job `spec`; sent to the peer and to every miner."""
+
+    spec: JobSpec
+    rank: int
+    peer: str
+
+
+@dataclass(frozen=True)
+class JobLeave:
+    """A peer leaves: its rounds may be released."""
+
+    job_id: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """A peer's part of one round at one miner: what the round is and digests of the chunks it ships."""
+
+    job_id: str
+    seq: int
+    kind: RoundKind
+    op: ReduceOp | None
+    src: int | None
+    tensor: TensorSpec | None
+    miner: int
+    rank: int
+    digests: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ContributionReceipt:
+    """A miner confirms it took a contribution with these chunk digests."""
+
+    job_id: str
+    seq: int
+    miner: int
+    rank: int
+    digests: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    """Reduced chunks `first_chunk`.. of a miner's segment: their digests and object ids (None when inline).
+
+    `tensor` is the round's tensor spec (for a broadcast, the source's)."""
+
+    job_id: str
+    seq: int
+    miner: int
+    rank: int
+    first_chunk: int
+    tensor: TensorSpec
+    digests: tuple[str, ...]
+    objects: tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """A benchmark bot's measurement of one miner."""
+
+    miner_uid: int
+    miner_hotkey: str
+    size_bytes: int
+    seconds: float
+    passed: bool
+
+
+KINDS: dict[type, Kind] = {
+    JobRequest: Kind.JOB_REQUEST,
+    JobAdmission: Kind.JOB_SPEC,
+    JobLeave: Kind.JOB_LEAVE,
+    Contribution: Kind.CONTRIBUTION,
+    ContributionReceipt: Kind.CONTRIBUTION_RECEIPT,
+    SegmentResult: Kind.SEGMENT_RESULT,
+    BenchmarkResult: Kind.BENCHMARK_RESULT,
+}
+
+
+def seal_body(keypair, body, receiver: str) -> bytes:
+    return seal(keypair, KINDS[type(body)], dataclasses.asdict(body), receiver)
+
+
+def open_body(verifier: Verifier, wire: bytes, cls: type, sender: str | None = None):
+    """(body, envelope) of a verified message of `cls`'s kind."""
+    envelope = verifier.open(wire, KINDS[cls], sender)
+    return decode(cls, envelope.body, cls.__name__), envelope
+
+
+def decode(hint, value, where: str):
+    """`value` (parsed JSON) as type `hint`; MalformedMessageError naming `where` if it does not fit."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return decode(next(a for a in args if a is not type(None)), value, where)
+    if origin is tuple and isinstance(value, list):
+        return tuple(decode(args[0], v, where) for v in value)
+    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        hints = typing.get_type_hints(hint)
+        fields = [f.name for f in dataclasses.fields(hint)]
+        if set(value) != set(fields):
+            raise MalformedMessageError(f"{where} has fields {sorted(value)}, expected {sorted(fields)}")
+        return hint(**{f: decode(hints[f], value[f], f"{where}.{f}") for f in fields})
+    if isinstance(hint, type) and issubclass(hint, Enum):
+        try:
+            return hint(value)
+        except ValueError:
+            raise MalformedMessageError(f"{where} is {value!r}, not a {hint.__name__}") from None
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, str, bool, float) and type(value) is hint:
+        return value
+    raise MalformedMessageError(f"{where} is {value!r}, not {getattr(hint, '__name__', hint)}")

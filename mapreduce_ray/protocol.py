@@ -1,0 +1,223 @@
+"""Signed messages between roles: sealed by the sender's hotkey, opened by the receiver.
+
+Wire format (bytes, JSON; nothing is ever unpickled):
+
+    {"scheme": "sr25519", "signature": "0x…", "message": "<canonical JSON>"}
+
+The signature covers the exact UTF-8 bytes of `message`, a JSON object with the
+protocol version, kind, sender and receiver hotkeys, timestamp (ns), a random
+nonce and the typed body. `Verifier.open` checks, in this order, each failure
+its own error: well-formed and of the expected kind; sr25519; the signature; the
+receiver; the timestamp window; the sender registered on the metagraph (and
+holding a validator permit for validator-only kinds); the expected sender, when
+the receiver knows it; the nonce not seen before.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from bittensor.sp_core import CRYPTO_SR25519, verify
+
+from mapreduce_ray.chain.base import Chain, Metagraph, Neuron
+from mapreduce_ray.errors import (
+    BadSignatureError,
+    ExpiredMessageError,
+    MalformedMessageError,
+    NotRegisteredError,
+    NoValidatorPermitError,
+    ReplayedMessageError,
+    SignatureSchemeError,
+    WrongReceiverError,
+)
+
+PROTOCOL = "mapreduce-ray/1"
+SCHEME = "sr25519"
+DEFAULT_MAX_AGE_S = 60.0
+DEFAULT_SKEW_S = 5.0
+METAGRAPH_TTL_S = 12.0
+METAGRAPH_MISS_REFRESH_S = 1.0
+
+
+class Kind(str, Enum):
+    JOB_REQUEST = "job_request"  # peer -> validator
+    JOB_SPEC = "job_spec"  # validator -> peer and miners
+    JOB_LEAVE = "job_leave"  # peer -> validator and miners
+    CONTRIBUTION = "contribution"  # peer -> miner
+    CONTRIBUTION_RECEIPT = "contribution_receipt"  # miner -> peer
+    SEGMENT_RESULT = "segment_result"  # miner -> peer
+    BENCHMARK_RESULT = "benchmark_result"  # benchmark bot -> validator
+
+
+VALIDATOR_ONLY = frozenset({Kind.JOB_SPEC})
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """An opened message: who sent it to whom, when, and its body."""
+
+    kind: Kind
+    sender: str
+    receiver: str
+    timestamp_ns: int
+    nonce: str
+    body: dict
+
+
+def canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def seal(keypair, kind: Kind, body: dict, receiver: str, now_ns: int | None = None) -> bytes:
+    """Sign `body` as a `kind` message from the keypair's hotkey to `receiver`."""
+    message = canonical(
+        {
+            "protocol": PROTOCOL,
+            "kind": kind.value,
+            "sender": keypair.ss58_address,
+            "receiver": receiver,
+            "timestamp_ns": time.time_ns() if now_ns is None else now_ns,
+            "nonce": secrets.token_hex(16),
+            "body": body,
+        }
+    )
+    scheme = SCHEME if keypair.crypto_type == CRYPTO_SR25519 else f"crypto-type-{keypair.crypto_type}"
+    signature = "0x" + keypair.sign(message.encode()).hex()
+    return canonical({"scheme": scheme, "signature": signature, "message": message}).encode()
+
+
+class NonceStore:
+    """Nonces seen per sender, remembered for `retention_s` (longer than any accepted message age)."""
+
+    def __init__(self, retention_s: float):
+        self.retention_s = retention_s
+        self._seen: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+
+    def check_and_store(self, sender: str, nonce: str, now: float) -> bool:
+        """True the first time (sender, nonce) is seen within the retention window."""
+        with self._lock:
+            if len(self._seen) > 10_000 or now - min(self._seen.values(), default=now) > self.retention_s:
+                self._seen = {k: t for k, t in self._seen.items() if now - t <= self.retention_s}
+            if (sender, nonce) in self._seen:
+                return False
+            self._seen[(sender, nonce)] = now
+            return True
+
+
+class MetagraphCache:
+    """The chain's metagraph, refreshed every `ttl_s`, and at most every second on an unknown hotkey."""
+
+    def __init__(self, chain: Chain, ttl_s: float = METAGRAPH_TTL_S, clock: Callable[[], float] = time.monotonic):
+        self.chain = chain
+        self._ttl_s = ttl_s
+        self._clock = clock
+        self._graph: Metagraph | None = None
+        self._fetched_at = 0.0
+        self._lock = threading.Lock()
+
+    def get(self, refresh: bool = False) -> Metagraph:
+        with self._lock:
+            age = self._clock() - self._fetched_at
+            if self._graph is None or age > self._ttl_s or (refresh and age > METAGRAPH_MISS_REFRESH_S):
+                self._graph, self._fetched_at = self.chain.metagraph(), self._clock()
+            return self._graph
+
+    def neuron(self, hotkey: str) -> Neuron | None:
+        return self.get().by_hotkey(hotkey) or self.get(refresh=True).by_hotkey(hotkey)
+
+
+class Verifier:
+    """Opens messages addressed to `hotkey`, checking them against the metagraph."""
+
+    def __init__(
+        self,
+        hotkey: str,
+        metagraph: MetagraphCache,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
+        skew_s: float = DEFAULT_SKEW_S,
+        clock: Callable[[], float] = time.time,
+    ):
+        self.hotkey = hotkey
+        self.metagraph = metagraph
+        self.max_age_s = max_age_s
+        self.skew_s = skew_s
+        self._clock = clock
+        self._nonces = NonceStore(max_age_s + 2 * skew_s)
+
+    def open(self, wire: bytes, kind: Kind, sender: str | None = None) -> Envelope:
+        """The verified envelope of a `kind` message (from `sender` when given), or a MessageRejectedError."""
+        outer = _json_object(wire, "the message")
+        if outer.get("scheme") != SCHEME:
+            raise SignatureSchemeError(
+                f"{kind.value} message signed with {outer.get('scheme')!r}; only sr25519 is accepted"
+            )
+        message = outer.get("message")
+        inner = _json_object(message.encode() if isinstance(message, str) else b"", "the signed part")
+        envelope = _envelope(inner, kind)
+        try:
+            signature = bytes.fromhex(str(outer.get("signature", "")).removeprefix("0x"))
+            valid = verify(message.encode(), signature, envelope.sender, CRYPTO_SR25519)
+        except Exception:
+            valid = False
+        if not valid:
+            raise BadSignatureError(f"{kind.value} message from {envelope.sender}: the signature does not match")
+        if envelope.receiver != self.hotkey:
+            raise WrongReceiverError(
+                f"{kind.value} message from {envelope.sender} is addressed to {envelope.receiver}, not {self.hotkey}"
+            )
+        now = self._clock()
+        age = now - envelope.timestamp_ns / 1e9
+        if not -self.skew_s <= age <= self.max_age_s:
+            raise ExpiredMessageError(
+                f"{kind.value} message from {envelope.sender} is {age:.1f} s old; accepted: up to "
+                f"{self.max_age_s:g} s old and {self.skew_s:g} s ahead (check the clocks)"
+            )
+        neuron = self.metagraph.neuron(envelope.sender)
+        where = self.metagraph.chain.describe()
+        if neuron is None:
+            raise NotRegisteredError(f"{kind.value} message from {envelope.sender}, which is not registered on {where}")
+        if kind in VALIDATOR_ONLY and not neuron.validator_permit:
+            raise NoValidatorPermitError(
+                f"{kind.value} message from uid {neuron.uid} ({envelope.sender}), which has no validator permit "
+                f"on {where}"
+            )
+        if sender is not None and envelope.sender != sender:
+            raise BadSignatureError(f"{kind.value} message signed by {envelope.sender}, expected {sender}")
+        if not self._nonces.check_and_store(envelope.sender, envelope.nonce, now):
+            raise ReplayedMessageError(f"{kind.value} message from {envelope.sender} replayed (nonce {envelope.nonce})")
+        return envelope
+
+
+def _json_object(data: bytes, what: str) -> dict:
+    try:
+        value = json.loads(data)
+    except (ValueError, TypeError):
+        raise MalformedMessageError(f"{what} is not JSON of the {PROTOCOL} protocol") from None
+    if not isinstance(value, dict):
+        raise MalformedMessageError(f"{what} is not a JSON object of the {PROTOCOL} protocol")
+    return value
+
+
+def _envelope(inner: dict, kind: Kind) -> Envelope:
+    if inner.get("protocol") != PROTOCOL:
+        raise MalformedMessageError(f"protocol {inner.get('protocol')!r} is not {PROTOCOL}; upgrade the sender")
+    if inner.get("kind") != kind.value:
+        raise MalformedMessageError(f"expected a {kind.value} message, got {inner.get('kind')!r}")
+    try:
+        return Envelope(
+            kind,
+            str(inner["sender"]),
+            str(inner["receiver"]),
+            int(inner["timestamp_ns"]),
+            str(inner["nonce"]),
+            dict(inner["body"]),
+        )
+    except (KeyError, TypeError, ValueError):
+        raise MalformedMessageError(f"{kind.value} message lacks a field of the {PROTOCOL} envelope") from None
