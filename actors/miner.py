@@ -157,7 +157,7 @@ class MinerActor:
         torch.set_num_threads(1)
         self._identity = load_identity(wallet)
         self._chain = chain.open()
-        self.uid = self._chain.require_uid(self._identity.hotkey, wallet.describe())
+        self.uid = self._chain.require_uid(self._identity.hotkey, wallet)
         self.name = miner_name(self.uid)
         self._verifier = Verifier(self._identity.hotkey, MetagraphCache(self._chain))
         self._chain.serve(self._identity.keypair, node_endpoint())
@@ -194,6 +194,7 @@ class MinerActor:
             if job.spec != spec:
                 raise JobError(f"job {spec.job_id} was admitted here with another spec")
             job.peers[admission.rank] = admission.peer
+            job.left.discard(admission.rank)
 
     def reduce(self, wire: bytes, chunks: list | None):
         """Contribute `chunks` under a signed Contribution; stream back a signed receipt, then signed results."""

@@ -12,6 +12,7 @@ validator permit), dev-miner/miner-{i} and dev-peer/rank-{r}.
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 import ray
@@ -31,6 +32,7 @@ from mapreduce_ray.wallets import (
 
 MIB = 1024 * 1024
 READY_TIMEOUT_S = 120.0
+PROBE_TIMEOUT_S = 5.0
 DEV_VALIDATOR_STAKE = 1000.0  # TAO on the embedded chain, enough for a validator permit
 
 
@@ -63,11 +65,20 @@ class LocalSubnet:
 def connect_ray(
     address: str = "local", object_store_mib: int = 2048, num_cpus: int | None = None, preallocate: bool = True
 ) -> None:
-    """Start a local Ray (address "local") or join a running cluster ("auto", "ray://...", "host:port")."""
+    """Start a local Ray (address "local") or join a running cluster ("auto", "ray://...", "host:port").
+
+    A "host:port" nobody listens on raises ConnectionError at once (Ray itself would retry for a minute).
+    """
     if address == "local":
         init_local_ray(object_store_mib, num_cpus, preallocate)
-    else:
-        ray.init(address=address)
+        return
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit():
+        try:
+            socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+        except OSError as e:
+            raise ConnectionError(f"nothing answers at {address}: {e}") from None
+    ray.init(address=address)
 
 
 def init_local_ray(object_store_mib: int = 2048, num_cpus: int | None = None, preallocate: bool = True) -> None:

@@ -50,7 +50,7 @@ class ValidatorActor:
             raise ValueError(f"chunk_bytes and timeout_s must be positive, got {chunk_bytes}, {timeout_s}")
         self._identity = load_identity(wallet)
         self._chain = chain.open()
-        self.uid = self._chain.require_uid(self._identity.hotkey, wallet.describe())
+        self.uid = self._chain.require_uid(self._identity.hotkey, wallet)
         self._metagraph = MetagraphCache(self._chain)
         if not self._metagraph.get(refresh=True).neuron(self.uid).validator_permit:
             raise NoValidatorPermitError(

@@ -137,7 +137,7 @@ def decode(hint, value, where: str):
             return hint(value)
         except ValueError:
             raise MalformedMessageError(f"{where} is {value!r}, not a {hint.__name__}") from None
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+    if hint is float and type(value) is int and abs(value) < 2**53:
         return float(value)
     if hint in (int, str, bool, float) and type(value) is hint:
         return value

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
-from bittensor.sp_core import CRYPTO_SR25519, verify
+from bittensor.sp_core import CRYPTO_ED25519, CRYPTO_SR25519, verify
 
 from mapreduce_ray.chain.base import Chain, Metagraph, Neuron
 from mapreduce_ray.errors import (
@@ -38,7 +38,8 @@ from mapreduce_ray.errors import (
 )
 
 PROTOCOL = "mapreduce-ray/1"
-SCHEME = "sr25519"
+SCHEME = "sr25519"  # the only one accepted
+SCHEMES = {CRYPTO_SR25519: SCHEME, CRYPTO_ED25519: "ed25519"}
 DEFAULT_MAX_AGE_S = 60.0
 DEFAULT_SKEW_S = 5.0
 METAGRAPH_TTL_S = 12.0
@@ -87,7 +88,7 @@ def seal(keypair, kind: Kind, body: dict, receiver: str, now_ns: int | None = No
             "body": body,
         }
     )
-    scheme = SCHEME if keypair.crypto_type == CRYPTO_SR25519 else f"crypto-type-{keypair.crypto_type}"
+    scheme = SCHEMES[keypair.crypto_type]
     signature = "0x" + keypair.sign(message.encode()).hex()
     return canonical({"scheme": scheme, "signature": signature, "message": message}).encode()
 
@@ -98,14 +99,17 @@ class NonceStore:
     def __init__(self, retention_s: float):
         self.retention_s = retention_s
         self._seen: dict[tuple[str, str], float] = {}
+        self._next_prune = 0.0
         self._lock = threading.Lock()
 
     def check_and_store(self, sender: str, nonce: str, now: float) -> bool:
         """True the first time (sender, nonce) is seen within the retention window."""
         with self._lock:
-            if len(self._seen) > 10_000 or now - min(self._seen.values(), default=now) > self.retention_s:
+            if now >= self._next_prune:  # forget expired nonces, at most twice per retention window
                 self._seen = {k: t for k, t in self._seen.items() if now - t <= self.retention_s}
-            if (sender, nonce) in self._seen:
+                self._next_prune = now + self.retention_s / 2
+            seen_at = self._seen.get((sender, nonce))
+            if seen_at is not None and now - seen_at <= self.retention_s:
                 return False
             self._seen[(sender, nonce)] = now
             return True
@@ -158,12 +162,14 @@ class Verifier:
             raise SignatureSchemeError(
                 f"{kind.value} message signed with {outer.get('scheme')!r}; only sr25519 is accepted"
             )
-        message = outer.get("message")
-        inner = _json_object(message.encode() if isinstance(message, str) else b"", "the signed part")
-        envelope = _envelope(inner, kind)
+        try:
+            signed = outer["message"].encode()
+        except (KeyError, AttributeError, UnicodeEncodeError):
+            raise MalformedMessageError(f"the signed part is not UTF-8 JSON of the {PROTOCOL} protocol") from None
+        envelope = _envelope(_json_object(signed, "the signed part"), kind)
         try:
             signature = bytes.fromhex(str(outer.get("signature", "")).removeprefix("0x"))
-            valid = verify(message.encode(), signature, envelope.sender, CRYPTO_SR25519)
+            valid = verify(signed, signature, envelope.sender, CRYPTO_SR25519)
         except Exception:
             valid = False
         if not valid:
@@ -175,8 +181,9 @@ class Verifier:
         now = self._clock()
         age = now - envelope.timestamp_ns / 1e9
         if not -self.skew_s <= age <= self.max_age_s:
+            when = f"{age:.1f} s old" if age > 0 else f"{-age:.1f} s ahead of this clock"
             raise ExpiredMessageError(
-                f"{kind.value} message from {envelope.sender} is {age:.1f} s old; accepted: up to "
+                f"{kind.value} message from {envelope.sender} is {when}; accepted: up to "
                 f"{self.max_age_s:g} s old and {self.skew_s:g} s ahead (check the clocks)"
             )
         neuron = self.metagraph.neuron(envelope.sender)
@@ -197,7 +204,7 @@ class Verifier:
 
 def _json_object(data: bytes, what: str) -> dict:
     try:
-        value = json.loads(data)
+        value = json.loads(data, parse_constant=_no_constants)
     except (ValueError, TypeError):
         raise MalformedMessageError(f"{what} is not JSON of the {PROTOCOL} protocol") from None
     if not isinstance(value, dict):
@@ -205,19 +212,17 @@ def _json_object(data: bytes, what: str) -> dict:
     return value
 
 
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a number")
+
+
 def _envelope(inner: dict, kind: Kind) -> Envelope:
     if inner.get("protocol") != PROTOCOL:
         raise MalformedMessageError(f"protocol {inner.get('protocol')!r} is not {PROTOCOL}; upgrade the sender")
     if inner.get("kind") != kind.value:
         raise MalformedMessageError(f"expected a {kind.value} message, got {inner.get('kind')!r}")
-    try:
-        return Envelope(
-            kind,
-            str(inner["sender"]),
-            str(inner["receiver"]),
-            int(inner["timestamp_ns"]),
-            str(inner["nonce"]),
-            dict(inner["body"]),
-        )
-    except (KeyError, TypeError, ValueError):
-        raise MalformedMessageError(f"{kind.value} message lacks a field of the {PROTOCOL} envelope") from None
+    fields = {"sender": str, "receiver": str, "timestamp_ns": int, "nonce": str, "body": dict}
+    for name, type_ in fields.items():
+        if type(inner.get(name)) is not type_:
+            raise MalformedMessageError(f"{kind.value} message: field {name!r} missing or not {type_.__name__}")
+    return Envelope(kind, inner["sender"], inner["receiver"], inner["timestamp_ns"], inner["nonce"], inner["body"])

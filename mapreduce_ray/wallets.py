@@ -32,10 +32,10 @@ class WalletConfig:
 
 @dataclass(frozen=True)
 class Identity:
-    """A hotkey with its private key, and the wallet it came from (for messages)."""
+    """A hotkey with its private key, and the wallet it came from (None for a bare keypair)."""
 
     keypair: Keypair
-    wallet: str
+    wallet: WalletConfig | None
 
     @property
     def hotkey(self) -> str:
@@ -80,7 +80,7 @@ def load_identity(wallet: WalletConfig) -> Identity:
         raise WalletError(
             f"cannot read the hotkey of wallet {wallet.describe()} ({e}); if it is encrypted, set BT_WALLET_PASSWORD"
         ) from None
-    return Identity(keypair, wallet.describe())
+    return Identity(keypair, wallet)
 
 
 def coldkey_of(wallet: WalletConfig) -> str:
@@ -100,7 +100,7 @@ def identity_of(wallet) -> Identity:
     if isinstance(wallet, bt.Wallet):
         return load_identity(WalletConfig(wallet.name, wallet.hotkey_str, str(wallet.path)))
     if isinstance(wallet, Keypair):
-        return Identity(wallet, f"keypair {wallet.ss58_address}")
+        return Identity(wallet, None)
     raise WalletError(
         f"wallet must be a bittensor.Wallet, a hotkey Keypair or a WalletConfig, got {type(wallet).__name__}"
     )

@@ -12,6 +12,7 @@ from bittensor.sp_core import Keypair
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.chain.embedded import EmbeddedChain
 from mapreduce_ray.errors import ChainError, NotRegisteredError, NoValidatorPermitError, RateLimitedError
+from mapreduce_ray.wallets import WalletConfig
 
 RATE_LIMIT = 5
 COLD = Keypair.create_from_uri("//Cold").ss58_address
@@ -120,7 +121,7 @@ def test_weights_are_rate_limited(subnet, three):
 
 def test_unregistered_hotkeys_are_told_how_to_register(subnet):
     with pytest.raises(NotRegisteredError, match=r"is not registered on netuid 10 .*; register it: "):
-        subnet.chain.require_uid(key("Stranger").ss58_address, "alice/hot")
+        subnet.chain.require_uid(key("Stranger").ss58_address, WalletConfig("alice", "hot"))
 
 
 # What only the embedded chain does: registration, pruning, many processes.

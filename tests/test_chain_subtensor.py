@@ -16,6 +16,7 @@ from fake_substrate import SubtensorUnderTest
 
 from mapreduce_ray.chain.subtensor import SubtensorChain
 from mapreduce_ray.errors import ChainError, NotRegisteredError, NoValidatorPermitError, RateLimitedError
+from mapreduce_ray.wallets import WalletConfig
 
 ALICE, BOB, EVE = (Keypair.create_from_uri(f"//{name}") for name in ("Alice", "Bob", "Eve"))
 NO_PERMIT = "has no validator permit on netuid 10 on local, so it cannot set weights; permits go to the top stakers"
@@ -55,8 +56,10 @@ def sut() -> SubtensorUnderTest:
 def test_how_to_register_is_the_btcli_command():
     chain = SubtensorChain()  # finney, netuid 10; building it contacts nothing
     assert chain.describe() == "netuid 10 on finney"
-    command = chain.how_to_register("cold/hot")
-    assert command == "btcli subnets register --netuid 10 --network finney --wallet cold --wallet-hotkey hot"
+    command = chain.how_to_register(WalletConfig("cold", "hot", "/wallets"))
+    assert command == (
+        "btcli subnets register --netuid 10 --network finney --wallet cold --wallet-hotkey hot --wallet-path /wallets"
+    )
     expected = {"netuid": 10, "network": "finney", "wallet": "cold", "wallet_hotkey": "hot"}
     assert btcli_params(command).items() >= expected.items()
 

@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mapreduce_ray.errors import NotRegisteredError
+from mapreduce_ray.wallets import WalletConfig
 
 DEFAULT_NETUID = 10
 
@@ -62,8 +63,8 @@ class Chain(ABC):
         """Where this subnet lives, for messages: "netuid 10 on finney"."""
 
     @abstractmethod
-    def how_to_register(self, wallet: str) -> str:
-        """The command that registers `wallet` ("name/hotkey") on this subnet."""
+    def how_to_register(self, wallet: WalletConfig | None) -> str:
+        """The command that registers `wallet` on this subnet (placeholders when None)."""
 
     @abstractmethod
     def block(self) -> int:
@@ -93,15 +94,15 @@ class Chain(ABC):
     def weights(self) -> dict[int, dict[int, float]]:
         """Weights on chain: {validator uid: {uid: weight in 0..1, the largest being 1}}."""
 
-    def require_uid(self, hotkey: str, wallet: str | None = None) -> int:
+    def require_uid(self, hotkey: str, wallet: WalletConfig | None = None) -> int:
         """The uid of `hotkey`, or one line saying how to register it."""
         uid = self.uid_of(hotkey)
         if uid is None:
             raise self.not_registered(hotkey, wallet)
         return uid
 
-    def not_registered(self, hotkey: str, wallet: str | None = None) -> NotRegisteredError:
+    def not_registered(self, hotkey: str, wallet: WalletConfig | None = None) -> NotRegisteredError:
         """The error for an unregistered hotkey, naming the command that registers it."""
-        who = f"hotkey {hotkey}" + (f" (wallet {wallet})" if wallet else "")
-        fix = self.how_to_register(wallet or "NAME/HOTKEY")
+        who = f"hotkey {hotkey}" + (f" (wallet {wallet.describe()})" if wallet else "")
+        fix = self.how_to_register(wallet)
         return NotRegisteredError(f"{who} is not registered on {self.describe()}; register it: {fix}")

@@ -32,6 +32,7 @@ from bittensor.sp_core import ss58_decode, verify
 from mapreduce_ray.chain.base import Chain, Metagraph, Neuron
 from mapreduce_ray.chain.config import ChainConfig
 from mapreduce_ray.errors import ChainError, NoValidatorPermitError, RateLimitedError
+from mapreduce_ray.wallets import WalletConfig
 
 U16_MAX = 65535
 _PARAMETERS = {  # ChainConfig fields the chain file fixes, and their types
@@ -84,9 +85,12 @@ class EmbeddedChain(Chain):
     def describe(self) -> str:
         return f"netuid {self.netuid} on the embedded chain at {self.path}"
 
-    def how_to_register(self, wallet: str) -> str:
-        name, _, hotkey = wallet.partition("/")
-        return f"python -m jobs.register +wallet={name} wallet.hotkey={hotkey or 'default'}"
+    def how_to_register(self, wallet: WalletConfig | None) -> str:
+        name, hotkey, path = (wallet.name, wallet.hotkey, wallet.directory) if wallet else ("NAME", "HOTKEY", "PATH")
+        return (
+            f"python -m jobs.register +wallet.name={name} +wallet.hotkey={hotkey} +wallet.path={path} "
+            f"subnet.chain.netuid={self.netuid} subnet.chain.state_dir={self.path.parent}"
+        )
 
     def block(self) -> int:
         with self._transaction() as db:

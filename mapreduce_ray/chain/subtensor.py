@@ -18,6 +18,7 @@ from bittensor.settings import resolve_endpoint
 
 from mapreduce_ray.chain.base import DEFAULT_NETUID, Chain, Metagraph, Neuron
 from mapreduce_ray.errors import ChainError, NotRegisteredError, NoValidatorPermitError, RateLimitedError
+from mapreduce_ray.wallets import WalletConfig
 
 _RETRY_IN = re.compile(r"retry in ~(\d+) blocks", re.IGNORECASE)  # from the SDK's rate-limit preflight
 
@@ -40,11 +41,11 @@ class SubtensorChain(Chain):
     def describe(self) -> str:
         return f"netuid {self.netuid} on {self.network}"
 
-    def how_to_register(self, wallet: str) -> str:
-        name, _, hotkey = wallet.partition("/")
+    def how_to_register(self, wallet: WalletConfig | None) -> str:
+        name, hotkey, path = (wallet.name, wallet.hotkey, wallet.directory) if wallet else ("NAME", "HOTKEY", "PATH")
         return (
             f"btcli subnets register --netuid {self.netuid} --network {self.network} "
-            f"--wallet {name} --wallet-hotkey {hotkey or 'default'}"
+            f"--wallet {name} --wallet-hotkey {hotkey} --wallet-path {path}"
         )
 
     def register(self, hotkey: str, coldkey: str, stake: float = 0.0) -> int:

@@ -1,0 +1,597 @@
+"""Signed messages, without Ray: every check of Verifier.open fails with its own error and says why.
+
+The receiver checks, in order: well-formed and of the expected kind; sr25519; the
+signature; the receiver; the timestamp window; the sender registered (with a
+validator permit for validator-only kinds); the expected sender; the nonce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import pytest
+from bittensor.sp_core import CRYPTO_ED25519, Keypair
+
+from mapreduce_ray.chain import ChainConfig
+from mapreduce_ray.chain.embedded import EmbeddedChain
+from mapreduce_ray.errors import (
+    BadSignatureError,
+    ExpiredMessageError,
+    IdentityError,
+    MalformedMessageError,
+    NotRegisteredError,
+    NoValidatorPermitError,
+    ReplayedMessageError,
+    SignatureSchemeError,
+    WrongReceiverError,
+)
+from mapreduce_ray.messages import (
+    KINDS,
+    BenchmarkResult,
+    Contribution,
+    ContributionReceipt,
+    JobAdmission,
+    JobLeave,
+    JobRequest,
+    SegmentResult,
+    open_body,
+    seal_body,
+)
+from mapreduce_ray.protocol import Kind, MetagraphCache, NonceStore, Verifier, canonical, seal
+from mapreduce_ray.types import JobSpec, MinerSlot, ReduceOp, RoundKind, TensorSpec
+
+
+def key(name: str) -> Keypair:
+    return Keypair.create_from_uri(f"//{name}")
+
+
+COLD = key("Cold").ss58_address
+VALIDATOR, MINER, OTHER_MINER, PEER, STRANGER = (key(n) for n in ("Validator", "Miner", "OtherMiner", "Peer", "Nobody"))
+ED25519 = Keypair.create_from_uri("//Alice", crypto_type=CRYPTO_ED25519)
+S = 10**9  # nanoseconds per second
+
+SPEC = JobSpec(
+    job_id="0123456789ab",
+    name="default",
+    namespace="mapreduce",
+    peer_count=2,
+    miners=(MinerSlot(1, MINER.ss58_address, 1.0), MinerSlot(2, OTHER_MINER.ss58_address, 0.5)),
+    chunk_bytes=1024,
+    timeout_s=30.0,
+)
+TENSOR = TensorSpec("float32", (4, 5))
+REQUEST = JobRequest("default", 1, 2)
+
+
+class FakeClock:
+    """Wall-clock seconds that move only when told; starts at a whole second near now."""
+
+    def __init__(self):
+        self.now = float(int(time.time()))
+
+    def __call__(self) -> float:
+        return self.now
+
+    @property
+    def ns(self) -> int:
+        return int(self.now) * S
+
+
+@dataclass
+class World:
+    """An embedded chain with a validator (permit), two miners and a peer; one clock for all."""
+
+    chain: EmbeddedChain
+    clock: FakeClock
+    metagraph: MetagraphCache
+    uids: dict[str, int]
+
+    def verifier(self, receiver: Keypair, **kwargs) -> Verifier:
+        return Verifier(receiver.ss58_address, self.metagraph, clock=self.clock, **kwargs)
+
+    @property
+    def where(self) -> str:
+        return re.escape(self.chain.describe())
+
+
+@pytest.fixture
+def world(tmp_path) -> World:
+    clock = FakeClock()
+    chain = EmbeddedChain(tmp_path / "chain.sqlite", ChainConfig(block_time_s=1.0, max_validators=1), clock=clock)
+    uids = {
+        "validator": chain.register(VALIDATOR.ss58_address, COLD, stake=100.0),
+        "miner": chain.register(MINER.ss58_address, COLD),
+        "other_miner": chain.register(OTHER_MINER.ss58_address, COLD),
+        "peer": chain.register(PEER.ss58_address, COLD),
+    }
+    return World(chain, clock, MetagraphCache(chain, clock=clock), uids)
+
+
+@contextmanager
+def refused(cls: type, match: str):
+    """Expect exactly `cls` (not a sibling or a subclass), its message matching `match`."""
+    with pytest.raises(IdentityError, match=match) as caught:
+        yield caught
+    assert type(caught.value) is cls, f"{type(caught.value).__name__}: {caught.value}"
+
+
+def sign_raw(keypair: Keypair, inner: dict, scheme: str = "sr25519") -> bytes:
+    """A wire whose signed part is `inner`, exactly as given (possibly not of our protocol)."""
+    message = canonical(inner)
+    signature = "0x" + keypair.sign(message.encode()).hex()
+    return canonical({"scheme": scheme, "signature": signature, "message": message}).encode()
+
+
+def rewrap(wire: bytes, **outer_changes) -> bytes:
+    outer = json.loads(wire)
+    outer.update(outer_changes)
+    return canonical(outer).encode()
+
+
+def edit_message(wire: bytes, old: str, new: str) -> bytes:
+    """The wire with `old` replaced by `new` inside the signed message, the signature left as it was."""
+    message = json.loads(wire)["message"]
+    assert message.count(old) == 1, message
+    return rewrap(wire, message=message.replace(old, new))
+
+
+def inner_of(keypair: Keypair, kind: Kind, body: dict, receiver: Keypair, timestamp_ns: int) -> dict:
+    return {
+        "protocol": "mapreduce-ray/1",
+        "kind": kind.value,
+        "sender": keypair.ss58_address,
+        "receiver": receiver.ss58_address,
+        "timestamp_ns": timestamp_ns,
+        "nonce": "00" * 16,
+        "body": body,
+    }
+
+
+# Every kind round-trips.
+
+ROUND_TRIPS = {
+    "job_request": (REQUEST, PEER, VALIDATOR),
+    "job_spec": (JobAdmission(SPEC, 2, PEER.ss58_address), VALIDATOR, PEER),
+    "job_leave": (JobLeave(SPEC.job_id, 2), PEER, MINER),
+    "contribution all_reduce": (
+        Contribution(SPEC.job_id, 3, RoundKind.ALL_REDUCE, ReduceOp.AVG, None, TENSOR, 0, 1, ("aa", "bb")),
+        PEER,
+        MINER,
+    ),
+    "contribution broadcast receiver": (
+        Contribution(SPEC.job_id, 4, RoundKind.BROADCAST, None, 2, None, 1, 1, ()),
+        PEER,
+        OTHER_MINER,
+    ),
+    "contribution_receipt": (ContributionReceipt(SPEC.job_id, 3, 0, 1, ("aa", "bb")), MINER, PEER),
+    "segment_result": (
+        SegmentResult(SPEC.job_id, 3, 0, 1, 2, TensorSpec("int64", ()), ("cc", "dd"), (None, "00ff")),
+        MINER,
+        PEER,
+    ),
+    "benchmark_result": (BenchmarkResult(1, MINER.ss58_address, 1 << 20, 0.25, True), PEER, VALIDATOR),
+}
+
+
+def test_the_round_trips_cover_every_kind():
+    assert {KINDS[type(body)] for body, _, _ in ROUND_TRIPS.values()} == set(Kind)
+
+
+@pytest.mark.parametrize(("body", "sender", "receiver"), list(ROUND_TRIPS.values()), ids=list(ROUND_TRIPS))
+def test_every_kind_round_trips_to_an_equal_body(world, body, sender, receiver):
+    opened, envelope = open_body(world.verifier(receiver), seal_body(sender, body, receiver.ss58_address), type(body))
+    assert type(opened) is type(body)
+    assert opened == body  # tuples stay tuples, enums stay enums, nested dataclasses are rebuilt
+    assert (envelope.kind, envelope.sender, envelope.receiver) == (
+        KINDS[type(body)],
+        sender.ss58_address,
+        receiver.ss58_address,
+    )
+    assert re.fullmatch(r"[0-9a-f]{32}", envelope.nonce)
+
+
+def test_the_expected_sender_opens(world):
+    wire = seal_body(VALIDATOR, JobAdmission(SPEC, 2, PEER.ss58_address), PEER.ss58_address)
+    admission, envelope = open_body(world.verifier(PEER), wire, JobAdmission, sender=VALIDATOR.ss58_address)
+    assert admission.spec == SPEC and envelope.sender == VALIDATOR.ss58_address
+
+
+# Signatures.
+
+
+def test_a_tampered_body_fails_the_signature(world):
+    wire = edit_message(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), '"rank":1', '"rank":2')
+    with refused(BadSignatureError, rf"^job_request message from {PEER.ss58_address}: the signature does not match$"):
+        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+
+
+def test_a_readdressed_message_fails_the_signature_not_the_receiver(world):
+    """Rewriting the receiver inside the signed part is tampering, found before the receiver check."""
+    wire = seal_body(PEER, REQUEST, MINER.ss58_address)
+    wire = edit_message(wire, MINER.ss58_address, VALIDATOR.ss58_address)
+    with refused(BadSignatureError, "the signature does not match") as caught:
+        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+    assert not isinstance(caught.value, WrongReceiverError)
+
+
+@pytest.mark.parametrize(
+    "signature",
+    ["flipped", "0x", "0xnothex", None],
+    ids=["one byte flipped", "empty", "not hex", "missing"],
+)
+def test_a_broken_signature_does_not_verify(world, signature):
+    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address)
+    outer = json.loads(wire)
+    if signature == "flipped":
+        raw = bytearray.fromhex(outer["signature"][2:])
+        raw[10] ^= 0x01
+        signature = "0x" + raw.hex()
+    if signature is None:
+        del outer["signature"]
+    else:
+        outer["signature"] = signature
+    with refused(BadSignatureError, rf"job_request message from {PEER.ss58_address}: the signature does not match"):
+        world.verifier(VALIDATOR).open(canonical(outer).encode(), Kind.JOB_REQUEST)
+
+
+def test_another_signer_than_the_sender_field_fails_the_signature(world):
+    """A message claiming to be from the validator but signed by the peer's key."""
+    body = dataclasses.asdict(JobAdmission(SPEC, 1, PEER.ss58_address))
+    inner = inner_of(VALIDATOR, Kind.JOB_SPEC, body, PEER, world.clock.ns)
+    with refused(BadSignatureError, rf"job_spec message from {VALIDATOR.ss58_address}: the signature does not match"):
+        world.verifier(PEER).open(sign_raw(PEER, inner), Kind.JOB_SPEC)
+
+
+def test_an_ed25519_signature_is_refused_by_scheme(world):
+    world.chain.register(ED25519.ss58_address, COLD)  # registered, so only the scheme can refuse it
+    wire = seal_body(ED25519, REQUEST, VALIDATOR.ss58_address)
+    assert json.loads(wire)["scheme"] == "ed25519"
+    with refused(SignatureSchemeError, r"^job_request message signed with 'ed25519'; only sr25519 is accepted$"):
+        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+
+
+def test_an_ed25519_signature_relabelled_sr25519_does_not_verify(world):
+    world.chain.register(ED25519.ss58_address, COLD)
+    wire = rewrap(seal_body(ED25519, REQUEST, VALIDATOR.ss58_address), scheme="sr25519")
+    with refused(BadSignatureError, rf"job_request message from {ED25519.ss58_address}: the signature does not match"):
+        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+
+
+@pytest.mark.parametrize("scheme", [None, "ed25519", "SR25519"])
+def test_any_other_scheme_label_is_refused(world, scheme):
+    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address)
+    outer = json.loads(wire)
+    if scheme is None:
+        del outer["scheme"]
+    else:
+        outer["scheme"] = scheme
+    with refused(SignatureSchemeError, rf"^job_request message signed with {re.escape(repr(scheme))}; only sr25519"):
+        world.verifier(VALIDATOR).open(canonical(outer).encode(), Kind.JOB_REQUEST)
+
+
+# Receiver, time window, replays.
+
+
+def test_a_message_for_another_receiver_is_refused(world):
+    wire = seal_body(PEER, REQUEST, MINER.ss58_address)
+    with refused(
+        WrongReceiverError,
+        rf"^job_request message from {PEER.ss58_address} is addressed to {MINER.ss58_address}, "
+        rf"not {VALIDATOR.ss58_address}$",
+    ):
+        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+
+
+@pytest.mark.parametrize(
+    ("offset_s", "shown"),
+    [
+        (-61, "61.0 s old"),
+        (-3600, "3600.0 s old"),
+        (6, "6.0 s ahead of this clock"),
+        (3600, "3600.0 s ahead of this clock"),
+    ],
+    ids=["61 s old", "an hour old", "6 s ahead", "an hour ahead"],
+)
+def test_a_message_outside_the_time_window_is_expired(world, offset_s, shown):
+    wire = seal(
+        PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns + offset_s * S
+    )
+    with refused(
+        ExpiredMessageError,
+        rf"^job_request message from {PEER.ss58_address} is {re.escape(shown)}; "
+        r"accepted: up to 60 s old and 5 s ahead \(check the clocks\)$",
+    ):
+        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+
+
+@pytest.mark.parametrize("offset_s", [-59, 4], ids=["59 s old", "4 s ahead"])
+def test_a_message_inside_the_time_window_opens(world, offset_s):
+    wire = seal(
+        PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns + offset_s * S
+    )
+    assert world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST).body == dataclasses.asdict(REQUEST)
+
+
+def test_the_window_follows_the_verifier_clock_and_settings(world):
+    wire = seal(PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns)
+    strict = world.verifier(VALIDATOR, max_age_s=10.0, skew_s=1.0)
+    world.clock.now += 11
+    with refused(ExpiredMessageError, r"is 11\.0 s old; accepted: up to 10 s old and 1 s ahead"):
+        strict.open(wire, Kind.JOB_REQUEST)
+
+
+def test_the_same_wire_twice_is_a_replay(world):
+    verifier = world.verifier(VALIDATOR)
+    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address)
+    nonce = verifier.open(wire, Kind.JOB_REQUEST).nonce
+    with refused(ReplayedMessageError, rf"^job_request message from {PEER.ss58_address} replayed \(nonce {nonce}\)$"):
+        verifier.open(wire, Kind.JOB_REQUEST)
+
+
+def test_a_replay_is_refused_for_as_long_as_the_message_is_fresh(world):
+    """Inside the window the nonce store refuses it; past the window the timestamp does."""
+    verifier = world.verifier(VALIDATOR)
+    wire = seal(PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns)
+    verifier.open(wire, Kind.JOB_REQUEST)
+    for step_s in (1, 30, 29):  # 1, 31 and 60 s after it was sent
+        world.clock.now += step_s
+        with refused(ReplayedMessageError, "replayed"):
+            verifier.open(wire, Kind.JOB_REQUEST)
+    world.clock.now += 1
+    with refused(ExpiredMessageError, r"is 61\.0 s old"):
+        verifier.open(wire, Kind.JOB_REQUEST)
+
+
+def test_the_nonce_store_forgets_after_its_retention_and_stays_bounded():
+    store = NonceStore(retention_s=10.0)
+    assert store.check_and_store("alice", "n1", 100.0)
+    assert not store.check_and_store("alice", "n1", 105.0)
+    assert not store.check_and_store("alice", "n1", 110.0)  # still inside the window
+    assert store.check_and_store("bob", "n1", 110.0)  # nonces are per sender
+    assert store.check_and_store("alice", "n1", 110.5)  # forgotten once older than the window
+    for i in range(1000):  # one message a second for 1000 s
+        assert store.check_and_store("alice", f"m{i}", 200.0 + i)
+    assert not store.check_and_store("alice", "m999", 1199.5)
+    assert len(store._seen) <= 16  # pruned every half window: at most 1.5 windows of nonces are kept
+
+
+def test_a_verifier_remembers_nonces_for_longer_than_it_accepts_messages(world):
+    verifier = world.verifier(VALIDATOR, max_age_s=10.0, skew_s=1.0)
+    assert verifier._nonces.retention_s >= verifier.max_age_s + verifier.skew_s
+
+
+# Registration and permits.
+
+
+def test_a_message_from_an_unregistered_hotkey_is_refused(world):
+    wire = seal_body(STRANGER, REQUEST, VALIDATOR.ss58_address)
+    with refused(
+        NotRegisteredError,
+        rf"^job_request message from {STRANGER.ss58_address}, which is not registered on {world.where}$",
+    ):
+        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+
+
+def test_a_job_spec_needs_a_validator_permit(world):
+    admission = JobAdmission(SPEC, 1, PEER.ss58_address)
+    with refused(
+        NoValidatorPermitError,
+        rf"^job_spec message from uid {world.uids['miner']} \({MINER.ss58_address}\), which has no validator "
+        rf"permit on {world.where}$",
+    ):
+        open_body(world.verifier(PEER), seal_body(MINER, admission, PEER.ss58_address), JobAdmission)
+    opened, _ = open_body(world.verifier(PEER), seal_body(VALIDATOR, admission, PEER.ss58_address), JobAdmission)
+    assert opened == admission
+
+
+def test_other_kinds_need_no_permit(world):
+    wire = seal_body(MINER, ContributionReceipt(SPEC.job_id, 1, 0, 1, ()), PEER.ss58_address)
+    assert open_body(world.verifier(PEER), wire, ContributionReceipt)[1].sender == MINER.ss58_address
+
+
+def test_a_job_spec_from_a_non_permit_hotkey_is_refused_for_its_permit_before_its_sender(world):
+    """What a peer expecting the validator sees when someone else's key signed the admission."""
+    wire = seal_body(MINER, JobAdmission(SPEC, 1, PEER.ss58_address), PEER.ss58_address)
+    with refused(NoValidatorPermitError, "which has no validator permit"):
+        open_body(world.verifier(PEER), wire, JobAdmission, sender=VALIDATOR.ss58_address)
+
+
+def test_another_registered_sender_than_expected_is_refused_by_name(world):
+    wire = seal_body(MINER, ContributionReceipt(SPEC.job_id, 1, 0, 1, ()), PEER.ss58_address)
+    with refused(
+        BadSignatureError,
+        rf"^contribution_receipt message signed by {MINER.ss58_address}, expected {OTHER_MINER.ss58_address}$",
+    ):
+        open_body(world.verifier(PEER), wire, ContributionReceipt, sender=OTHER_MINER.ss58_address)
+
+
+def test_an_unknown_sender_refreshes_the_metagraph_at_most_once_a_second(world):
+    verifier = world.verifier(VALIDATOR)
+    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.JOB_REQUEST)  # the metagraph is now cached
+    world.chain.register(STRANGER.ss58_address, COLD)
+    wire = seal_body(STRANGER, REQUEST, VALIDATOR.ss58_address)
+    with refused(NotRegisteredError, "which is not registered on"):
+        verifier.open(wire, Kind.JOB_REQUEST)  # fetched less than a second ago: not fetched again
+    world.clock.now += 1.5
+    envelope = verifier.open(wire, Kind.JOB_REQUEST)  # refreshed on the miss; a refused wire used no nonce
+    assert envelope.sender == STRANGER.ss58_address
+
+
+def test_a_deregistered_sender_is_refused_once_the_metagraph_expires(tmp_path):
+    clock = FakeClock()
+    chain = EmbeddedChain(tmp_path / "chain.sqlite", ChainConfig(block_time_s=1.0, max_uids=2), clock=clock)
+    chain.register(VALIDATOR.ss58_address, COLD, stake=100.0)
+    chain.register(PEER.ss58_address, COLD)
+    verifier = Verifier(VALIDATOR.ss58_address, MetagraphCache(chain, ttl_s=12.0, clock=clock), clock=clock)
+    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.JOB_REQUEST)
+    chain.register(STRANGER.ss58_address, COLD)  # the subnet is full: the stranger takes the peer's uid
+    clock.now += 13
+    with refused(NotRegisteredError, rf"from {PEER.ss58_address}, which is not registered"):
+        verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.JOB_REQUEST)
+
+
+# Malformed wires: refused before any signature or chain check.
+
+MALFORMED_WIRES = {
+    "not JSON": (b"\x00not json", r"^the message is not JSON of the mapreduce-ray/1 protocol$"),
+    "not UTF-8": (b"\xc3\x28", r"^the message is not JSON of the mapreduce-ray/1 protocol$"),
+    "a JSON list": (b"[1, 2]", r"^the message is not a JSON object of the mapreduce-ray/1 protocol$"),
+    "a JSON string": (b'"hello"', r"^the message is not a JSON object of the mapreduce-ray/1 protocol$"),
+    "no signed part": (b'{"scheme": "sr25519", "signature": "0x00"}', r"^the signed part is not UTF-8 JSON of the"),
+    "a signed part that is no string": (
+        b'{"scheme": "sr25519", "signature": "0x00", "message": {"kind": "job_request"}}',
+        r"^the signed part is not UTF-8 JSON of the mapreduce-ray/1 protocol$",
+    ),
+    "a lone surrogate in the signed part": (
+        b'{"scheme": "sr25519", "signature": "0x", "message": "\\ud800"}',
+        r"^the signed part is not UTF-8 JSON of the mapreduce-ray/1 protocol$",
+    ),
+    "a signed part that is a JSON list": (
+        b'{"scheme": "sr25519", "signature": "0x00", "message": "[]"}',
+        r"^the signed part is not a JSON object of the mapreduce-ray/1 protocol$",
+    ),
+}
+
+
+@pytest.mark.parametrize(("wire", "match"), list(MALFORMED_WIRES.values()), ids=list(MALFORMED_WIRES))
+def test_a_wire_that_is_not_our_json_is_malformed(world, wire, match):
+    with refused(MalformedMessageError, match):
+        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+
+
+def test_another_protocol_version_is_malformed(world):
+    inner = inner_of(PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR, world.clock.ns)
+    inner["protocol"] = "mapreduce-ray/2"
+    with refused(MalformedMessageError, r"^protocol 'mapreduce-ray/2' is not mapreduce-ray/1; upgrade the sender$"):
+        world.verifier(VALIDATOR).open(sign_raw(PEER, inner), Kind.JOB_REQUEST)
+    del inner["protocol"]
+    with refused(MalformedMessageError, r"^protocol None is not mapreduce-ray/1; upgrade the sender$"):
+        world.verifier(VALIDATOR).open(sign_raw(PEER, inner), Kind.JOB_REQUEST)
+
+
+def test_another_kind_than_expected_is_malformed(world):
+    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address)
+    with refused(MalformedMessageError, r"^expected a job_leave message, got 'job_request'$"):
+        open_body(world.verifier(VALIDATOR), wire, JobLeave)
+    request, _ = open_body(world.verifier(VALIDATOR), wire, JobRequest)  # the refusal used no nonce
+    assert request == REQUEST
+
+
+@pytest.mark.parametrize("field", ["sender", "receiver", "timestamp_ns", "nonce", "body"])
+def test_an_envelope_without_a_field_is_malformed(world, field):
+    inner = inner_of(PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR, world.clock.ns)
+    del inner[field]
+    with refused(MalformedMessageError, rf"^job_request message: field '{field}' missing or not (str|int|dict)$"):
+        world.verifier(VALIDATOR).open(sign_raw(PEER, inner), Kind.JOB_REQUEST)
+
+
+def contribution(**changes) -> dict:
+    body = Contribution(SPEC.job_id, 1, RoundKind.ALL_REDUCE, ReduceOp.SUM, None, TENSOR, 0, 1, ("aa",))
+    return {**json.loads(canonical(dataclasses.asdict(body))), **changes}
+
+
+# (body class, body as signed, the error's message)
+MALFORMED_BODIES = {
+    "a missing field": (
+        JobRequest,
+        {"job": "default", "peer_count": 2},
+        r"^JobRequest has fields \['job', 'peer_count'\], expected \['job', 'peer_count', 'rank'\]$",
+    ),
+    "an extra field": (
+        JobRequest,
+        {"job": "default", "rank": 1, "peer_count": 2, "priority": 9},
+        r"^JobRequest has fields \['job', 'peer_count', 'priority', 'rank'\], "
+        r"expected \['job', 'peer_count', 'rank'\]$",
+    ),
+    "a string for an int": (
+        JobRequest,
+        {"job": "default", "rank": "1", "peer_count": 2},
+        r"^JobRequest.rank is '1', not int$",
+    ),
+    "a bool for an int": (
+        JobRequest,
+        {"job": "default", "rank": True, "peer_count": 2},
+        r"^JobRequest.rank is True, not int$",
+    ),
+    "a float for an int": (
+        JobRequest,
+        {"job": "default", "rank": 1.0, "peer_count": 2},
+        r"^JobRequest.rank is 1.0, not int$",
+    ),
+    "null for a str": (JobRequest, {"job": None, "rank": 1, "peer_count": 2}, r"^JobRequest.job is None, not str$"),
+    "an int for a str": (JobLeave, {"job_id": 7, "rank": 1}, r"^JobLeave.job_id is 7, not str$"),
+    "a bool for a float": (
+        BenchmarkResult,
+        {"miner_uid": 1, "miner_hotkey": "x", "size_bytes": 1, "seconds": True, "passed": True},
+        r"^BenchmarkResult.seconds is True, not float$",
+    ),
+    "an int for a bool": (
+        BenchmarkResult,
+        {"miner_uid": 1, "miner_hotkey": "x", "size_bytes": 1, "seconds": 1, "passed": 1},
+        r"^BenchmarkResult.passed is 1, not bool$",
+    ),
+    "an unknown round kind": (
+        Contribution,
+        contribution(kind="all_gather"),
+        r"^Contribution.kind is 'all_gather', not a RoundKind$",
+    ),
+    "an unknown op": (Contribution, contribution(op="max"), r"^Contribution.op is 'max', not a ReduceOp$"),
+    "a string for a tuple": (Contribution, contribution(digests="aa"), r"^Contribution.digests is 'aa', not tuple$"),
+    "a bad tuple item": (Contribution, contribution(digests=["aa", 3]), r"^Contribution.digests is 3, not str$"),
+    "a bad nested field": (
+        Contribution,
+        contribution(tensor={"dtype": "float32", "shape": ["4"]}),
+        r"^Contribution.tensor.shape is '4', not int$",
+    ),
+    "a nested record missing a field": (
+        Contribution,
+        contribution(tensor={"dtype": "float32"}),
+        r"^Contribution.tensor has fields \['dtype'\], expected \['dtype', 'shape'\]$",
+    ),
+    "a list for a nested record": (
+        Contribution,
+        contribution(tensor=["float32", [4]]),
+        r"^Contribution.tensor is \['float32', \[4\]\], not TensorSpec$",
+    ),
+}
+
+
+@pytest.mark.parametrize(("cls", "body", "match"), list(MALFORMED_BODIES.values()), ids=list(MALFORMED_BODIES))
+def test_a_signed_body_that_does_not_fit_its_type_is_malformed(world, cls, body, match):
+    wire = seal(PEER, KINDS[cls], body, MINER.ss58_address, world.clock.ns)
+    with refused(MalformedMessageError, match):
+        open_body(world.verifier(MINER), wire, cls)
+
+
+def test_a_job_spec_with_a_malformed_miner_slot_is_malformed(world):
+    body = json.loads(canonical(dataclasses.asdict(JobAdmission(SPEC, 1, PEER.ss58_address))))
+    del body["spec"]["miners"][1]["weight"]
+    wire = seal(VALIDATOR, Kind.JOB_SPEC, body, PEER.ss58_address, world.clock.ns)
+    with refused(
+        MalformedMessageError,
+        r"^JobAdmission.spec.miners has fields \['hotkey', 'uid'\], expected \['hotkey', 'uid', 'weight'\]$",
+    ):
+        open_body(world.verifier(PEER), wire, JobAdmission)
+
+
+def test_non_numbers_and_overflowing_numbers_are_malformed(world):
+    inner = inner_of(PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR, world.clock.ns)
+    message = json.dumps({**inner, "timestamp_ns": float("inf")})  # JSON's Infinity extension
+    wire = canonical({"scheme": "sr25519", "signature": "0x00", "message": message}).encode()
+    with refused(MalformedMessageError, r"^the signed part is not JSON of the mapreduce-ray/1 protocol$"):
+        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+    body = {"miner_uid": 1, "miner_hotkey": MINER.ss58_address, "size_bytes": 1, "seconds": 10**400, "passed": True}
+    wire = seal(PEER, Kind.BENCHMARK_RESULT, body, VALIDATOR.ss58_address, world.clock.ns)
+    with refused(MalformedMessageError, r"^BenchmarkResult.seconds is 1000.*, not float$"):
+        open_body(world.verifier(VALIDATOR), wire, BenchmarkResult)
+
+
+def test_a_body_that_is_not_an_object_is_malformed(world):
+    inner = inner_of(PEER, Kind.JOB_REQUEST, [["job", "x"]], VALIDATOR, world.clock.ns)
+    with refused(MalformedMessageError, r"^job_request message: field 'body' missing or not dict$"):
+        world.verifier(VALIDATOR).open(sign_raw(PEER, inner), Kind.JOB_REQUEST)
