@@ -15,7 +15,7 @@ the job (`release_job`). At the round's deadline the miner lets go regardless.
 
 Every message is signed: the validator admits each peer to a job (`admit`), peers
 sign their contributions, and the miner signs a receipt for each contribution and
-every batch of results (digests and object ids), addressed to the peer reading it.
+every batch of results (chunk fingerprints), addressed to the peer reading it.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import ray
 import torch
 
+from actors.node import node_endpoint
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import JobError, MapReduceError, RoundMismatchError, RoundTimeoutError
 from mapreduce_ray.messages import (
@@ -46,8 +47,8 @@ from mapreduce_ray.naming import miner_name
 from mapreduce_ray.plan import Segment, plan_round
 from mapreduce_ray.protocol import MetagraphCache, Verifier
 from mapreduce_ray.reduce import block_accumulator, reduce_chunk
-from mapreduce_ray.shards import digest, from_buffer
-from mapreduce_ray.transport import prefetch, ship
+from mapreduce_ray.shards import from_buffer
+from mapreduce_ray.transport import fingerprint, prefetch, ship
 from mapreduce_ray.types import JobSpec, RoundKind, RoundSpec
 from mapreduce_ray.wallets import WalletConfig, load_identity
 
@@ -112,7 +113,7 @@ class _Round:
         return self.cond.wait_for(predicate, timeout=max(deadline - time.monotonic(), 0))
 
     def stream(self):
-        """(first chunk, batch of (shipped, digest, object id)) in chunk order; at least one batch."""
+        """(first chunk, batch of (shipped, fingerprint)) in chunk order; at least one batch."""
         grace = self.spec.job.timeout_s
         sent = 0
         while True:
@@ -197,37 +198,32 @@ class MinerActor:
             job.left.discard(admission.rank)
 
     def reduce(self, wire: bytes, chunks: list | None):
-        """Contribute `chunks` under a signed Contribution; stream back a signed receipt, then signed results."""
+        """Contribute `chunks` under a signed Contribution; stream back signed results, the first with a receipt.
+
+        Items: (receipt or None, SegmentResult, batch of shipped chunks), each message signed for the peer.
+        """
         contribution, envelope = open_body(self._verifier, wire, Contribution)
+        c, peer = contribution, envelope.sender
         with self._lock:
-            spec = self._admitted(contribution, envelope.sender)
-            if len(contribution.digests) != len(chunks or ()):
-                raise RoundMismatchError(
-                    f"{spec.describe()}: rank {contribution.rank} shipped {len(chunks or ())} chunks "
-                    f"with {len(contribution.digests)} digests"
-                )
-            self._release(spec.job.job_id, contribution.rank, before_seq=spec.seq)
+            spec = self._admitted(c, peer)
+            if tuple(fingerprint(chunk) for chunk in chunks or ()) != c.chunks:
+                raise RoundMismatchError(f"{spec.describe()}: rank {c.rank} shipped other chunks than it signed for")
+            self._release(spec.job.job_id, c.rank, before_seq=spec.seq)
             state = self._rounds.get(spec.key)
             if state is None:
-                state = self._rounds[spec.key] = _Round(spec, contribution.miner, contribution.rank, self._lock)
+                state = self._rounds[spec.key] = _Round(spec, c.miner, c.rank, self._lock)
                 threading.Thread(target=self._run, args=(state,), name=f"round-{spec.seq}", daemon=True).start()
-            state.join(spec, contribution.rank, chunks)
-        yield self._seal(
-            ContributionReceipt(spec.job.job_id, spec.seq, contribution.miner, contribution.rank, contribution.digests),
-            envelope.sender,
-        )
+            state.join(spec, c.rank, chunks)
+        receipt = ContributionReceipt(c.job_id, c.seq, c.miner, c.rank, c.chunks)
         for first, batch in state.stream():
             result = SegmentResult(
-                spec.job.job_id,
-                spec.seq,
-                contribution.miner,
-                contribution.rank,
-                first,
-                state.spec.tensor,
-                tuple(d for _, d, _ in batch),
-                tuple(o for _, _, o in batch),
+                c.job_id, c.seq, c.miner, c.rank, first, state.spec.tensor, tuple(f for _, f in batch)
             )
-            yield self._seal(result, envelope.sender), [shipped for shipped, _, _ in batch]
+            yield (
+                self._seal(receipt, peer) if first == 0 else None,
+                self._seal(result, peer),
+                [shipped for shipped, _ in batch],
+            )
 
     def release_job(self, wire: bytes) -> None:
         """A peer left its job (signed JobLeave): release every round of it; forget the job once all left."""
@@ -323,8 +319,7 @@ class MinerActor:
                     out = out_bytes[: (b - a) * dtype.itemsize].view(dtype.torch_dtype)
                     reduce_chunk([from_buffer(buf, dtype) for buf in buffers], spec.op, out, accumulator)
                 shipped = ship(out, copy_inline=True)
-                object_id = shipped.hex() if isinstance(shipped, ray.ObjectRef) else None
-                result = (shipped, digest(out), object_id)
+                result = (shipped, fingerprint(shipped))
                 with state.cond:
                     self._bytes_in += sum(buf.size for buf in buffers)
                     state.results.append(result)
@@ -352,9 +347,3 @@ class MinerActor:
 
 def _what(spec: RoundSpec) -> str:
     return f"{spec.kind.value} op={spec.op and spec.op.value} src={spec.src}"
-
-
-def node_endpoint() -> str:
-    """This node's address and its Ray cluster's GCS port: where a peer joins to reach actors here."""
-    gcs_port = ray.get_runtime_context().gcs_address.rpartition(":")[2]
-    return f"{ray.util.get_node_ip_address()}:{gcs_port}"

@@ -4,7 +4,8 @@ A peer sends a signed JobRequest; the validator checks it against the metagraph,
 picks the job's miners (neurons without a validator permit that announced an
 endpoint and run a miner actor in this namespace), sends every miner a signed
 JobAdmission for that peer, and answers the peer with the same admission signed
-for it. Benchmarking, verifying and scoring miners build on this.
+for it. On start it announces its endpoint on the chain, like a miner.
+Benchmarking, verifying and scoring miners build on this.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from actors.node import node_endpoint
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import JobError, NoValidatorPermitError
 from mapreduce_ray.messages import JobAdmission, JobLeave, JobRequest, open_body, seal_body
@@ -58,6 +60,7 @@ class ValidatorActor:
                 f"{self._chain.describe()}; permits go to the top stakers: add stake to its hotkey"
             )
         self._verifier = Verifier(self._identity.hotkey, self._metagraph)
+        self._chain.serve(self._identity.keypair, node_endpoint())
         self._namespace = namespace
         self._chunk_bytes = chunk_bytes
         self._timeout_s = timeout_s

@@ -45,7 +45,7 @@ class JobLeave:
 
 @dataclass(frozen=True)
 class Contribution:
-    """A peer's part of one round at one miner: what the round is and digests of the chunks it ships."""
+    """A peer's part of one round at one miner: what the round is and the fingerprints of the chunks it ships."""
 
     job_id: str
     seq: int
@@ -55,23 +55,23 @@ class Contribution:
     tensor: TensorSpec | None
     miner: int
     rank: int
-    digests: tuple[str, ...]
+    chunks: tuple[str, ...]  # transport.fingerprint of each shipped chunk
 
 
 @dataclass(frozen=True)
 class ContributionReceipt:
-    """A miner confirms it took a contribution with these chunk digests."""
+    """A miner confirms it took a contribution with these chunk fingerprints."""
 
     job_id: str
     seq: int
     miner: int
     rank: int
-    digests: tuple[str, ...]
+    chunks: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class SegmentResult:
-    """Reduced chunks `first_chunk`.. of a miner's segment: their digests and object ids (None when inline).
+    """Reduced chunks `first_chunk`.. of a miner's segment, by fingerprint.
 
     `tensor` is the round's tensor spec (for a broadcast, the source's)."""
 
@@ -81,8 +81,7 @@ class SegmentResult:
     rank: int
     first_chunk: int
     tensor: TensorSpec
-    digests: tuple[str, ...]
-    objects: tuple[str | None, ...]
+    chunks: tuple[str, ...]
 
 
 @dataclass(frozen=True)

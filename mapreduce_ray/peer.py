@@ -10,7 +10,7 @@ tensor untouched. All peers read the same results, so all end bitwise identical.
 Identity: the peer signs as its wallet's hotkey, which must be registered on the
 subnet. It asks the validator with a signed JobRequest and accepts only a job
 spec signed by that validator holding a permit; it signs every contribution with
-the digests of its chunks, and checks the miners' signed receipts and results.
+the fingerprints of its chunks, and checks the miners' signed receipts and results.
 """
 
 from __future__ import annotations
@@ -44,8 +44,8 @@ from mapreduce_ray.naming import DEFAULT_NAMESPACE, validator_name
 from mapreduce_ray.plan import Segment, plan_round
 from mapreduce_ray.protocol import MetagraphCache, Verifier
 from mapreduce_ray.remote import causes_raised, get
-from mapreduce_ray.shards import FlatTensor, Tensor, digest, flatten, from_buffer, new_tensor
-from mapreduce_ray.transport import receive, ship
+from mapreduce_ray.shards import FlatTensor, Tensor, flatten, from_buffer, new_tensor
+from mapreduce_ray.transport import fingerprint, receive, ship
 from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, RoundSpec, TensorSpec
 from mapreduce_ray.wallets import Identity, dev_peer_wallet, identity_of
 
@@ -236,12 +236,11 @@ class Peer:
 
     def _send(self, round_: RoundSpec, miner: int, flat: FlatTensor | None, segment: Segment | None):
         """Ship this peer's chunks of `segment` under a signed Contribution and open the miner's result stream."""
-        pieces = [] if flat is None else [flat.flat[a:b] for a, b in segment.chunks]
-        digests = tuple(digest(p) for p in pieces)
+        chunks = None if flat is None else [ship(flat.flat[a:b]) for a, b in segment.chunks]
+        prints = tuple(fingerprint(c) for c in chunks or ())
         r = round_
-        contribution = Contribution(r.job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, miner, self.rank, digests)
+        contribution = Contribution(r.job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, miner, self.rank, prints)
         self._sent[miner] = contribution
-        chunks = None if flat is None else [ship(p) for p in pieces]
         call = self._miners[miner].reduce.options(num_returns="streaming")
         return call.remote(self._seal(contribution, r.job.miners[miner].hotkey), chunks)
 
@@ -271,33 +270,29 @@ class Peer:
                 name = f"{round_.describe()}: miner {round_.job.miners[miner].name!r}"
                 with causes_raised(name, round_.job.timeout_s):
                     value = ray.get(item, timeout=max(deadline - time.monotonic(), 0))
+                receipt, result, batch = value
                 if miner not in self._results:
-                    self._check_receipt(round_, miner, value)
+                    self._check_receipt(round_, miner, receipt)
                     self._results[miner] = []
-                else:
-                    items[miner].extend(self._check_result(round_, miner, len(items[miner]), *value))
+                items[miner].extend(self._check_result(round_, miner, len(items[miner]), result, batch))
         return items
 
-    def _check_receipt(self, round_: RoundSpec, miner: int, wire: bytes) -> None:
+    def _check_receipt(self, round_: RoundSpec, miner: int, wire: bytes | None) -> None:
+        """The first item of a miner's stream must carry its signed receipt of exactly what this peer sent."""
         slot, sent = round_.job.miners[miner], self._sent[miner]
+        if wire is None:
+            raise RoundMismatchError(f"{round_.describe()}: miner {slot.name!r} sent results without a receipt")
         receipt, _ = open_body(self._verifier, wire, ContributionReceipt, sender=slot.hotkey)
-        expected = ContributionReceipt(sent.job_id, sent.seq, miner, self.rank, sent.digests)
-        if receipt != expected:
+        if receipt != ContributionReceipt(sent.job_id, sent.seq, miner, self.rank, sent.chunks):
             raise RoundMismatchError(f"{round_.describe()}: miner {slot.name!r} receipted another contribution")
 
     def _check_result(self, round_: RoundSpec, miner: int, first: int, wire: bytes, batch: list) -> list:
         """The batch, if the miner's signed SegmentResult vouches for exactly these chunks."""
         slot = round_.job.miners[miner]
         result, _ = open_body(self._verifier, wire, SegmentResult, sender=slot.hotkey)
-        ids = tuple(s.hex() if isinstance(s, ray.ObjectRef) else None for s in batch)
-        if (result.job_id, result.seq, result.miner, result.rank, result.first_chunk, result.objects) != (
-            round_.job.job_id,
-            round_.seq,
-            miner,
-            self.rank,
-            first,
-            ids,
-        ) or len(result.digests) != len(batch):
+        signed = (result.job_id, result.seq, result.miner, result.rank, result.first_chunk, result.chunks)
+        received = (round_.job.job_id, round_.seq, miner, self.rank, first, tuple(fingerprint(s) for s in batch))
+        if signed != received:
             raise RoundMismatchError(f"{round_.describe()}: miner {slot.name!r} signed other results than it sent")
         self._results[miner].append(result)
         return batch

@@ -21,6 +21,8 @@ from mapreduce_ray.wallets import WalletConfig
 ALICE, BOB, EVE = (Keypair.create_from_uri(f"//{name}") for name in ("Alice", "Bob", "Eve"))
 NO_PERMIT = "has no validator permit on netuid 10 on local, so it cannot set weights; permits go to the top stakers"
 
+REGISTER = "btcli subnets register --netuid 10 --network local --wallet NAME --wallet-hotkey HOTKEY --wallet-path PATH"
+
 
 def key(name: str) -> Keypair:
     return Keypair.create_from_uri(f"//{name}")
@@ -123,7 +125,7 @@ def test_serve_refuses_a_malformed_endpoint(sut, endpoint):
 
 
 def test_weights_from_an_unregistered_hotkey_stop_before_signing(sut):
-    message = f"hotkey {EVE.ss58_address} is not registered on netuid 10 on local"
+    message = f"hotkey {EVE.ss58_address} is not registered on netuid 10 on local; register it: {REGISTER}"
     with pytest.raises(NotRegisteredError, match=exactly(message)):
         sut.chain.set_weights(EVE, {1: 1.0})
     assert sut.substrate.submitted == []  # the SDK's preflight caught it
@@ -159,7 +161,7 @@ def test_rate_limited_weights_say_how_many_blocks_to_wait(sut):
 
 
 def test_serving_from_an_unregistered_hotkey_is_refused_by_the_chain(sut):
-    message = f"hotkey {EVE.ss58_address} is not registered on netuid 10 on local"
+    message = f"hotkey {EVE.ss58_address} is not registered on netuid 10 on local; register it: {REGISTER}"
     with pytest.raises(NotRegisteredError, match=exactly(message)):
         sut.chain.serve(EVE, "10.0.0.1:8091")
     assert len(sut.substrate.submitted) == 1  # no preflight for serving: the chain refused it

@@ -8,6 +8,7 @@ import re
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow as pa
 import pytest
 import ray
 import torch
@@ -21,6 +22,7 @@ from mapreduce_ray.errors import (
     JobError,
     NotRegisteredError,
     NoValidatorPermitError,
+    RoundMismatchError,
     WrongReceiverError,
 )
 from mapreduce_ray.messages import Contribution, JobLeave, seal_body
@@ -234,9 +236,9 @@ def test_a_job_spec_admitting_another_rank_is_refused(impostor):
 # What a miner refuses.
 
 
-def refusal(miner, wire: bytes) -> Exception:
+def refusal(miner, wire: bytes, chunks: list | None = None) -> Exception:
     """The error `miner` answers a contribution with, as the first item of its result stream."""
-    stream = miner.reduce.options(num_returns="streaming").remote(wire, None)
+    stream = miner.reduce.options(num_returns="streaming").remote(wire, chunks)
     with pytest.raises(RayTaskError) as caught:
         ray.get(next(stream), timeout=TIMEOUT_S)
     return caught.value.cause
@@ -320,6 +322,17 @@ def test_a_miner_refuses_a_contribution_addressed_to_another_miner(subnets, join
 
 
 # A refused round leaves the tensor as it was.
+
+
+def test_a_miner_refuses_chunks_other_than_the_signed_ones(subnets, joined):
+    peer, miner, hotkey = joined
+    signed_for = ("blake3:" + "00" * 32,)
+    wire = seal_body(
+        peer._identity.keypair, dataclasses.replace(contribution(peer.spec.job_id), chunks=signed_for), hotkey
+    )
+    cause = refusal(miner, wire, [pa.py_buffer(b"\0" * 16)])
+    assert type(cause) is RoundMismatchError
+    assert str(cause).endswith("rank 1 shipped other chunks than it signed for")
 
 
 def test_a_round_one_miner_refuses_leaves_every_tensor_untouched(subnets):

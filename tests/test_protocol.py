@@ -170,7 +170,7 @@ ROUND_TRIPS = {
     ),
     "contribution_receipt": (ContributionReceipt(SPEC.job_id, 3, 0, 1, ("aa", "bb")), MINER, PEER),
     "segment_result": (
-        SegmentResult(SPEC.job_id, 3, 0, 1, 2, TensorSpec("int64", ()), ("cc", "dd"), (None, "00ff")),
+        SegmentResult(SPEC.job_id, 3, 0, 1, 2, TensorSpec("int64", ()), ("blake3:cc", "object:dd")),
         MINER,
         PEER,
     ),
@@ -541,8 +541,8 @@ MALFORMED_BODIES = {
         r"^Contribution.kind is 'all_gather', not a RoundKind$",
     ),
     "an unknown op": (Contribution, contribution(op="max"), r"^Contribution.op is 'max', not a ReduceOp$"),
-    "a string for a tuple": (Contribution, contribution(digests="aa"), r"^Contribution.digests is 'aa', not tuple$"),
-    "a bad tuple item": (Contribution, contribution(digests=["aa", 3]), r"^Contribution.digests is 3, not str$"),
+    "a string for a tuple": (Contribution, contribution(chunks="aa"), r"^Contribution.chunks is 'aa', not tuple$"),
+    "a bad tuple item": (Contribution, contribution(chunks=["aa", 3]), r"^Contribution.chunks is 3, not str$"),
     "a bad nested field": (
         Contribution,
         contribution(tensor={"dtype": "float32", "shape": ["4"]}),

@@ -17,7 +17,7 @@ import bittensor as bt
 from bittensor.settings import resolve_endpoint
 
 from mapreduce_ray.chain.base import DEFAULT_NETUID, Chain, Metagraph, Neuron
-from mapreduce_ray.errors import ChainError, NotRegisteredError, NoValidatorPermitError, RateLimitedError
+from mapreduce_ray.errors import ChainError, NoValidatorPermitError, RateLimitedError
 from mapreduce_ray.wallets import WalletConfig
 
 _RETRY_IN = re.compile(r"retry in ~(\d+) blocks", re.IGNORECASE)  # from the SDK's rate-limit preflight
@@ -125,7 +125,7 @@ class SubtensorChain(Chain):
     def _error(self, error: bt.ChainError, action: str, hotkey: str | None) -> ChainError:
         where = self.describe()
         if error.code is bt.ErrorCode.NOT_REGISTERED:
-            return NotRegisteredError(f"hotkey {hotkey} is not registered on {where}")
+            return self.not_registered(hotkey)
         # The chain's dispatch error has a name; the SDK's own check (on Null-consensus subnets) only words.
         if error.name == "NeuronNoValidatorPermit" or "validator permit" in error.message.lower():
             return NoValidatorPermitError(
