@@ -32,6 +32,7 @@ from bittensor.sp_core import ss58_decode, verify
 from mapreduce_ray.chain.base import Chain, Metagraph, Neuron
 from mapreduce_ray.chain.config import ChainConfig
 from mapreduce_ray.errors import ChainError, NoValidatorPermitError, RateLimitedError
+from mapreduce_ray.store import create, transaction
 from mapreduce_ray.wallets import WalletConfig
 
 U16_MAX = 65535
@@ -43,7 +44,6 @@ _PARAMETERS = {  # ChainConfig fields the chain file fixes, and their types
     "max_validators": int,
     "immunity_period": int,
 }
-BUSY_TIMEOUT_S = 30.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS neurons (
@@ -64,10 +64,8 @@ class EmbeddedChain(Chain):
         self.path = Path(path)
         self.netuid = config.netuid
         self._clock = clock
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        create(self.path, _SCHEMA)
         with self._transaction(write=True) as db:
-            for statement in _SCHEMA.split(";")[:-1]:
-                db.execute(statement)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('genesis', ?)", (self._clock(),))
             db.executemany(
                 "INSERT OR IGNORE INTO meta VALUES (?, ?)",
@@ -189,20 +187,11 @@ class EmbeddedChain(Chain):
 
     @contextlib.contextmanager
     def _transaction(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
+            with transaction(self.path, write) as db:
                 yield db
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
         except sqlite3.Error as e:
             raise ChainError(f"the embedded chain at {self.path} failed: {e}") from None
-        finally:
-            db.close()
 
     def _block(self, db: sqlite3.Connection) -> int:
         (genesis,) = db.execute("SELECT value FROM meta WHERE key='genesis'").fetchone()

@@ -1,0 +1,166 @@
+"""MinerLedger: what a validator knows about its subnet's miners, kept in its own SQLite file.
+
+Per uid it keeps the hotkey it belongs to, the host it runs on, its state
+(available, busy, failed, banned), what benchmarks measured (throughput of exact
+rounds, verified capacity), how many assigned rounds finished on time, strikes,
+the EMA score, and a history of events. It follows the metagraph: a uid whose
+hotkey changed starts from nothing. Everything survives a restart of the
+validator; the last block weights were set at is kept too.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Mapping
+from enum import Enum
+from pathlib import Path
+
+from mapreduce_ray.errors import MapReduceError
+from mapreduce_ray.scoring import MinerRecord
+from mapreduce_ray.store import create, transaction
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS miners (
+    uid INTEGER PRIMARY KEY, hotkey TEXT NOT NULL, host TEXT NOT NULL, state TEXT NOT NULL,
+    throughput REAL NOT NULL DEFAULT 0, capacity INTEGER NOT NULL DEFAULT 0,
+    rounds_assigned INTEGER NOT NULL DEFAULT 0, rounds_on_time INTEGER NOT NULL DEFAULT 0,
+    strikes INTEGER NOT NULL DEFAULT 0, banned_until REAL NOT NULL DEFAULT 0, score REAL NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS history (
+    at REAL NOT NULL, uid INTEGER NOT NULL, hotkey TEXT NOT NULL, event TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+"""
+
+
+class MinerState(str, Enum):
+    AVAILABLE = "available"
+    BUSY = "busy"  # serving a job
+    FAILED = "failed"  # missed a deadline or died; available again after its next passed benchmark
+    BANNED = "banned"  # struck; excluded until banned_until
+
+
+class MinerLedger:
+    """The ledger in the SQLite file at `path`; `clock` gives wall-clock seconds."""
+
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time):
+        self.path = Path(path)
+        self._clock = clock
+        create(self.path, _SCHEMA)
+
+    def follow(self, miners: Mapping[int, tuple[str, str]]) -> None:
+        """Track these miners ({uid: (hotkey, host)}); a uid with a new hotkey, or gone, is forgotten."""
+        with transaction(self.path) as db:
+            known = dict(db.execute("SELECT uid, hotkey FROM miners"))
+            for uid, hotkey in known.items():
+                if miners.get(uid, (None,))[0] != hotkey:
+                    db.execute("DELETE FROM miners WHERE uid=?", (uid,))
+                    self._log(db, uid, hotkey, "forgotten", {"reason": "hotkey changed or deregistered"})
+            for uid, (hotkey, host) in miners.items():
+                db.execute(
+                    "INSERT INTO miners (uid, hotkey, host, state) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(uid) DO UPDATE SET host=excluded.host",
+                    (uid, hotkey, host, MinerState.AVAILABLE.value),
+                )
+
+    def record_benchmark(self, uid: int, size_bytes: int, seconds: float, passed: bool) -> None:
+        """A benchmark round: an exact result updates throughput and capacity; a wrong one fails the miner."""
+        with transaction(self.path) as db:
+            hotkey = self._hotkey(db, uid)
+            if passed:
+                db.execute(
+                    "UPDATE miners SET throughput=?, capacity=MAX(capacity, ?), "
+                    "state=CASE WHEN state=? THEN ? ELSE state END WHERE uid=?",
+                    (size_bytes / seconds, size_bytes, MinerState.FAILED.value, MinerState.AVAILABLE.value, uid),
+                )
+            else:
+                db.execute("UPDATE miners SET throughput=0, state=? WHERE uid=?", (MinerState.FAILED.value, uid))
+            self._log(db, uid, hotkey, "benchmark", {"bytes": size_bytes, "seconds": seconds, "passed": passed})
+
+    def record_round(self, uid: int, on_time: bool) -> None:
+        with transaction(self.path) as db:
+            hotkey = self._hotkey(db, uid)
+            db.execute(
+                "UPDATE miners SET rounds_assigned=rounds_assigned+1, rounds_on_time=rounds_on_time+? WHERE uid=?",
+                (int(on_time), uid),
+            )
+            if not on_time:
+                self._log(db, uid, hotkey, "late", {})
+
+    def strike(self, uid: int, ban_s: float, evidence: dict) -> None:
+        """A verified wrong result: score zeroed, banned for `ban_s`, evidence kept."""
+        with transaction(self.path) as db:
+            hotkey = self._hotkey(db, uid)
+            db.execute(
+                "UPDATE miners SET strikes=strikes+1, score=0, state=?, banned_until=? WHERE uid=?",
+                (MinerState.BANNED.value, self._clock() + ban_s, uid),
+            )
+            self._log(db, uid, hotkey, "strike", evidence)
+
+    def set_state(self, uid: int, state: MinerState) -> None:
+        with transaction(self.path) as db:
+            self._hotkey(db, uid)
+            db.execute("UPDATE miners SET state=? WHERE uid=?", (state.value, uid))
+
+    def available(self) -> list[int]:
+        """Uids that may be handed to a job now (bans that ran out are lifted)."""
+        with transaction(self.path) as db:
+            db.execute(
+                "UPDATE miners SET state=? WHERE state=? AND banned_until<=?",
+                (MinerState.AVAILABLE.value, MinerState.BANNED.value, self._clock()),
+            )
+            rows = db.execute("SELECT uid FROM miners WHERE state=? ORDER BY uid", (MinerState.AVAILABLE.value,))
+            return [uid for (uid,) in rows]
+
+    def records(self) -> list[MinerRecord]:
+        """Scoring input for every tracked miner."""
+        now = self._clock()
+        with transaction(self.path) as db:
+            rows = db.execute(
+                "SELECT uid, host, throughput, capacity, rounds_assigned, rounds_on_time, banned_until "
+                "FROM miners ORDER BY uid"
+            ).fetchall()
+        return [
+            MinerRecord(uid, host, throughput, capacity, assigned, on_time, struck=banned_until > now)
+            for uid, host, throughput, capacity, assigned, on_time, banned_until in rows
+        ]
+
+    def scores(self) -> dict[int, float]:
+        with transaction(self.path) as db:
+            return dict(db.execute("SELECT uid, score FROM miners"))
+
+    def save_scores(self, scores: Mapping[int, float]) -> None:
+        with transaction(self.path) as db:
+            db.executemany("UPDATE miners SET score=? WHERE uid=?", [(s, uid) for uid, s in scores.items()])
+
+    def hosts(self) -> dict[int, str]:
+        with transaction(self.path) as db:
+            return dict(db.execute("SELECT uid, host FROM miners"))
+
+    def history(self, uid: int) -> list[tuple[str, dict]]:
+        """(event, detail) of a uid's current hotkey and earlier ones, oldest first."""
+        with transaction(self.path) as db:
+            rows = db.execute("SELECT event, detail FROM history WHERE uid=? ORDER BY rowid", (uid,)).fetchall()
+        return [(event, json.loads(detail)) for event, detail in rows]
+
+    @property
+    def weights_set_at(self) -> int | None:
+        with transaction(self.path) as db:
+            row = db.execute("SELECT value FROM meta WHERE key='weights_set_at'").fetchone()
+        return row[0] if row else None
+
+    @weights_set_at.setter
+    def weights_set_at(self, block: int) -> None:
+        with transaction(self.path) as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('weights_set_at', ?)", (block,))
+
+    def _hotkey(self, db: sqlite3.Connection, uid: int) -> str:
+        row = db.execute("SELECT hotkey FROM miners WHERE uid=?", (uid,)).fetchone()
+        if row is None:
+            raise MapReduceError(f"the ledger at {self.path} tracks no miner uid {uid}; call follow() first")
+        return row[0]
+
+    def _log(self, db: sqlite3.Connection, uid: int, hotkey: str, event: str, detail: dict) -> None:
+        db.execute(
+            "INSERT INTO history VALUES (?, ?, ?, ?, ?)", (self._clock(), uid, hotkey, event, json.dumps(detail))
+        )

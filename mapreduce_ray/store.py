@@ -1,0 +1,35 @@
+"""SQLite files shared by several processes: WAL mode, one IMMEDIATE transaction per operation."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's transaction
+
+
+@contextlib.contextmanager
+def transaction(path: Path, write: bool = True) -> Iterator[sqlite3.Connection]:
+    """A connection inside one transaction: committed on success, rolled back on any error."""
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    finally:
+        db.close()
+
+
+def create(path: Path, schema: str) -> None:
+    """Create the file and its tables (`schema`: statements separated by ";") if missing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with transaction(path) as db:
+        for statement in schema.split(";")[:-1]:
+            db.execute(statement)

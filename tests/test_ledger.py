@@ -1,0 +1,109 @@
+"""MinerLedger: the validator's own record of miners, following the metagraph and surviving restarts."""
+
+import pytest
+
+from mapreduce_ray.errors import MapReduceError
+from mapreduce_ray.ledger import MinerLedger, MinerState
+from mapreduce_ray.scoring import MIB, MinerRecord
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def ledger(tmp_path, clock):
+    ledger = MinerLedger(tmp_path / "validator.sqlite", clock)
+    ledger.follow({1: ("hk-1", "10.0.0.1"), 2: ("hk-2", "10.0.0.2")})
+    return ledger
+
+
+def test_followed_miners_start_available_with_nothing_measured(ledger):
+    assert ledger.available() == [1, 2]
+    assert ledger.records() == [MinerRecord(1, "10.0.0.1"), MinerRecord(2, "10.0.0.2")]
+    assert ledger.hosts() == {1: "10.0.0.1", 2: "10.0.0.2"}
+
+
+def test_benchmarks_set_throughput_and_the_largest_capacity_that_passed(ledger):
+    ledger.record_benchmark(1, 64 * MIB, 0.5, passed=True)
+    ledger.record_benchmark(1, 16 * MIB, 0.25, passed=True)
+    record = ledger.records()[0]
+    assert (record.throughput, record.capacity) == (16 * MIB / 0.25, 64 * MIB)
+    assert ledger.history(1) == [
+        ("benchmark", {"bytes": 64 * MIB, "seconds": 0.5, "passed": True}),
+        ("benchmark", {"bytes": 16 * MIB, "seconds": 0.25, "passed": True}),
+    ]
+
+
+def test_a_wrong_benchmark_result_earns_no_credit_until_one_passes(ledger):
+    ledger.record_benchmark(2, 64 * MIB, 0.5, passed=True)
+    ledger.record_benchmark(2, 64 * MIB, 0.5, passed=False)
+    assert ledger.records()[1].throughput == 0.0
+    assert ledger.available() == [1]
+    ledger.record_benchmark(2, 64 * MIB, 0.4, passed=True)
+    assert ledger.available() == [1, 2]
+
+
+def test_rounds_count_towards_reliability(ledger):
+    for on_time in (True, True, False, True):
+        ledger.record_round(1, on_time)
+    assert ledger.records()[0].reliability == 0.75
+    assert ledger.history(1) == [("late", {})]
+
+
+def test_a_strike_zeroes_the_score_and_bans_until_the_ban_runs_out(ledger, clock):
+    ledger.save_scores({1: 5.0, 2: 7.0})
+    ledger.strike(1, ban_s=60.0, evidence={"round": 3, "difference": 1.5, "bound": 0.01})
+    assert ledger.scores() == {1: 0.0, 2: 7.0}
+    assert ledger.available() == [2]
+    assert ledger.records()[0].struck
+    assert ledger.history(1) == [("strike", {"round": 3, "difference": 1.5, "bound": 0.01})]
+    clock.now += 60.0
+    assert ledger.available() == [1, 2]
+    assert not ledger.records()[0].struck
+
+
+def test_a_busy_miner_is_not_handed_out(ledger):
+    ledger.set_state(1, MinerState.BUSY)
+    assert ledger.available() == [2]
+    ledger.set_state(1, MinerState.AVAILABLE)
+    assert ledger.available() == [1, 2]
+
+
+def test_a_new_hotkey_on_an_old_uid_starts_from_nothing(ledger):
+    ledger.record_benchmark(1, 64 * MIB, 0.5, passed=True)
+    ledger.save_scores({1: 9.0, 2: 3.0})
+    ledger.follow({1: ("hk-new", "10.0.0.9"), 2: ("hk-2", "10.0.0.2")})
+    assert ledger.scores() == {1: 0.0, 2: 3.0}
+    assert ledger.records()[0] == MinerRecord(1, "10.0.0.9")
+    assert ledger.history(1)[-1] == ("forgotten", {"reason": "hotkey changed or deregistered"})
+    ledger.follow({2: ("hk-2", "10.0.0.2")})  # uid 1 deregistered
+    assert ledger.available() == [2]
+
+
+def test_everything_survives_a_restart(ledger, tmp_path, clock):
+    ledger.record_benchmark(1, 64 * MIB, 0.5, passed=True)
+    ledger.record_round(1, True)
+    ledger.strike(2, ban_s=600.0, evidence={"round": 1})
+    ledger.save_scores({1: 4.0})
+    ledger.weights_set_at = 1234
+    restarted = MinerLedger(tmp_path / "validator.sqlite", clock)
+    assert restarted.records() == ledger.records()
+    assert restarted.scores() == {1: 4.0, 2: 0.0}
+    assert restarted.weights_set_at == 1234
+    assert restarted.available() == [1]
+    assert restarted.history(2) == [("strike", {"round": 1})]
+
+
+def test_an_untracked_uid_names_the_fix(ledger):
+    with pytest.raises(MapReduceError, match=r"tracks no miner uid 7; call follow\(\) first"):
+        ledger.record_round(7, True)
