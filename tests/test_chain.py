@@ -210,3 +210,30 @@ def test_two_processes_share_one_chain(tmp_path):
     graph = ChainConfig(state_dir=str(tmp_path)).open().metagraph()
     assert sorted(n.uid for n in graph.neurons) == list(range(40))
     assert len({n.hotkey for n in graph.neurons}) == 40
+
+
+def test_another_process_sees_the_weights_their_rate_limit_and_the_chain_parameters(tmp_path):
+    """Weights set here bind a validator process started later, with the parameters this process created."""
+    chain = ChainConfig(state_dir=str(tmp_path), weights_rate_limit=1000, block_time_s=1.0).open()
+    validator = chain.register(key("V").ss58_address, COLD, stake=10.0)
+    miner = chain.register(key("M").ss58_address, COLD)
+    chain.set_weights(key("V"), {miner: 1.0})
+    script = textwrap.dedent(
+        """
+        import sys
+        from bittensor.sp_core import Keypair
+        from mapreduce_ray.chain import ChainConfig
+        from mapreduce_ray.errors import RateLimitedError
+        chain = ChainConfig(state_dir=sys.argv[1]).open()  # default parameters asked for, the file's are used
+        print(chain.rate_limit, chain.weights())
+        try:
+            chain.set_weights(Keypair.create_from_uri("//V"), {1: 1.0})
+        except RateLimitedError as e:
+            print("refused:", e)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    first, second = done.stdout.splitlines()
+    assert first == f"1000 {{{validator}: {{{miner}: 1.0}}}}"
+    assert second.startswith(f"refused: uid {validator} set weights at block ")
