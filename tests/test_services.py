@@ -98,6 +98,12 @@ def run_job(module: str, *overrides: str, env: dict, cwd) -> subprocess.Popen:
     return subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def finish(args: list[str], env: dict, cwd=None) -> subprocess.CompletedProcess:
+    """Run python with `args` to the end (bounded), capturing its output."""
+    command = [sys.executable, *args]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=START_TIMEOUT_S)
+
+
 def test_miner_and_validator_serve_a_peer_and_stop_cleanly_on_sigint(head, tmp_path):
     address, env = head
     common = (f"ray.address={address}", "status_interval_s=1")
@@ -109,24 +115,20 @@ def test_miner_and_validator_serve_a_peer_and_stop_cleanly_on_sigint(head, tmp_p
         validator_uid = services["validator"][1].wait_for(r"validator-(\d+) serving netuid 10")[1]
         services["miner"][1].wait_for(r"miner-\d+: uid \d+ \w+: 0 job\(s\)")
         for rank in (1, 2):
-            registered = subprocess.run(
-                [sys.executable, "-m", "jobs.register", "+wallet=dev-peer", f"wallet.hotkey=rank-{rank}"]
-                + [f"hydra.run.dir={tmp_path}/register"],
-                env=env,
-                cwd=tmp_path,
-                capture_output=True,
-                text=True,
-                timeout=START_TIMEOUT_S,
+            registered = finish(
+                [
+                    "-m",
+                    "jobs.register",
+                    "+wallet=dev-peer",
+                    f"wallet.hotkey=rank-{rank}",
+                    f"hydra.run.dir={tmp_path}/r",
+                ],
+                env,
+                tmp_path,
             )
             assert registered.returncode == 0, registered.stderr[-2000:]
             assert re.search(rf"wallet dev-peer/rank-{rank} is uid \d+ on netuid 10", registered.stdout)
-        driver = subprocess.run(
-            [sys.executable, "-c", DRIVER, address, validator_uid],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=START_TIMEOUT_S,
-        )
+        driver = finish(["-c", DRIVER, address, validator_uid], env)
         assert driver.returncode == 0, driver.stderr[-3000:]
         assert "sums [3.0]" in driver.stdout
         services["miner"][1].wait_for(r"1 rounds done, 0\.8 MiB reduced")
@@ -139,29 +141,27 @@ def test_miner_and_validator_serve_a_peer_and_stop_cleanly_on_sigint(head, tmp_p
         for proc, _ in services.values():
             if proc.poll() is None:
                 proc.kill()
-    left = subprocess.run(
-        [sys.executable, "-c", LIVE_ACTORS, address], env=env, capture_output=True, text=True, timeout=START_TIMEOUT_S
-    )
+    left = finish(["-c", LIVE_ACTORS, address], env)
     assert left.returncode == 0, left.stderr[-2000:]
     assert "named []" in left.stdout
 
 
 def test_a_miner_without_a_wallet_or_a_cluster_says_what_to_do(tmp_path):
     env = {**os.environ, "MAPREDUCE_STATE_DIR": str(tmp_path / "state"), "RAY_ADDRESS": ""}
-    no_wallet = subprocess.run(
-        [sys.executable, "-m", "jobs.miner", f"hydra.run.dir={tmp_path}/a"], env=env, capture_output=True, text=True
-    )
+    no_wallet = finish(["-m", "jobs.miner", f"hydra.run.dir={tmp_path}/a"], env)
     assert no_wallet.returncode == 2
     assert no_wallet.stderr.strip().splitlines()[-1] == (
         "error: choose a wallet: +wallet=NAME, where conf/wallet/NAME.yaml exists (e.g. +wallet=dev-miner)"
     )
-    no_cluster = subprocess.run(
-        [sys.executable, "-m", "jobs.miner", "+wallet=dev-miner", f"ray.address=127.0.0.1:{free_port()}"]
-        + [f"hydra.run.dir={tmp_path}/b"],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT_S,
+    no_cluster = finish(
+        [
+            "-m",
+            "jobs.miner",
+            "+wallet=dev-miner",
+            f"ray.address=127.0.0.1:{free_port()}",
+            f"hydra.run.dir={tmp_path}/b",
+        ],
+        env,
     )
     assert no_cluster.returncode == 2
     assert re.search(

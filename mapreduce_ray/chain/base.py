@@ -19,6 +19,7 @@ from mapreduce_ray.errors import NotRegisteredError
 from mapreduce_ray.wallets import WalletConfig
 
 DEFAULT_NETUID = 10
+UNKNOWN_WALLET = WalletConfig("NAME", "HOTKEY", "PATH")  # placeholders in a command, when only a hotkey is known
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,8 @@ class Chain(ABC):
         """Where this subnet lives, for messages: "netuid 10 on finney"."""
 
     @abstractmethod
-    def how_to_register(self, wallet: WalletConfig | None) -> str:
-        """The command that registers `wallet` on this subnet (placeholders when None)."""
+    def how_to_register(self, wallet: WalletConfig) -> str:
+        """The command that registers `wallet` on this subnet."""
 
     @abstractmethod
     def block(self) -> int:
@@ -104,5 +105,5 @@ class Chain(ABC):
     def not_registered(self, hotkey: str, wallet: WalletConfig | None = None) -> NotRegisteredError:
         """The error for an unregistered hotkey, naming the command that registers it."""
         who = f"hotkey {hotkey}" + (f" (wallet {wallet.describe()})" if wallet else "")
-        fix = self.how_to_register(wallet)
+        fix = self.how_to_register(wallet or UNKNOWN_WALLET)
         return NotRegisteredError(f"{who} is not registered on {self.describe()}; register it: {fix}")

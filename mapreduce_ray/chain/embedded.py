@@ -83,11 +83,10 @@ class EmbeddedChain(Chain):
     def describe(self) -> str:
         return f"netuid {self.netuid} on the embedded chain at {self.path}"
 
-    def how_to_register(self, wallet: WalletConfig | None) -> str:
-        name, hotkey, path = (wallet.name, wallet.hotkey, wallet.directory) if wallet else ("NAME", "HOTKEY", "PATH")
+    def how_to_register(self, wallet: WalletConfig) -> str:
         return (
-            f"python -m jobs.register +wallet.name={name} +wallet.hotkey={hotkey} +wallet.path={path} "
-            f"subnet.chain.netuid={self.netuid} subnet.chain.state_dir={self.path.parent}"
+            f"python -m jobs.register +wallet.name={wallet.name} +wallet.hotkey={wallet.hotkey} "
+            f"+wallet.path={wallet.path} subnet.chain.netuid={self.netuid} subnet.chain.state_dir={self.path.parent}"
         )
 
     def block(self) -> int:

@@ -41,11 +41,10 @@ class SubtensorChain(Chain):
     def describe(self) -> str:
         return f"netuid {self.netuid} on {self.network}"
 
-    def how_to_register(self, wallet: WalletConfig | None) -> str:
-        name, hotkey, path = (wallet.name, wallet.hotkey, wallet.directory) if wallet else ("NAME", "HOTKEY", "PATH")
+    def how_to_register(self, wallet: WalletConfig) -> str:
         return (
             f"btcli subnets register --netuid {self.netuid} --network {self.network} "
-            f"--wallet {name} --wallet-hotkey {hotkey} --wallet-path {path}"
+            f"--wallet {wallet.name} --wallet-hotkey {wallet.hotkey} --wallet-path {wallet.path}"
         )
 
     def register(self, hotkey: str, coldkey: str, stake: float = 0.0) -> int:
