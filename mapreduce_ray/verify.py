@@ -73,6 +73,7 @@ overflow, which is a failure.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -152,6 +153,18 @@ def project(elements: Elements, dtype_name: str, z: np.ndarray) -> Projection:
             dot += float(np.dot(x, z[r : r + len(x)]))
             abs_sum += float(np.abs(x).sum())
     return Projection(dot=dot, abs_sum=abs_sum)
+
+
+def chunk_seed(seed: int, chunk: int) -> int:
+    """The seed of chunk `chunk`'s part of z: a segment's z is the concatenation of its chunks' parts."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}:{chunk}".encode(), digest_size=8).digest(), "little")
+
+
+def combine(parts: Sequence[Projection], dtype_name: str) -> Projection:
+    """The Projection of a segment from those of its chunks (each onto its part of z)."""
+    if dtype_named(dtype_name).is_integer:
+        return Projection(sum(int(p.dot) for p in parts) % (1 << 64), 0.0)
+    return Projection(math.fsum(p.dot for p in parts), math.fsum(p.abs_sum for p in parts))
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,10 @@ import torch
 from ray.cluster_utils import Cluster
 
 from actors import start_local_subnet
+from actors.projection import project_segment
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.reference import reference_reduce
+from mapreduce_ray.shards import to_buffer
 
 pytestmark = pytest.mark.cluster
 
@@ -53,3 +55,16 @@ def test_broadcast_across_nodes(two_nodes, run_peers):
     source = torch.randn(500_000, dtype=torch.float64)
     results = run_peers(two_nodes, 3, lambda peer: peer.broadcast(source if peer.rank == 2 else None, src=2))
     assert all(torch.equal(r, source) for r in results)
+
+
+def test_projections_run_on_the_node_that_holds_the_object(two_nodes):
+    @ray.remote(num_cpus=0, resources={"miner_node": 0.01})
+    def made_on_the_miner_node():
+        return to_buffer(torch.arange(200_000, dtype=torch.float32))
+
+    ref = made_on_the_miner_node.remote()
+    ray.wait([ref], timeout=60, fetch_local=False)  # the only copy stays on the miner node
+    miner_node = ray.get(two_nodes.miners[0].status.remote())["node_id"]
+    projection, nodes = project_segment([ref], "float32", seed=3, timeout_s=60)
+    assert nodes == [miner_node]
+    assert projection.abs_sum == float(sum(range(200_000)))
