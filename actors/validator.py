@@ -52,9 +52,12 @@ class ValidatorActor:
             raise ValueError(f"chunk_bytes and timeout_s must be positive, got {chunk_bytes}, {timeout_s}")
         self._identity = load_identity(wallet)
         self._chain = chain.open()
-        self.uid = self._chain.require_uid(self._identity.hotkey, wallet)
         self._metagraph = MetagraphCache(self._chain)
-        if not self._metagraph.get(refresh=True).neuron(self.uid).validator_permit:
+        me = self._metagraph.get(refresh=True).by_hotkey(self._identity.hotkey)
+        if me is None:
+            raise self._chain.not_registered(self._identity.hotkey, wallet)
+        self.uid = me.uid
+        if not me.validator_permit:
             raise NoValidatorPermitError(
                 f"validator uid {self.uid} ({self._identity.hotkey}) holds no validator permit on "
                 f"{self._chain.describe()}; permits go to the top stakers: add stake to its hotkey"

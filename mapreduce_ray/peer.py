@@ -119,9 +119,11 @@ class Peer:
         identity = self._load_identity()
         chain = self.chain.open()
         metagraph = MetagraphCache(chain)
-        chain.require_uid(identity.hotkey, identity.wallet)
-        validator = metagraph.get(refresh=True).neuron(self.validator_uid)
-        permitted = sorted(n.uid for n in metagraph.get().validators)
+        graph = metagraph.get(refresh=True)  # one read serves the registration and the validator checks
+        if graph.by_hotkey(identity.hotkey) is None:
+            raise chain.not_registered(identity.hotkey, identity.wallet)
+        validator = graph.neuron(self.validator_uid)
+        permitted = sorted(n.uid for n in graph.validators)
         if validator is None or not validator.validator_permit:
             raise NoValidatorPermitError(
                 f"uid {self.validator_uid} is no validator on {chain.describe()}; "
