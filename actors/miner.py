@@ -43,12 +43,12 @@ from mapreduce_ray.messages import (
     open_body,
     seal_body,
 )
-from mapreduce_ray.naming import miner_name
+from mapreduce_ray.naming import miner_name, validator_name
 from mapreduce_ray.plan import Segment, plan_round
 from mapreduce_ray.protocol import MetagraphCache, Verifier
 from mapreduce_ray.reduce import block_accumulator, reduce_chunk
 from mapreduce_ray.shards import from_buffer
-from mapreduce_ray.transport import fingerprint, prefetch, ship
+from mapreduce_ray.transport import Shipped, fingerprint, prefetch, ship
 from mapreduce_ray.types import JobSpec, RoundKind, RoundSpec
 from mapreduce_ray.wallets import WalletConfig, load_identity
 
@@ -143,6 +143,8 @@ class _Job:
 
     spec: JobSpec
     index: int  # this miner's place in spec.miners
+    validator: str  # the hotkey of the validator that admitted its peers
+    validator_actor: object = None  # its actor, once looked up
     peers: dict[int, str] = field(default_factory=dict)  # rank -> hotkey
     left: set[int] = field(default_factory=set)
 
@@ -185,13 +187,13 @@ class MinerActor:
 
     def admit(self, wire: bytes) -> None:
         """The validator admits a peer to a job (a signed JobAdmission addressed to this miner)."""
-        admission, _ = open_body(self._verifier, wire, JobAdmission)
+        admission, envelope = open_body(self._verifier, wire, JobAdmission)
         spec = admission.spec
         index = next((i for i, m in enumerate(spec.miners) if m.hotkey == self._identity.hotkey), None)
         if index is None:
             raise JobError(f"job {spec.name!r} ({spec.job_id}) does not include miner {self.name!r}")
         with self._lock:
-            job = self._jobs.setdefault(spec.job_id, _Job(spec, index))
+            job = self._jobs.setdefault(spec.job_id, _Job(spec, index, envelope.sender))
             if job.spec != spec:
                 raise JobError(f"job {spec.job_id} was admitted here with another spec")
             job.peers[admission.rank] = admission.peer
@@ -214,7 +216,7 @@ class MinerActor:
                 state = self._rounds[spec.key] = _Round(spec, c.miner, c.rank, self._lock)
                 threading.Thread(target=self._run, args=(state,), name=f"round-{spec.seq}", daemon=True).start()
             state.join(spec, c.rank, chunks)
-        receipt = ContributionReceipt(c.job_id, c.seq, c.miner, c.rank, c.chunks)
+        receipt = ContributionReceipt(c.job_id, c.seq, c.kind, c.op, c.src, c.miner, c.rank, c.chunks)
         for first, batch in state.stream():
             result = SegmentResult(
                 c.job_id, c.seq, c.miner, c.rank, first, state.spec.tensor, tuple(f for _, f in batch)
@@ -280,6 +282,9 @@ class MinerActor:
             with state.cond:
                 state.done = True
                 state.cond.notify_all()
+                results = [shipped for shipped, _ in state.results]
+            self._hand_over(spec, results)
+            with state.cond:
                 state.wait_until(
                     lambda: len(state.released) >= spec.job.peer_count, time.monotonic() + spec.job.timeout_s
                 )
@@ -318,7 +323,7 @@ class MinerActor:
                 else:
                     out = out_bytes[: (b - a) * dtype.itemsize].view(dtype.torch_dtype)
                     reduce_chunk([from_buffer(buf, dtype) for buf in buffers], spec.op, out, accumulator)
-                shipped = ship(out, copy_inline=True)
+                shipped = self._ship_result(spec, c, out)
                 result = (shipped, fingerprint(shipped))
                 with state.cond:
                     self._bytes_in += sum(buf.size for buf in buffers)
@@ -333,6 +338,26 @@ class MinerActor:
         finally:
             with self._lock:
                 self._buffers.append((out_bytes, accumulator))
+
+    def _hand_over(self, spec: RoundSpec, results: list) -> None:
+        """Give the validator of the round's job its own references to the results, so they outlive
+        this miner's hold on them until the validator has decided whether to check the round."""
+        with self._lock:
+            job = self._jobs.get(spec.job.job_id)
+        if job is None:
+            return
+        if job.validator_actor is None:
+            neuron = self._verifier.metagraph.neuron(job.validator)
+            try:
+                job.validator_actor = ray.get_actor(validator_name(neuron.uid), namespace=spec.job.namespace)
+            except (AttributeError, ValueError):
+                return  # the validator is gone; nobody will check this round
+        job.validator_actor.hold_results.remote(spec.job.job_id, spec.seq, job.index, results)
+
+    def _ship_result(self, spec: RoundSpec, chunk: int, reduced: torch.Tensor) -> Shipped:
+        """Ship chunk `chunk` of this miner's reduced segment (the simulated miners in actors.behaviours
+        override this to throttle, drop or falsify it)."""
+        return ship(reduced, copy_inline=True)
 
     def _take_buffers(self, nbytes: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A chunk-sized output buffer and a block accumulator, reused across rounds."""

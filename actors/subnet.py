@@ -7,20 +7,25 @@ subnet.shutdown()
 
 Its parties sign with development wallets in the chain's state dir, created and
 registered on the embedded chain as needed: dev-validator (staked, so it holds a
-validator permit), dev-miner/miner-{i} and dev-peer/rank-{r}.
+validator permit), dev-miner/miner-{i}, the benchmark bot dev-bench/bot-0 and
+dev-peer/rank-{r}. It is ready once the validator has benchmarked every miner.
 """
 
 from __future__ import annotations
 
 import socket
+import time
 from dataclasses import dataclass
 
 import ray
 
+from actors.benchmark import BenchmarkActor
 from actors.miner import MAX_CONCURRENCY, MinerActor
+from actors.validator import MAX_CONCURRENCY as VALIDATOR_CONCURRENCY
 from actors.validator import ValidatorActor
 from mapreduce_ray.chain import Chain, ChainConfig
-from mapreduce_ray.naming import DEFAULT_NAMESPACE, miner_name, validator_name
+from mapreduce_ray.naming import DEFAULT_NAMESPACE, benchmark_name, miner_name, validator_name
+from mapreduce_ray.validation import ValidatorConfig
 from mapreduce_ray.wallets import (
     WalletConfig,
     coldkey_of,
@@ -33,6 +38,7 @@ from mapreduce_ray.wallets import (
 MIB = 1024 * 1024
 READY_TIMEOUT_S = 120.0
 PROBE_TIMEOUT_S = 5.0
+POLL_S = 0.2
 DEV_VALIDATOR_STAKE = 1000.0  # TAO on the embedded chain, enough for a validator permit
 
 
@@ -45,6 +51,8 @@ class LocalSubnet:
     validator_uid: int
     validator: ray.actor.ActorHandle
     miners: list[ray.actor.ActorHandle]
+    bots: list[ray.actor.ActorHandle]
+    config: ValidatorConfig
 
     @property
     def peer_options(self) -> dict:
@@ -58,8 +66,25 @@ class LocalSubnet:
 
     def shutdown(self) -> None:
         """Kill the subnet's actors."""
-        for actor in [self.validator, *self.miners]:
+        for actor in [self.validator, *self.miners, *self.bots]:
             ray.kill(actor)
+
+    def wait_benchmarked(self, timeout_s: float) -> list[dict]:
+        """Wait until the validator has benchmarked every miner; its ledger rows. RuntimeError naming the
+        miners that did not pass in time."""
+        uids = {ray.get(m.status.remote(), timeout=timeout_s)["uid"] for m in self.miners}
+        deadline = time.monotonic() + timeout_s
+        while True:
+            rows = [r for r in ray.get(self.validator.miners.remote(), timeout=timeout_s) if r["uid"] in uids]
+            unproven = sorted(uids - {r["uid"] for r in rows if r["capacity"] > 0})
+            if not unproven:
+                return rows
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"miner(s) {unproven} passed no benchmark within {timeout_s:g} s: "
+                    f"{[r for r in rows if r['uid'] in unproven]}"
+                )
+            time.sleep(POLL_S)
 
 
 def connect_ray(
@@ -96,70 +121,109 @@ def init_local_ray(object_store_mib: int = 2048, num_cpus: int | None = None, pr
     )
 
 
+@dataclass(frozen=True)
+class MinerPlan:
+    """A miner to start: its actor class, extra constructor arguments, and the custom Ray resources
+    that pin it to a node (None: anywhere)."""
+
+    actor_class: type = MinerActor
+    args: tuple = ()
+    resources: dict[str, float] | None = None
+
+
 def start_local_subnet(
-    miners: int = 2,
+    miners: int | list[MinerPlan] = 2,
     *,
     peers: int = 8,
-    miner_weights: list[float] | None = None,
     chunk_mib: float = 64,
     timeout_s: float = 60.0,
     namespace: str = DEFAULT_NAMESPACE,
     chain: ChainConfig | None = None,
     miner_resources: dict[str, float] | None = None,
+    validator: dict | None = None,
+    bots: int = 1,
+    wait: bool = True,
 ) -> LocalSubnet:
-    """Start `miners` MinerActors and a ValidatorActor; starts a local Ray if none is connected.
+    """Start miners, `bots` benchmark bots and a ValidatorActor; starts a local Ray if none is connected.
+    With `wait`, returns once the validator has benchmarked every miner.
 
-    Registers development wallets for the validator, the miners and ranks 1..`peers`
-    on the embedded `chain` (default: ChainConfig()). Segments are sized by
-    `miner_weights` (equal when None). `miner_resources` (custom Ray resources) pins
-    the miners to the nodes that offer them.
+    `miners`: how many MinerActors, pinned by `miner_resources` (custom Ray resources) to
+    the nodes that offer them, or one MinerPlan per miner. Registers development wallets
+    for the validator, the miners, the bots and ranks 1..`peers` on the embedded `chain`
+    (default: ChainConfig()). `validator` overrides ValidatorConfig settings, e.g.
+    {"benchmark": {"size_mib": 8}}.
     """
     chain = chain or ChainConfig()
-    weights = [1.0] * miners if miner_weights is None else list(miner_weights)
-    if miners < 1 or len(weights) != miners:
-        raise ValueError(f"need miners >= 1 and one weight per miner, got {miners} miners, weights {miner_weights}")
+    plans = [MinerPlan(resources=miner_resources)] * miners if isinstance(miners, int) else list(miners)
+    if not plans or bots < 1:
+        raise ValueError(f"need at least one miner and one bot, got {miners} miners and {bots} bots")
     if chain.backend != "embedded":
         raise ValueError("a local subnet runs on the embedded chain; on bittensor start jobs.miner and jobs.validator")
     if not ray.is_initialized():
         init_local_ray()
-    client, state = chain.open(), chain.state_path
-    validator_wallet = dev_wallet(state, "dev-validator", "default")
-    validator_uid = register_dev_wallet(client, validator_wallet, DEV_VALIDATOR_STAKE)
-    miner_wallets = [dev_wallet(state, "dev-miner", f"miner-{i}") for i in range(miners)]
-    miner_uids = [register_dev_wallet(client, w) for w in miner_wallets]
-    for rank in range(1, peers + 1):
-        register_dev_wallet(client, dev_peer_wallet(state, rank))
+    client = chain.open()
+    validator_wallet = dev_wallet(chain.state_path, "dev-validator", "default")
+    register_dev_wallet(client, validator_wallet, DEV_VALIDATOR_STAKE)  # uid 0 on a fresh subnet
     try:
         miner_actors = [
-            _start(
-                MinerActor,
-                miner_name(uid),
-                namespace,
-                wallet,
-                chain,
-                max_concurrency=MAX_CONCURRENCY,
-                resources=miner_resources,
-            )
-            for uid, wallet in zip(miner_uids, miner_wallets, strict=True)
+            start_miner(chain, namespace, dev_wallet(chain.state_path, "dev-miner", f"miner-{i}"), plan)
+            for i, plan in enumerate(plans)
         ]
         ray.get([m.status.remote() for m in miner_actors], timeout=READY_TIMEOUT_S)  # announced before jobs
-        validator = _start(
-            ValidatorActor,
-            validator_name(validator_uid),
-            namespace,
-            validator_wallet,
-            chain,
-            namespace,
-            int(chunk_mib * MIB),
-            timeout_s,
-            dict(zip(miner_uids, weights, strict=True)),
-        )
+        started = [start_bot(chain, namespace, dev_wallet(chain.state_path, "dev-bench", f"bot-{i}")) for i in range(bots)]
+        for rank in range(1, peers + 1):
+            register_dev_wallet(client, dev_peer_wallet(chain.state_path, rank))
+        settings = {"namespace": namespace, "chunk_bytes": int(chunk_mib * MIB), "timeout_s": timeout_s}
+        settings.update(validator or {})
+        settings["benchmark"] = {**settings.get("benchmark", {}), "bots": [hotkey for _, hotkey in started]}
+        config = ValidatorConfig.from_dict(settings)
+        uid, validator_actor = start_validator(chain, config, validator_wallet)
     except ValueError as e:
         raise RuntimeError(
             f"a subnet already runs in Ray namespace {namespace!r} ({e}); shut it down or pass another namespace"
         ) from None
-    ray.get(validator.jobs.remote(), timeout=READY_TIMEOUT_S)
-    return LocalSubnet(namespace, chain, validator_uid, validator, miner_actors)
+    subnet = LocalSubnet(namespace, chain, uid, validator_actor, miner_actors, [bot for bot, _ in started], config)
+    if wait:
+        subnet.wait_benchmarked(READY_TIMEOUT_S)
+    return subnet
+
+
+def start_miner(chain: ChainConfig, namespace: str, wallet: WalletConfig, plan: MinerPlan):
+    """Register a development miner wallet and start the miner `plan` describes."""
+    uid = register_dev_wallet(chain.open(), wallet)
+    return _start(
+        plan.actor_class,
+        miner_name(uid),
+        namespace,
+        wallet,
+        chain,
+        *plan.args,
+        max_concurrency=MAX_CONCURRENCY,
+        resources=plan.resources,
+    )
+
+
+def start_bot(chain: ChainConfig, namespace: str, wallet: WalletConfig):
+    """Register a development benchmark bot wallet and start its actor; (handle, hotkey)."""
+    uid = register_dev_wallet(chain.open(), wallet)
+    return _start(BenchmarkActor, benchmark_name(uid), namespace, wallet, chain), load_identity(wallet).hotkey
+
+
+def start_validator(chain: ChainConfig, config: ValidatorConfig, wallet: WalletConfig | None = None):
+    """Register (with stake) and start a validator, the development one by default; (uid, handle)."""
+    wallet = wallet or dev_wallet(chain.state_path, "dev-validator", "default")
+    uid = register_dev_wallet(chain.open(), wallet, DEV_VALIDATOR_STAKE)
+    handle = _start(
+        ValidatorActor,
+        validator_name(uid),
+        config.namespace,
+        wallet,
+        chain,
+        config,
+        max_concurrency=VALIDATOR_CONCURRENCY,
+    )
+    ray.get(handle.status.remote(), timeout=READY_TIMEOUT_S)
+    return uid, handle
 
 
 def register_dev_wallet(chain: Chain, wallet: WalletConfig, stake: float = 0.0) -> int:

@@ -1,55 +1,136 @@
-"""ValidatorActor: admits peers to jobs. Peers join a job by name and rank.
+"""ValidatorActor: matches jobs to miners, benchmarks them, checks their rounds, scores them, sets weights.
 
-A peer sends a signed JobRequest; the validator checks it against the metagraph,
-picks the job's miners (neurons without a validator permit that announced an
-endpoint and run a miner actor in this namespace), sends every miner a signed
-JobAdmission for that peer, and answers the peer with the same admission signed
-for it. On start it announces its endpoint on the chain, like a miner.
-Benchmarking, verifying and scoring miners build on this.
+Jobs. A peer sends a signed JobRequest; the validator picks the job's miners
+from those that are available (not busy, not banned, benchmarked) by score, sizes
+their segments by measured throughput within their verified capacity, marks them
+busy, admits the peer at every miner with a signed JobAdmission and answers the
+peer with the same admission. The miners are free again when the last peer
+leaves, or when the job has been idle for `job_idle_s`.
+
+Benchmarks. A background loop orders the configured benchmark bots to run real
+rounds through one miner at a time (actors.benchmark); an exact result records
+throughput, capacity and the miner's host; a wrong one is a strike.
+
+Checks. After every round each peer forwards the miners' signed receipts and
+results with its own chunks (mapreduce_ray.peer), and each miner hands over its
+results. When a round is complete, a random `verify.fraction` of rounds is
+checked (actors.checks) with a seed drawn then; a failed check is a strike:
+score zeroed, banned for `verify.ban_s`, evidence in the ledger.
+
+Weights. Every `epoch_blocks` the ledger's measurements become EMA scores and
+weights on the chain (mapreduce_ray.epoch). Everything it learns lives in its
+SQLite ledger in the chain's state dir, so a restarted validator resumes.
 """
 
 from __future__ import annotations
 
+import logging
+import math
+import random
+import secrets
+import threading
+import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ray
 
-from actors.node import node_endpoint
+from actors.checks import Stored, check_segment
+from actors.node import actor_node, node_endpoint
 from mapreduce_ray.chain import ChainConfig
-from mapreduce_ray.errors import JobError, NoValidatorPermitError
-from mapreduce_ray.messages import JobAdmission, JobLeave, JobRequest, open_body, seal_body
-from mapreduce_ray.naming import miner_name
-from mapreduce_ray.protocol import MetagraphCache, Verifier
+from mapreduce_ray.epoch import run_epoch
+from mapreduce_ray.errors import JobError, MapReduceError, NoValidatorPermitError
+from mapreduce_ray.ledger import MinerLedger
+from mapreduce_ray.matching import Candidate, choose_miners
+from mapreduce_ray.messages import (
+    BenchmarkOrder,
+    BenchmarkResult,
+    ContributionReceipt,
+    JobAdmission,
+    JobLeave,
+    JobRequest,
+    Outcome,
+    RoundReport,
+    SegmentResult,
+    decode,
+    open_body,
+    seal_body,
+)
+from mapreduce_ray.naming import benchmark_name, miner_name
+from mapreduce_ray.plan import plan_round
+from mapreduce_ray.protocol import Kind, MetagraphCache, Verifier, attest
 from mapreduce_ray.remote import get
-from mapreduce_ray.types import JobSpec, MinerSlot
+from mapreduce_ray.scoring import weights_due
+from mapreduce_ray.transport import fingerprint
+from mapreduce_ray.types import JobSpec, MinerSlot, ReduceOp, RoundKind, TensorSpec
+from mapreduce_ray.validation import ValidatorConfig
+from mapreduce_ray.verify import Verdict
 from mapreduce_ray.wallets import WalletConfig, load_identity
+
+log = logging.getLogger(__name__)
+
+MAX_CONCURRENCY = 32
+CHECK_THREADS = 2
+MAX_OFFERS = 4  # result lists accepted per miner and round (the miner's own, and a few from anyone else)
+MAX_QUEUED_CHECKS = 8  # rounds chosen for a check beyond this are let go (counted as skipped)
 
 
 @dataclass
 class _Job:
     spec: JobSpec
     miners: list  # actor handles, in spec.miners order
-    ranks: dict[int, str] = field(default_factory=dict)  # rank -> peer hotkey
+    ranks: dict[int, str] = field(default_factory=dict)  # rank -> peer hotkey, of the peers still in it
+    admitted: dict[int, str] = field(default_factory=dict)  # rank -> peer hotkey, of every peer admitted
+    active_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Evidence:
+    """What one peer forwarded about one miner of one round."""
+
+    receipt: ContributionReceipt
+    tensor: TensorSpec  # the round's tensor, as the miner signed it
+    contribution: Stored  # the peer's shipped chunks, on the peer's node
+    result_prints: tuple[str, ...]  # the fingerprints of the reduced chunks the miner signed
+
+
+@dataclass
+class _Round:
+    """The reports of one round, gathered until every peer has sent its own."""
+
+    spec: JobSpec
+    seq: int
+    opened_at: float = field(default_factory=time.monotonic)
+    evidence: dict[tuple[int, int], _Evidence] = field(default_factory=dict)  # (miner, rank) -> evidence
+    late: dict[int, set[int]] = field(default_factory=dict)  # miner -> ranks that saw it miss the deadline
+    reported: set[int] = field(default_factory=set)
+    offers: dict[int, list[list]] = field(default_factory=dict)  # miner -> result lists handed over
+
+    def results(self, miner: int) -> list | None:
+        """The handed-over results of `miner` whose fingerprints are the ones it signed for the peers."""
+        signed = {e.result_prints for (m, _), e in self.evidence.items() if m == miner}
+        return next((o for o in self.offers.get(miner, []) if tuple(map(fingerprint, o)) in signed), None)
+
+    @property
+    def complete(self) -> bool:
+        """Every peer reported, and every miner they heard from handed over the results it signed."""
+        heard = {m for m, _ in self.evidence}
+        return len(self.reported) == self.spec.peer_count and all(self.results(m) is not None for m in heard)
+
+
+@dataclass
+class _Benchmark:
+    uid: int
+    bot: str  # the bot's hotkey
+    started: float
 
 
 class ValidatorActor:
-    """Create with `ray.remote(ValidatorActor).options(name=validator_name(uid), namespace=...).remote(...)`.
+    """Create with `ray.remote(ValidatorActor).options(name=validator_name(uid), namespace=...,
+    max_concurrency=MAX_CONCURRENCY).remote(wallet, chain, config)`."""
 
-    miner_weights: {uid: weight} sizing the miners' segments (None: equal).
-    """
-
-    def __init__(
-        self,
-        wallet: WalletConfig,
-        chain: ChainConfig,
-        namespace: str,
-        chunk_bytes: int,
-        timeout_s: float,
-        miner_weights: dict[int, float] | None = None,
-    ):
-        if chunk_bytes < 1 or timeout_s <= 0:
-            raise ValueError(f"chunk_bytes and timeout_s must be positive, got {chunk_bytes}, {timeout_s}")
+    def __init__(self, wallet: WalletConfig, chain: ChainConfig, config: ValidatorConfig):
         self._identity = load_identity(wallet)
         self._chain = chain.open()
         self._metagraph = MetagraphCache(self._chain)
@@ -62,81 +143,444 @@ class ValidatorActor:
                 f"validator uid {self.uid} ({self._identity.hotkey}) holds no validator permit on "
                 f"{self._chain.describe()}; permits go to the top stakers: add stake to its hotkey"
             )
+        self.config = config
         self._verifier = Verifier(self._identity.hotkey, self._metagraph)
+        self.ledger = MinerLedger(chain.state_path / f"validator-{chain.netuid}-{self._identity.hotkey}.sqlite")
+        self.ledger.recover()
         self._chain.serve(self._identity.keypair, node_endpoint())
-        self._namespace = namespace
-        self._chunk_bytes = chunk_bytes
-        self._timeout_s = timeout_s
-        self._miner_weights = dict(miner_weights or {})
+        self._lock = threading.Lock()  # guards the job, round and benchmark tables
         self._jobs: dict[str, _Job] = {}
+        self._ended: dict[str, tuple[_Job, float]] = {}  # job id -> (job, when): its last reports may follow
+        self._rounds: dict[tuple[str, int], _Round] = {}
+        self._benchmarks: dict[ray.ObjectRef, _Benchmark] = {}
+        self._miners: dict[int, tuple[str, object]] = {}  # uid -> (hotkey, actor handle) of live miners
+        self._checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="check")
+        self._queued_checks = 0
+        self._stats = {"checks": 0, "check_failures": 0, "checks_skipped": 0, "benchmarks": 0, "epochs": 0}
+        self._last_weights = self._chain.weights().get(self.uid, {})  # what it set before a restart
+        self._refresh_miners()
+        threading.Thread(target=self._loop, name="validator-loop", daemon=True).start()
+
+    # ---- jobs -------------------------------------------------------------------------------
 
     def join(self, wire: bytes) -> bytes:
         """Admit the sender of a signed JobRequest; returns the JobAdmission signed for it."""
         request, envelope = open_body(self._verifier, wire, JobRequest)
         name, rank, peer = request.job, request.rank, envelope.sender
-        job = self._jobs.get(name) or self._new_job(name, request.peer_count)
-        if job.spec.peer_count != request.peer_count:
-            raise JobError(
-                f"job {name!r} has {job.spec.peer_count} peers but rank {rank} says {request.peer_count}; "
-                "pass the same peer_count on every peer"
-            )
-        if rank in job.ranks:
-            raise JobError(
-                f"rank {rank} already joined job {name!r}; a rank joins once: call destroy_process_group() "
-                "first, or use another job name"
-            )
-        if peer in job.ranks.values():
-            raise JobError(f"hotkey {peer} already holds a rank in job {name!r}; each peer needs its own hotkey")
-        admission = JobAdmission(job.spec, rank, peer)
-        calls = [
-            handle.admit.remote(seal_body(self._identity.keypair, admission, slot.hotkey))
-            for slot, handle in zip(job.spec.miners, job.miners, strict=True)
-        ]
-        get(calls, self._timeout_s, f"admitting rank {rank} to job {name!r} at its miners")
-        self._jobs[name] = job
-        job.ranks[rank] = peer
-        return seal_body(self._identity.keypair, admission, peer)
+        with self._lock:
+            job = self._jobs.get(name) or self._new_job(name, request)
+            if job.spec.peer_count != request.peer_count:
+                raise JobError(
+                    f"job {name!r} has {job.spec.peer_count} peers but rank {rank} says {request.peer_count}; "
+                    "pass the same peer_count on every peer"
+                )
+            if request.max_bytes is not None and request.max_bytes > job.spec.max_bytes:
+                raise JobError(
+                    f"rank {rank} hands in up to {request.max_bytes} bytes but job {name!r}'s miners verified "
+                    f"capacity for {job.spec.max_bytes}; pass the same bandwidth on every peer"
+                )
+            if rank in job.ranks:
+                raise JobError(
+                    f"rank {rank} already joined job {name!r}; a rank joins once: call destroy_process_group() "
+                    "first, or use another job name"
+                )
+            if peer in job.ranks.values():
+                raise JobError(f"hotkey {peer} already holds a rank in job {name!r}; each peer needs its own hotkey")
+            admission = JobAdmission(job.spec, rank, peer)
+            try:
+                self._admit(job.spec, job.miners, admission)
+            except MapReduceError:
+                if not job.ranks:
+                    self._end_job(name, job)
+                raise
+            job.ranks[rank] = job.admitted[rank] = peer
+            job.active_at = time.monotonic()
+            return seal_body(self._identity.keypair, admission, peer)
 
     def leave(self, wire: bytes) -> None:
         """Remove the sender of a signed JobLeave; the job ends when its last peer leaves."""
         leave, envelope = open_body(self._verifier, wire, JobLeave)
-        for name, job in list(self._jobs.items()):
-            if job.spec.job_id == leave.job_id and job.ranks.get(leave.rank) == envelope.sender:
-                del job.ranks[leave.rank]
-                if not job.ranks:
-                    del self._jobs[name]
+        with self._lock:
+            for name, job in list(self._jobs.items()):
+                if job.spec.job_id == leave.job_id and job.ranks.get(leave.rank) == envelope.sender:
+                    del job.ranks[leave.rank]
+                    if not job.ranks:
+                        self._end_job(name, job)
 
     def jobs(self) -> list[dict]:
-        return [
-            {"name": name, "job_id": j.spec.job_id, "peer_count": j.spec.peer_count, "ranks": sorted(j.ranks)}
-            for name, j in self._jobs.items()
+        with self._lock:
+            return [
+                {"name": name, "job_id": j.spec.job_id, "peer_count": j.spec.peer_count, "ranks": sorted(j.ranks)}
+                for name, j in self._jobs.items()
+            ]
+
+    def _new_job(self, name: str, request: JobRequest) -> _Job:
+        """Choose, claim and describe the miners of a new job (lock held)."""
+        self._refresh_miners()
+        available = set(self.ledger.available()) & self._miners.keys()
+        scores = self.ledger.scores()
+        candidates = [
+            Candidate(r.uid, r.throughput, r.capacity, scores.get(r.uid, 0.0))
+            for r in self.ledger.records()
+            if r.uid in available
         ]
-
-    def status(self) -> dict:
-        return {"uid": self.uid, "hotkey": self._identity.hotkey, "jobs": len(self._jobs)}
-
-    def _new_job(self, name: str, peer_count: int) -> _Job:
-        slots, handles = [], []
-        for neuron in self._metagraph.get(refresh=True).neurons:
-            if neuron.endpoint is None or neuron.validator_permit:
-                continue
-            try:
-                handles.append(ray.get_actor(miner_name(neuron.uid), namespace=self._namespace))
-            except ValueError:
-                continue  # registered and announced, but not running here
-            slots.append(MinerSlot(neuron.uid, neuron.hotkey, self._miner_weights.get(neuron.uid, 1.0)))
-        if not slots:
-            raise JobError(
-                f"no miner of {self._chain.describe()} runs in Ray namespace {self._namespace!r}; "
-                "start one: python -m jobs.miner +wallet=NAME"
-            )
+        if not candidates:
+            raise JobError(self._why_no_miner())
+        shares = choose_miners(candidates, request.max_bytes or 0, self.config.max_miners)
+        claimed = self.ledger.claim(sorted(shares))
+        if len(claimed) != len(shares):
+            self.ledger.release(claimed)
+            raise JobError("the chosen miners were taken by another job or a benchmark meanwhile; join again")
+        capacity = {c.uid: c.capacity for c in candidates}
         spec = JobSpec(
             job_id=uuid.uuid4().hex[:12],
             name=name,
-            namespace=self._namespace,
-            peer_count=peer_count,
-            miners=tuple(slots),
-            chunk_bytes=self._chunk_bytes,
-            timeout_s=self._timeout_s,
+            namespace=self.config.namespace,
+            peer_count=request.peer_count,
+            miners=tuple(MinerSlot(uid, self._miners[uid][0], share) for uid, share in shares.items()),
+            chunk_bytes=self.config.chunk_bytes,
+            timeout_s=self.config.timeout_s,
+            max_bytes=math.floor(min(capacity[uid] / share for uid, share in shares.items())),
         )
-        return _Job(spec, handles)
+        job = _Job(spec, [self._miners[uid][1] for uid in shares])
+        self._jobs[name] = job
+        return job
+
+    def _why_no_miner(self) -> str:
+        where = f"{self._chain.describe()} in Ray namespace {self.config.namespace!r}"
+        if not self._miners:
+            return f"no miner of {where} is running; start one: python -m jobs.miner +wallet=NAME"
+        states = {row["uid"]: row["state"] for row in self.ledger.table() if row["uid"] in self._miners}
+        unproven = sorted(uid for uid, row in self._ledger_rows().items() if row["capacity"] == 0)
+        return (
+            f"none of the {len(self._miners)} running miner(s) of {where} is free: states {states}, "
+            f"not yet benchmarked {unproven}; wait for a job to end or for the benchmarks, or start more miners"
+        )
+
+    def _ledger_rows(self) -> dict[int, dict]:
+        return {row["uid"]: row for row in self.ledger.table() if row["uid"] in self._miners}
+
+    def _admit(self, spec: JobSpec, miners: list, admission: JobAdmission) -> None:
+        calls = [
+            handle.admit.remote(seal_body(self._identity.keypair, admission, slot.hotkey))
+            for slot, handle in zip(spec.miners, miners, strict=True)
+        ]
+        get(calls, spec.timeout_s, f"admitting rank {admission.rank} to job {spec.name!r} at its miners")
+
+    def _end_job(self, name: str, job: _Job) -> None:
+        """Forget a job and free its miners (lock held)."""
+        if self._jobs.get(name) is job:
+            del self._jobs[name]
+        self._ended[job.spec.job_id] = (job, time.monotonic())
+        self.ledger.release([slot.uid for slot in job.spec.miners])
+
+    # ---- round reports and checks ---------------------------------------------------------------
+
+    def report(self, wire: bytes, contributions: list) -> None:
+        """A peer's RoundReport with, per delivering miner, the chunks the peer shipped to it."""
+        report, envelope = open_body(self._verifier, wire, RoundReport)
+        peer = envelope.sender
+        with self._lock:
+            job = self._job_by_id(report.job_id)
+            if job is None or job.admitted.get(report.rank) != peer:
+                return  # a job that ended long ago, or a sender that is not this rank
+            job.active_at = time.monotonic()
+        evidence = {
+            m: self._evidence(job.spec, report, m, peer, receipt, result_wires, chunks)
+            for m, receipt, result_wires, chunks in zip(
+                report.miners, report.receipts, report.results, contributions, strict=True
+            )
+        }
+        with self._lock:
+            round_ = self._rounds.setdefault((report.job_id, report.seq), _Round(job.spec, report.seq))
+            for m, item in evidence.items():
+                round_.evidence[(m, report.rank)] = item
+            for m in report.late:
+                round_.late.setdefault(m, set()).add(report.rank)
+            round_.reported.add(report.rank)
+        self._close_if_complete(round_)
+
+    def hold_results(self, job_id: str, seq: int, miner: int, results: list) -> None:
+        """A miner hands over its results of a round (checked against the fingerprints it signed)."""
+        with self._lock:
+            job = self._job_by_id(job_id)
+            if job is None or not 0 <= miner < len(job.spec.miners):
+                return  # a benchmark's round, or a job that ended long ago
+            round_ = self._rounds.setdefault((job_id, seq), _Round(job.spec, seq))
+            offers = round_.offers.setdefault(miner, [])
+            if len(offers) < MAX_OFFERS:
+                offers.append(results)
+        self._close_if_complete(round_)
+
+    def _job_by_id(self, job_id: str) -> _Job | None:
+        """A running job, or one that ended recently (lock held)."""
+        job = next((j for j in self._jobs.values() if j.spec.job_id == job_id), None)
+        return job or self._ended.get(job_id, (None,))[0]
+
+    def _close_if_complete(self, round_: _Round) -> None:
+        with self._lock:
+            key = (round_.spec.job_id, round_.seq)
+            if not round_.complete or self._rounds.get(key) is not round_:
+                return
+            del self._rounds[key]
+        self._close_round(round_)
+
+    def _evidence(self, spec, report, miner, peer, receipt_wire, result_wires, chunks) -> _Evidence:
+        """A peer's evidence about one miner, if the miner's signatures vouch for exactly these chunks."""
+        hotkey = spec.miners[miner].hotkey
+        receipt = decode(
+            ContributionReceipt, attest(receipt_wire.encode(), Kind.CONTRIBUTION_RECEIPT, hotkey, peer).body, "receipt"
+        )
+        results = [
+            decode(SegmentResult, attest(w.encode(), Kind.SEGMENT_RESULT, hotkey, peer).body, "result")
+            for w in result_wires
+        ]
+        prints = tuple(p for r in results for p in r.chunks)
+        where = (report.job_id, report.seq, miner, report.rank)
+        if (
+            not results
+            or (receipt.job_id, receipt.seq, receipt.miner, receipt.rank) != where
+            or any((r.job_id, r.seq, r.miner, r.rank) != where for r in results)
+        ):
+            raise JobError(f"the report of rank {report.rank} forwards signatures of another round")
+        if tuple(fingerprint(c) for c in chunks) != receipt.chunks:
+            raise JobError(f"the report of rank {report.rank} carries other chunks than the miner signed for")
+        return _Evidence(receipt, results[0].tensor, Stored(chunks, report.node), prints)
+
+    def _close_round(self, round_: _Round) -> None:
+        """Count the round for reliability, and maybe check it. A miner whose signed results did not
+        reach the validator missed the round: it cannot dodge checks by keeping them back."""
+        majority = round_.spec.peer_count // 2 + 1
+        heard = {m for m, _ in round_.evidence}
+        for index, slot in enumerate(round_.spec.miners):
+            withheld = index in heard and round_.results(index) is None
+            on_time = len(round_.late.get(index, ())) < majority and not withheld
+            if slot.uid in self._miners:
+                self.ledger.record_round(slot.uid, on_time)
+        if self.config.verify.fraction <= 0 or random.random() >= self.config.verify.fraction:
+            return
+        with self._lock:
+            if self._queued_checks >= MAX_QUEUED_CHECKS:
+                self._stats["checks_skipped"] += 1
+                return
+            self._queued_checks += 1
+        self._checks.submit(self._check_round, round_)
+
+    def _check_round(self, round_: _Round) -> None:
+        try:
+            for index, slot in enumerate(round_.spec.miners):
+                verdict = self._check_miner(round_, index)
+                if verdict is None:
+                    continue
+                with self._lock:
+                    self._stats["checks"] += 1
+                    self._stats["check_failures"] += not verdict.ok
+                if not verdict.ok:
+                    evidence = {"job": round_.spec.job_id, "seq": round_.seq, "reason": verdict.reason}
+                    log.warning("strike for miner uid %d: %s", slot.uid, evidence)
+                    self.ledger.strike(slot.uid, self.config.verify.ban_s, evidence)
+        except Exception:
+            log.exception("checking round %d of job %s failed", round_.seq, round_.spec.job_id)
+        finally:
+            with self._lock:
+                self._queued_checks -= 1
+
+    def _check_miner(self, round_: _Round, index: int):
+        """The Verdict of one miner's segment of a round, or None when the reports do not allow a check."""
+        items = {rank: e for (m, rank), e in round_.evidence.items() if m == index}
+        if not items:
+            return None
+        first = next(iter(items.values()))
+        receipt, tensor = first.receipt, first.tensor
+        if len({(e.result_prints, e.tensor) for e in items.values()}) != 1:
+            return Verdict(False, math.inf, 0.0, "the miner sent different results to different peers")
+        if receipt.kind is RoundKind.BROADCAST:
+            contributors, op = [receipt.src], ReduceOp.SUM
+        else:
+            contributors, op = list(range(1, round_.spec.peer_count + 1)), receipt.op
+        result = round_.results(index)
+        if any(rank not in items for rank in contributors) or result is None:
+            return None
+        segment = plan_round(round_.spec, tensor)[index]
+        verify = self.config.verify
+        slot = round_.spec.miners[index]
+        miner_node = actor_node(self._miners[slot.uid][1])[0] if slot.uid in self._miners else ""
+        return check_segment(
+            [items[rank].contribution for rank in contributors],
+            Stored(result, miner_node),
+            tensor.dtype,
+            op,
+            segment.numel,
+            secrets.randbits(63),
+            verify.samples,
+            verify.exact,
+            round_.spec.timeout_s,
+        )
+
+    # ---- benchmarks ------------------------------------------------------------------------------
+
+    def _start_benchmarks(self) -> None:
+        bots = self._idle_bots()
+        if not bots:
+            return
+        due = [uid for uid in self.ledger.due_for_benchmark(self.config.benchmark.interval_s) if uid in self._miners]
+        for (bot_hotkey, bot), uid in zip(bots, due, strict=False):
+            if not self.ledger.claim([uid], failed_too=True):
+                continue
+            try:
+                order = self._benchmark_order(uid, bot_hotkey)
+                ref = bot.run.remote(seal_body(self._identity.keypair, order, bot_hotkey))
+            except Exception as e:  # the miner refused the admission, or died
+                log.warning("could not start a benchmark of miner uid %d: %s", uid, e)
+                self.ledger.record_benchmark(uid, self.config.benchmark.size_bytes, 0.0, False)
+                self.ledger.release([uid])
+                continue
+            with self._lock:
+                self._benchmarks[ref] = _Benchmark(uid, bot_hotkey, time.monotonic())
+
+    def _benchmark_order(self, uid: int, bot_hotkey: str) -> BenchmarkOrder:
+        """A one-miner job with the bot at every rank, admitted at the miner."""
+        settings = self.config.benchmark
+        hotkey, handle = self._miners[uid]
+        spec = JobSpec(
+            job_id=uuid.uuid4().hex[:12],
+            name=f"benchmark-of-{miner_name(uid)}",
+            namespace=self.config.namespace,
+            peer_count=settings.peers,
+            miners=(MinerSlot(uid, hotkey, 1.0),),
+            chunk_bytes=self.config.chunk_bytes,
+            timeout_s=settings.timeout_s,
+            max_bytes=settings.size_bytes,
+        )
+        for rank in range(1, settings.peers + 1):
+            self._admit(spec, [handle], JobAdmission(spec, rank, bot_hotkey))
+        return BenchmarkOrder(spec, settings.size_bytes)
+
+    def _idle_bots(self) -> list[tuple[str, object]]:
+        graph = self._metagraph.get()
+        with self._lock:
+            busy = {b.bot for b in self._benchmarks.values()}
+        bots = []
+        for hotkey in self.config.benchmark.bots:
+            neuron = graph.by_hotkey(hotkey)
+            if neuron is None or hotkey in busy:
+                continue
+            try:
+                bots.append((hotkey, ray.get_actor(benchmark_name(neuron.uid), namespace=self.config.namespace)))
+            except ValueError:
+                continue  # registered, but not running here
+        return bots
+
+    def _collect_benchmarks(self) -> None:
+        with self._lock:
+            pending = dict(self._benchmarks)
+        if not pending:
+            return
+        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
+        overdue = [r for r, b in pending.items() if time.monotonic() - b.started > 3 * self.config.benchmark.timeout_s]
+        for ref in set(done) | set(overdue):
+            run = pending[ref]
+            with self._lock:
+                self._benchmarks.pop(ref, None)
+            try:
+                wire = ray.get(ref, timeout=0) if ref in done else None
+                result = None if wire is None else open_body(self._verifier, wire, BenchmarkResult, sender=run.bot)[0]
+                self._record_benchmark(run.uid, result)
+            except Exception as e:
+                log.warning("benchmark of miner uid %d by bot %s failed: %s", run.uid, run.bot, e)
+            finally:
+                self.ledger.release([run.uid])
+
+    def _record_benchmark(self, uid: int, result: BenchmarkResult | None) -> None:
+        size = self.config.benchmark.size_bytes
+        if result is None or result.miner_uid != uid or result.size_bytes != size:
+            self.ledger.record_benchmark(uid, size, 0.0, False)
+            return
+        host = ""
+        if uid in self._miners:
+            node, ip = actor_node(self._miners[uid][1])
+            host = ip if self.config.host_key == "ip" else node
+        passed = result.outcome is Outcome.EXACT
+        self.ledger.record_benchmark(uid, size, result.seconds, passed, host)
+        with self._lock:
+            self._stats["benchmarks"] += 1
+        if result.outcome is Outcome.WRONG:
+            evidence = {"benchmark": result.detail, "bytes": size}
+            log.warning("strike for miner uid %d: %s", uid, evidence)
+            self.ledger.strike(uid, self.config.verify.ban_s, evidence)
+
+    # ---- the loop --------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                self.tick()
+            except Exception:
+                log.exception("validator loop")
+            time.sleep(self.config.tick_s)
+
+    def tick(self) -> None:
+        """One pass of the loop: follow the miners, benchmarks, stale rounds and jobs, the epoch."""
+        self._refresh_miners()
+        self._collect_benchmarks()
+        self._start_benchmarks()
+        now = time.monotonic()
+        with self._lock:
+            stale = [k for k, r in self._rounds.items() if now - r.opened_at > 2 * r.spec.timeout_s]
+            rounds = [self._rounds.pop(k) for k in stale]
+            self._ended = {k: (j, t) for k, (j, t) in self._ended.items() if now - t <= 2 * j.spec.timeout_s}
+            for name, job in list(self._jobs.items()):
+                if now - job.active_at > self.config.job_idle_s:
+                    log.warning("job %r idle for %.0f s: ended", name, now - job.active_at)
+                    self._end_job(name, job)
+        for round_ in rounds:
+            self._close_round(round_)
+        if weights_due(self.ledger.weights_set_at, self._chain.block(), 0, self.config.epoch_blocks):
+            self.epoch()
+
+    def epoch(self) -> dict[int, float]:
+        """Score the miners and set weights now (when the chain allows); the weights set, or {}.
+        `status()` shows them as the chain stores them."""
+        weights = run_epoch(self.ledger, self._chain, self._identity.keypair, self.config.scoring)
+        with self._lock:
+            self._stats["epochs"] += 1
+        if weights:
+            on_chain = self._chain.weights().get(self.uid, {})  # as the chain quantized them
+            with self._lock:
+                self._last_weights = on_chain
+        return weights or {}
+
+    def _refresh_miners(self) -> None:
+        """Follow the metagraph: served neurons without a permit whose miner actor runs in the namespace."""
+        live = {}
+        for neuron in self._metagraph.get().neurons:
+            if neuron.endpoint is None or neuron.validator_permit:
+                continue
+            try:
+                live[neuron.uid] = (neuron.hotkey, ray.get_actor(miner_name(neuron.uid), self.config.namespace))
+            except ValueError:
+                continue
+        self.ledger.follow({uid: hotkey for uid, (hotkey, _) in live.items()})
+        self._miners = live
+
+    # ---- status ----------------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        with self._lock:
+            return {
+                "uid": self.uid,
+                "hotkey": self._identity.hotkey,
+                "jobs": len(self._jobs),
+                "benchmarks_running": len(self._benchmarks),
+                "weights": dict(self._last_weights),
+                "weights_set_at": self.ledger.weights_set_at,
+                **self._stats,
+            }
+
+    def miners(self) -> list[dict]:
+        """The ledger: every tracked miner's state, measurements and score."""
+        return self.ledger.table()
+
+    def history(self, uid: int) -> list[tuple[str, dict]]:
+        return self.ledger.history(uid)
+

@@ -2,11 +2,14 @@
 
     python benchmarks/scoring_epoch.py --miners 256 --output benchmarks/RESULTS.md
 
-An embedded chain in a temporary directory holds a validator and N miners
-(every 4th pair of uids shares a host). Each epoch: forget uids that changed
-hands, update the EMA scores from N fresh records, share scores per host,
-normalize, and set the weights on the chain (one signed write). The chain's
-rate limit is off so every epoch writes. Reported: median and worst epoch.
+An embedded chain in a temporary directory holds a validator and N miners; the
+validator's ledger (SQLite, as the validator keeps it) tracks them, every pair
+of uids on one host. Between epochs each miner gets a fresh benchmark and a few
+rounds (not timed; 2% of them a strike). The timed part is exactly the
+validator's epoch (mapreduce_ray.epoch.run_epoch): read the ledger, update and
+save the EMA scores, share them per host, normalize, set the weights on the
+chain (one signed write). The chain's rate limit is off so every epoch writes.
+Reported: median and worst epoch.
 """
 
 from __future__ import annotations
@@ -23,28 +26,20 @@ from pathlib import Path
 from bittensor.sp_core import Keypair
 
 from mapreduce_ray.chain import ChainConfig
-from mapreduce_ray.scoring import MIB, MinerRecord, ScoringConfig, forget_replaced, update_scores, weights_for
+from mapreduce_ray.epoch import run_epoch
+from mapreduce_ray.ledger import MinerLedger
+from mapreduce_ray.scoring import MIB, ScoringConfig
 
 
-def epoch(chain, validator: Keypair, scores: dict, hotkeys: dict, hosts: dict, rng: random.Random) -> tuple:
-    current = {n.uid: n.hotkey for n in chain.metagraph().neurons}
-    scores = forget_replaced(scores, hotkeys, current)
-    records = [
-        MinerRecord(
-            uid,
-            hosts[uid],
-            throughput=rng.uniform(1e8, 1e9),
-            capacity=rng.choice([16, 64, 256]) * MIB,
-            rounds_assigned=20,
-            rounds_on_time=rng.randint(16, 20),
-            struck=rng.random() < 0.02,
-        )
-        for uid in hosts
-    ]
-    scores = update_scores(scores, records, ScoringConfig())
-    weights = weights_for(scores, hosts)
-    chain.set_weights(validator, weights)
-    return scores, weights
+def measure(ledger: MinerLedger, uids: list[int], hosts: dict[int, str], rng: random.Random) -> None:
+    """One epoch's worth of measurements for every miner."""
+    for uid in uids:
+        size = rng.choice([16, 64, 256]) * MIB
+        ledger.record_benchmark(uid, size, size / rng.uniform(1e8, 1e9), passed=True, host=hosts[uid])
+        for _ in range(4):
+            ledger.record_round(uid, on_time=rng.random() < 0.97)
+        if rng.random() < 0.02:
+            ledger.strike(uid, ban_s=3600.0, evidence={"reason": "simulated"})
 
 
 def main() -> None:
@@ -62,13 +57,14 @@ def main() -> None:
         chain.register(validator.ss58_address, cold, stake=1000.0)
         miners = [Keypair.create_from_uri(f"//Miner{i}").ss58_address for i in range(args.miners)]
         uids = [chain.register(hotkey, cold) for hotkey in miners]
-        hotkeys = dict(zip(uids, miners, strict=True))
         hosts = {uid: f"10.0.{uid // 8}.{uid % 8 // 2}" for uid in uids}  # pairs of uids share a host
-        scores: dict[int, float] = {}
+        ledger = MinerLedger(Path(state) / "validator.sqlite")
+        ledger.follow(dict(zip(uids, miners, strict=True)))
         times = []
         for _ in range(args.epochs):
+            measure(ledger, uids, hosts, rng)
             start = time.perf_counter()
-            scores, weights = epoch(chain, validator, scores, hotkeys, hosts, rng)
+            weights = run_epoch(ledger, chain, validator, ScoringConfig())
             times.append(time.perf_counter() - start)
         stored = chain.weights()
     top = max(weights.values())

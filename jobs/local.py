@@ -17,7 +17,7 @@ import time
 import hydra
 import ray
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from actors import PeerActor, connect_ray, start_local_subnet
 from mapreduce_ray.chain import ChainConfig
@@ -26,6 +26,7 @@ from mapreduce_ray.errors import MapReduceError
 from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.shards import digest
 from mapreduce_ray.types import ReduceOp
+from mapreduce_ray.validation import ValidatorConfig
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024
@@ -67,27 +68,27 @@ def check_config(cfg: DictConfig) -> None:
     op = ReduceOp.parse(cfg.op)
     if op is ReduceOp.AVG and dtype.is_integer:
         raise ValueError(f"op=avg of {cfg.dtype} would truncate; pass op=sum")
-    weights = cfg.bandwidth.miner_mbit
-    if weights is not None and len(weights) != cfg.topology.miners:
-        raise ValueError(
-            f"bandwidth.miner_mbit has {len(weights)} speeds for {cfg.topology.miners} miners; give one per miner"
-        )
+    ValidatorConfig.from_dict(validator_settings(cfg))
+
+
+def validator_settings(cfg: DictConfig) -> dict:
+    """The local validator's settings from the job's config."""
+    return OmegaConf.to_container(cfg.validator, resolve=True)
 
 
 def run(cfg: DictConfig) -> list[dict]:
     """Run the job; return one table row per collective."""
     check_config(cfg)
     connect_ray(**cfg.ray)
-    weights = cfg.bandwidth.miner_mbit
     p = cfg.topology.peers
     subnet = start_local_subnet(
         cfg.topology.miners,
         peers=p,
-        miner_weights=list(weights) if weights is not None else None,
         chunk_mib=cfg.topology.chunk_mib,
         timeout_s=cfg.subnet.timeout_s,
         namespace=cfg.subnet.namespace,
         chain=ChainConfig(**cfg.subnet.chain),
+        validator=validator_settings(cfg),
     )
     peer_actor = ray.remote(num_cpus=0)(PeerActor)
     peers = [peer_actor.remote(r, p, job="jobs.local", **subnet.peer_options) for r in range(1, p + 1)]

@@ -139,7 +139,12 @@ def serve_role(
         connect(cfg.ray)
         name, namespace = name_of(uid), cfg.subnet.namespace
         handle = start_detached(actor_class, name, namespace, *args_of(wallet, chain), max_concurrency=max_concurrency)
-        print(f"{name} serving {chain.open().describe()} in Ray namespace {namespace!r}; Ctrl-C stops it", flush=True)
+        hotkey = load_identity(wallet).hotkey
+        print(
+            f"{name} (hotkey {hotkey}) serving {chain.open().describe()} in Ray namespace {namespace!r}; "
+            "Ctrl-C stops it",
+            flush=True,
+        )
         serve_until_interrupted(handle, name, namespace, cfg.status_interval_s, show)
 
 

@@ -1,9 +1,10 @@
 """MinerLedger: what a validator knows about its subnet's miners, kept in its own SQLite file.
 
-Per uid it keeps the hotkey it belongs to, the host it runs on, its state
-(available, busy, failed, banned), what benchmarks measured (throughput of exact
-rounds, verified capacity), how many assigned rounds finished on time, strikes,
-the EMA score, and a history of events. It follows the metagraph: a uid whose
+Per uid it keeps the hotkey it belongs to, the host it runs on (as its
+benchmarks found it), its state (available, busy, failed, banned), what
+benchmarks measured (throughput of exact rounds, verified capacity, when),
+how many assigned rounds finished on time, strikes, the EMA score, and a
+history of events. It follows the metagraph: a uid whose
 hotkey changed starts from nothing. Everything survives a restart of the
 validator; the last block weights were set at is kept too.
 """
@@ -23,8 +24,8 @@ from mapreduce_ray.store import create, transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS miners (
-    uid INTEGER PRIMARY KEY, hotkey TEXT NOT NULL, host TEXT NOT NULL, state TEXT NOT NULL,
-    throughput REAL NOT NULL DEFAULT 0, capacity INTEGER NOT NULL DEFAULT 0,
+    uid INTEGER PRIMARY KEY, hotkey TEXT NOT NULL, host TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
+    throughput REAL NOT NULL DEFAULT 0, capacity INTEGER NOT NULL DEFAULT 0, benchmarked_at REAL NOT NULL DEFAULT 0,
     rounds_assigned INTEGER NOT NULL DEFAULT 0, rounds_on_time INTEGER NOT NULL DEFAULT 0,
     strikes INTEGER NOT NULL DEFAULT 0, banned_until REAL NOT NULL DEFAULT 0, score REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS history (
@@ -48,25 +49,34 @@ class MinerLedger:
         self._clock = clock
         create(self.path, _SCHEMA)
 
-    def follow(self, miners: Mapping[int, tuple[str, str]]) -> None:
-        """Track these miners ({uid: (hotkey, host)}); a uid with a new hotkey, or gone, is forgotten."""
+    def follow(self, miners: Mapping[int, str]) -> None:
+        """Track these miners ({uid: hotkey}); a uid with a new hotkey, or gone, is forgotten."""
         with transaction(self.path) as db:
             known = dict(db.execute("SELECT uid, hotkey FROM miners"))
             for uid, hotkey in known.items():
-                if miners.get(uid, (None,))[0] != hotkey:
+                if miners.get(uid) != hotkey:
                     db.execute("DELETE FROM miners WHERE uid=?", (uid,))
                     self._log(db, uid, hotkey, "forgotten", {"reason": "hotkey changed or deregistered"})
-            for uid, (hotkey, host) in miners.items():
-                db.execute(
-                    "INSERT INTO miners (uid, hotkey, host, state) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(uid) DO UPDATE SET host=excluded.host",
-                    (uid, hotkey, host, MinerState.AVAILABLE.value),
-                )
+            db.executemany(
+                "INSERT OR IGNORE INTO miners (uid, hotkey, state) VALUES (?, ?, ?)",
+                [(uid, hotkey, MinerState.AVAILABLE.value) for uid, hotkey in miners.items()],
+            )
 
-    def record_benchmark(self, uid: int, size_bytes: int, seconds: float, passed: bool) -> None:
-        """A benchmark round: an exact result updates throughput and capacity; a wrong one fails the miner."""
+    def recover(self) -> None:
+        """After a restart: jobs and benchmarks did not survive it, so no miner is busy."""
+        with transaction(self.path) as db:
+            db.execute("UPDATE miners SET state=? WHERE state=?", (MinerState.AVAILABLE.value, MinerState.BUSY.value))
+
+    def record_benchmark(self, uid: int, size_bytes: int, seconds: float, passed: bool, host: str = "") -> None:
+        """A benchmark round, counted as an assigned round: an exact result updates throughput and capacity
+        (and the host, when known); any other outcome fails the miner and zeroes its throughput."""
         with transaction(self.path) as db:
             hotkey = self._hotkey(db, uid)
+            db.execute(
+                "UPDATE miners SET benchmarked_at=?, rounds_assigned=rounds_assigned+1, "
+                "rounds_on_time=rounds_on_time+?, host=CASE WHEN ?='' THEN host ELSE ? END WHERE uid=?",
+                (self._clock(), int(passed), host, host, uid),
+            )
             if passed:
                 db.execute(
                     "UPDATE miners SET throughput=?, capacity=MAX(capacity, ?), "
@@ -74,8 +84,20 @@ class MinerLedger:
                     (size_bytes / seconds, size_bytes, MinerState.FAILED.value, MinerState.AVAILABLE.value, uid),
                 )
             else:
-                db.execute("UPDATE miners SET throughput=0, state=? WHERE uid=?", (MinerState.FAILED.value, uid))
+                db.execute(
+                    "UPDATE miners SET throughput=0, state=CASE WHEN state=? THEN state ELSE ? END WHERE uid=?",
+                    (MinerState.BANNED.value, MinerState.FAILED.value, uid),
+                )
             self._log(db, uid, hotkey, "benchmark", {"bytes": size_bytes, "seconds": seconds, "passed": passed})
+
+    def due_for_benchmark(self, interval_s: float) -> list[int]:
+        """Available or failed uids whose last benchmark is at least `interval_s` old, oldest first."""
+        with transaction(self.path) as db:
+            rows = db.execute(
+                "SELECT uid FROM miners WHERE state IN (?, ?) AND benchmarked_at<=? ORDER BY benchmarked_at, uid",
+                (MinerState.AVAILABLE.value, MinerState.FAILED.value, self._clock() - interval_s),
+            )
+            return [uid for (uid,) in rows]
 
     def record_round(self, uid: int, on_time: bool) -> None:
         with transaction(self.path) as db:
@@ -97,10 +119,26 @@ class MinerLedger:
             )
             self._log(db, uid, hotkey, "strike", evidence)
 
-    def set_state(self, uid: int, state: MinerState) -> None:
+    def claim(self, uids: list[int], failed_too: bool = False) -> list[int]:
+        """Mark busy those of `uids` that are available (or failed, for a benchmark); the ones claimed."""
+        states = [MinerState.AVAILABLE.value, MinerState.FAILED.value if failed_too else MinerState.AVAILABLE.value]
         with transaction(self.path) as db:
-            self._hotkey(db, uid)
-            db.execute("UPDATE miners SET state=? WHERE uid=?", (state.value, uid))
+            claimed = []
+            for uid in uids:
+                cursor = db.execute(
+                    "UPDATE miners SET state=? WHERE uid=? AND state IN (?, ?)", (MinerState.BUSY.value, uid, *states)
+                )
+                if cursor.rowcount:
+                    claimed.append(uid)
+            return claimed
+
+    def release(self, uids: list[int]) -> None:
+        """Busy miners become available; a miner struck or failed meanwhile keeps that state."""
+        with transaction(self.path) as db:
+            db.executemany(
+                "UPDATE miners SET state=? WHERE uid=? AND state=?",
+                [(MinerState.AVAILABLE.value, uid, MinerState.BUSY.value) for uid in uids],
+            )
 
     def available(self) -> list[int]:
         """Uids that may be handed to a job now (bans that ran out are lifted)."""
@@ -134,8 +172,16 @@ class MinerLedger:
             db.executemany("UPDATE miners SET score=? WHERE uid=?", [(s, uid) for uid, s in scores.items()])
 
     def hosts(self) -> dict[int, str]:
+        """{uid: host} of the miners whose host a benchmark found."""
         with transaction(self.path) as db:
-            return dict(db.execute("SELECT uid, host FROM miners"))
+            return dict(db.execute("SELECT uid, host FROM miners WHERE host!=''"))
+
+    def table(self) -> list[dict]:
+        """Every tracked miner as a dict of its columns, by uid."""
+        with transaction(self.path) as db:
+            cursor = db.execute("SELECT * FROM miners ORDER BY uid")
+            names = [c[0] for c in cursor.description]
+            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def history(self, uid: int) -> list[tuple[str, dict]]:
         """(event, detail) of a uid's current hotkey and earlier ones, oldest first."""

@@ -19,11 +19,12 @@ from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, TensorSpec
 
 @dataclass(frozen=True)
 class JobRequest:
-    """A peer asks to take `rank` in job `job` of `peer_count` peers."""
+    """A peer asks to take `rank` in job `job` of `peer_count` peers, handing in tensors of up to `max_bytes`."""
 
     job: str
     rank: int
     peer_count: int
+    max_bytes: int | None  # None: any size the job's miners can take
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,13 @@ class Contribution:
 
 @dataclass(frozen=True)
 class ContributionReceipt:
-    """A miner confirms it took a contribution with these chunk fingerprints."""
+    """A miner confirms it took a contribution to this round (kind, op, source) with these chunk fingerprints."""
 
     job_id: str
     seq: int
+    kind: RoundKind
+    op: ReduceOp | None
+    src: int | None
     miner: int
     rank: int
     chunks: tuple[str, ...]
@@ -85,14 +89,50 @@ class SegmentResult:
 
 
 @dataclass(frozen=True)
+class RoundReport:
+    """After a round, a peer forwards each miner's signed receipt and results, for the validator to check.
+
+    `miners` lists the miner indexes that delivered, `receipts` and `results` (every
+    SegmentResult wire, in order) align with it, as UTF-8 text; `late` lists the
+    miners that missed the round's deadline; `node` is the Ray node that stored the
+    peer's chunks. The shipped chunks travel beside the message.
+    """
+
+    job_id: str
+    seq: int
+    rank: int
+    node: str
+    miners: tuple[int, ...]
+    receipts: tuple[str, ...]
+    results: tuple[tuple[str, ...], ...]
+    late: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BenchmarkOrder:
+    """The validator asks a benchmark bot to run one all_reduce of `size_bytes` per rank through the job's miner."""
+
+    spec: JobSpec
+    size_bytes: int
+
+
+class Outcome(str, Enum):
+    EXACT = "exact"  # every rank got the bitwise-exact result
+    WRONG = "wrong"  # a result arrived, signed, and differs: the miner computed it wrong
+    LATE = "late"  # no result before the deadline
+    FAILED = "failed"  # the round broke off with an error
+
+
+@dataclass(frozen=True)
 class BenchmarkResult:
-    """A benchmark bot's measurement of one miner."""
+    """A benchmark bot's measurement of one miner: end-to-end seconds, the outcome, and what went wrong."""
 
     miner_uid: int
     miner_hotkey: str
     size_bytes: int
     seconds: float
-    passed: bool
+    outcome: Outcome
+    detail: str
 
 
 KINDS: dict[type, Kind] = {
@@ -102,6 +142,8 @@ KINDS: dict[type, Kind] = {
     Contribution: Kind.CONTRIBUTION,
     ContributionReceipt: Kind.CONTRIBUTION_RECEIPT,
     SegmentResult: Kind.SEGMENT_RESULT,
+    RoundReport: Kind.ROUND_REPORT,
+    BenchmarkOrder: Kind.BENCHMARK_ORDER,
     BenchmarkResult: Kind.BENCHMARK_RESULT,
 }
 

@@ -9,3 +9,7 @@ def validator_name(uid: int) -> str:
 
 def miner_name(uid: int) -> str:
     return f"miner-{uid}"
+
+
+def benchmark_name(uid: int) -> str:
+    return f"benchmark-{uid}"

@@ -16,6 +16,7 @@ the fingerprints of its chunks, and checks the miners' signed receipts and resul
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import ray
@@ -36,6 +37,7 @@ from mapreduce_ray.messages import (
     JobAdmission,
     JobLeave,
     JobRequest,
+    RoundReport,
     SegmentResult,
     open_body,
     seal_body,
@@ -105,7 +107,10 @@ class Peer:
         self._miners: list = []
         self._seq = 0
         self._sent: dict[int, Contribution] = {}  # this round's contributions, by miner
+        self._shipped: dict[int, list] = {}  # this round's shipped chunks, by miner
+        self._receipts: dict[int, bytes] = {}  # this round's signed receipts, by miner
         self._results: dict[int, list[SegmentResult]] = {}  # this round's signed results, by miner
+        self._result_wires: dict[int, list[bytes]] = {}
 
     def init_process_group(self) -> JobSpec:
         """Join the job through the validator (signed request, signed admission) and look up its miners."""
@@ -131,16 +136,28 @@ class Peer:
             )
         handle = _lookup(validator_name(self.validator_uid), self.namespace, "validator")
         self._verifier = Verifier(identity.hotkey, metagraph)
-        request = seal_body(identity.keypair, JobRequest(self.job, self.rank, self.peer_count), validator.hotkey)
-        answer = get(handle.join.remote(request), self.connect_timeout_s, f"joining job {self.job!r}")
+        request = JobRequest(self.job, self.rank, self.peer_count, self.bandwidth)
+        answer = get(
+            handle.join.remote(seal_body(identity.keypair, request, validator.hotkey)),
+            self.connect_timeout_s,
+            f"joining job {self.job!r}",
+        )
         admission, _ = open_body(self._verifier, answer, JobAdmission, sender=validator.hotkey)
         if (admission.rank, admission.peer, admission.spec.name) != (self.rank, identity.hotkey, self.job):
             raise JobError(f"validator uid {self.validator_uid} admitted someone else; refusing its job spec")
-        self._identity, self._validator, self._validator_hotkey = identity, handle, validator.hotkey
-        self.spec = admission.spec
-        self._miners = [_lookup(m.name, self.spec.namespace, "miner") for m in self.spec.miners]
+        return self.attach(admission.spec, identity, self._verifier, handle, validator.hotkey)
+
+    def attach(
+        self, spec: JobSpec, identity: Identity, verifier: Verifier, validator=None, validator_hotkey: str = ""
+    ) -> JobSpec:
+        """Take part in a job admitted by other means (a benchmark bot's); rounds are reported to
+        `validator` when given."""
+        self._identity, self._verifier = identity, verifier
+        self._validator, self._validator_hotkey = validator, validator_hotkey
+        self.spec = spec
+        self._miners = [_lookup(m.name, spec.namespace, "miner") for m in spec.miners]
         self._seq = 0
-        return self.spec
+        return spec
 
     def destroy_process_group(self) -> None:
         """Leave the job: miners release its rounds, the validator ends it when its last peer leaves."""
@@ -151,7 +168,8 @@ class Peer:
                 m.release_job.remote(self._seal(leave, slot.hotkey))
                 for m, slot in zip(miners, spec.miners, strict=True)
             ]
-            calls.append(self._validator.leave.remote(self._seal(leave, self._validator_hotkey)))
+            if self._validator is not None:
+                calls.append(self._validator.leave.remote(self._seal(leave, self._validator_hotkey)))
             get(calls, self.connect_timeout_s, "leaving the job")
 
     def __enter__(self) -> Peer:
@@ -178,6 +196,7 @@ class Peer:
         streams = {self._send(round_, s.miner, flat, s): s.miner for s in segments}
         results = self._collect(round_, streams)
         self._write(round_, flat, segments, results)
+        self._report(round_, results)
         return tensor
 
     def broadcast(self, tensor: Tensor | None = None, src: int = 1) -> Tensor:
@@ -200,7 +219,9 @@ class Peer:
         else:
             streams = {self._send(round_, i, None, None): i for i in range(len(round_.job.miners))}
         results = self._collect(round_, streams)
-        return tensor if is_source else self._receive(round_, flat, results)
+        out = tensor if is_source else self._receive(round_, flat, results)
+        self._report(round_, results)
+        return out
 
     def _receive(self, round_: RoundSpec, flat: FlatTensor | None, results: dict[int, list]) -> Tensor:
         """Write a broadcast's result into `flat`, or into a new tensor when None."""
@@ -225,6 +246,12 @@ class Peer:
                 f"tensor is {nbytes} bytes but this peer's bandwidth is {self.bandwidth} bytes; "
                 "pass a larger bandwidth to Peer(...)"
             )
+        if self.spec is not None and nbytes > self.spec.max_bytes:
+            raise InvalidTensorError(
+                f"tensor is {nbytes} bytes but the miners of job {self.job!r} verified capacity for "
+                f"{self.spec.max_bytes} bytes; split the tensor, or join with Peer(..., bandwidth={nbytes}) "
+                "to be matched with miners that can take it"
+            )
         return flat
 
     def _next_round(
@@ -233,16 +260,17 @@ class Peer:
         if self.spec is None:
             raise JobError(f"rank {self.rank} has not joined a job; call init_process_group() first")
         self._seq += 1
-        self._sent, self._results = {}, {}
+        self._sent, self._shipped, self._receipts, self._results, self._result_wires = {}, {}, {}, {}, {}
         return RoundSpec(self.spec, self._seq, kind, op, src, tensor)
 
     def _send(self, round_: RoundSpec, miner: int, flat: FlatTensor | None, segment: Segment | None):
         """Ship this peer's chunks of `segment` under a signed Contribution and open the miner's result stream."""
-        chunks = None if flat is None else [ship(flat.flat[a:b]) for a, b in segment.chunks]
+        chunks = None if flat is None else [ship(flat.flat[a:b], copy_inline=True) for a, b in segment.chunks]
         prints = tuple(fingerprint(c) for c in chunks or ())
         r = round_
         contribution = Contribution(r.job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, miner, self.rank, prints)
         self._sent[miner] = contribution
+        self._shipped[miner] = chunks or []
         call = self._miners[miner].reduce.options(num_returns="streaming")
         return call.remote(self._seal(contribution, r.job.miners[miner].hotkey), chunks)
 
@@ -258,6 +286,7 @@ class Peer:
             remaining = deadline - time.monotonic()
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=max(remaining, 0))
             if not ready:
+                self._report(round_, {}, late=sorted(pending.values()))
                 names = sorted(round_.job.miners[i].name for i in pending.values())
                 raise RoundTimeoutError(
                     f"{round_.describe()}: miners {names} did not finish within {round_.job.timeout_s:g} s"
@@ -275,7 +304,8 @@ class Peer:
                 receipt, result, batch = value
                 if miner not in self._results:
                     self._check_receipt(round_, miner, receipt)
-                    self._results[miner] = []
+                    self._receipts[miner] = receipt
+                    self._results[miner], self._result_wires[miner] = [], []
                 items[miner].extend(self._check_result(round_, miner, len(items[miner]), result, batch))
         return items
 
@@ -285,7 +315,10 @@ class Peer:
         if wire is None:
             raise RoundMismatchError(f"{round_.describe()}: miner {slot.name!r} sent results without a receipt")
         receipt, _ = open_body(self._verifier, wire, ContributionReceipt, sender=slot.hotkey)
-        if receipt != ContributionReceipt(sent.job_id, sent.seq, miner, self.rank, sent.chunks):
+        expected = ContributionReceipt(
+            sent.job_id, sent.seq, sent.kind, sent.op, sent.src, miner, self.rank, sent.chunks
+        )
+        if receipt != expected:
             raise RoundMismatchError(f"{round_.describe()}: miner {slot.name!r} receipted another contribution")
 
     def _check_result(self, round_: RoundSpec, miner: int, first: int, wire: bytes, batch: list) -> list:
@@ -297,7 +330,31 @@ class Peer:
         if signed != received:
             raise RoundMismatchError(f"{round_.describe()}: miner {slot.name!r} signed other results than it sent")
         self._results[miner].append(result)
+        self._result_wires[miner].append(wire)
         return batch
+
+    def _report(self, round_: RoundSpec, results: dict[int, list], late: Sequence[int] = ()) -> None:
+        """Forward the miners' signed receipts and results, with this peer's chunks, to the validator.
+
+        Fire and forget: the validator checks a random share of rounds after the fact;
+        the chunks stay in the object store while it holds them. (The miners hand it
+        the results themselves: refs that arrived in streamed items cannot be lent on.)
+        """
+        if self._validator is None:
+            return
+        miners = sorted(results)
+        report = RoundReport(
+            round_.job.job_id,
+            round_.seq,
+            self.rank,
+            ray.get_runtime_context().get_node_id(),
+            tuple(miners),
+            tuple(self._receipts[m].decode() for m in miners),
+            tuple(tuple(w.decode() for w in self._result_wires[m]) for m in miners),
+            tuple(late),
+        )
+        wire = self._seal(report, self._validator_hotkey)
+        self._validator.report.remote(wire, [self._shipped[m] for m in miners])
 
     def _source_spec(self, round_: RoundSpec) -> TensorSpec:
         """The broadcast source's tensor spec, as every miner signed it."""
@@ -320,6 +377,11 @@ class Peer:
         chunks = [(rng, item) for seg in plan for rng, item in zip(seg.chunks, results.get(seg.miner, []), strict=True)]
         with causes_raised(f"{round_.describe()}: reading results", round_.job.timeout_s):
             buffers = receive([item for _, item in chunks], round_.job.timeout_s)
+        for ((a, b), _), buffer in zip(chunks, buffers, strict=True):
+            if buffer.size != (b - a) * flat.dtype.itemsize:
+                raise RoundMismatchError(
+                    f"{round_.describe()}: a miner returned {buffer.size} bytes for elements {a}..{b - 1}"
+                )
         for ((a, b), _), buffer in zip(chunks, buffers, strict=True):
             flat.flat[a:b].copy_(from_buffer(buffer, flat.dtype))
         flat.commit()

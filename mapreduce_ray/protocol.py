@@ -53,10 +53,12 @@ class Kind(str, Enum):
     CONTRIBUTION = "contribution"  # peer -> miner
     CONTRIBUTION_RECEIPT = "contribution_receipt"  # miner -> peer
     SEGMENT_RESULT = "segment_result"  # miner -> peer
+    ROUND_REPORT = "round_report"  # peer -> validator
+    BENCHMARK_ORDER = "benchmark_order"  # validator -> benchmark bot
     BENCHMARK_RESULT = "benchmark_result"  # benchmark bot -> validator
 
 
-VALIDATOR_ONLY = frozenset({Kind.JOB_SPEC})
+VALIDATOR_ONLY = frozenset({Kind.JOB_SPEC, Kind.BENCHMARK_ORDER})
 
 
 @dataclass(frozen=True)
@@ -157,23 +159,7 @@ class Verifier:
 
     def open(self, wire: bytes, kind: Kind, sender: str | None = None) -> Envelope:
         """The verified envelope of a `kind` message (from `sender` when given), or a MessageRejectedError."""
-        outer = _json_object(wire, "the message")
-        if outer.get("scheme") != SCHEME:
-            raise SignatureSchemeError(
-                f"{kind.value} message signed with {outer.get('scheme')!r}; only sr25519 is accepted"
-            )
-        try:
-            signed = outer["message"].encode()
-        except (KeyError, AttributeError, UnicodeEncodeError):
-            raise MalformedMessageError(f"the signed part is not UTF-8 JSON of the {PROTOCOL} protocol") from None
-        envelope = _envelope(_json_object(signed, "the signed part"), kind)
-        try:
-            signature = bytes.fromhex(str(outer.get("signature", "")).removeprefix("0x"))
-            valid = verify(signed, signature, envelope.sender, CRYPTO_SR25519)
-        except Exception:
-            valid = False
-        if not valid:
-            raise BadSignatureError(f"{kind.value} message from {envelope.sender}: the signature does not match")
+        envelope = _signed(wire, kind)
         if envelope.receiver != self.hotkey:
             raise WrongReceiverError(
                 f"{kind.value} message from {envelope.sender} is addressed to {envelope.receiver}, not {self.hotkey}"
@@ -200,6 +186,38 @@ class Verifier:
         if not self._nonces.check_and_store(envelope.sender, envelope.nonce, now):
             raise ReplayedMessageError(f"{kind.value} message from {envelope.sender} replayed (nonce {envelope.nonce})")
         return envelope
+
+
+def _signed(wire: bytes, kind: Kind) -> Envelope:
+    """The envelope of a well-formed `kind` message whose sr25519 signature matches its sender."""
+    outer = _json_object(wire, "the message")
+    if outer.get("scheme") != SCHEME:
+        raise SignatureSchemeError(
+            f"{kind.value} message signed with {outer.get('scheme')!r}; only sr25519 is accepted"
+        )
+    try:
+        signed = outer["message"].encode()
+    except (KeyError, AttributeError, UnicodeEncodeError):
+        raise MalformedMessageError(f"the signed part is not UTF-8 JSON of the {PROTOCOL} protocol") from None
+    envelope = _envelope(_json_object(signed, "the signed part"), kind)
+    try:
+        signature = bytes.fromhex(str(outer.get("signature", "")).removeprefix("0x"))
+        valid = verify(signed, signature, envelope.sender, CRYPTO_SR25519)
+    except Exception:
+        valid = False
+    if not valid:
+        raise BadSignatureError(f"{kind.value} message from {envelope.sender}: the signature does not match")
+    return envelope
+
+
+def attest(wire: bytes, kind: Kind, sender: str, receiver: str) -> Envelope:
+    """A forwarded message's envelope, if `sender` signed it for `receiver` (evidence; no time or replay check)."""
+    envelope = _signed(wire, kind)
+    if (envelope.sender, envelope.receiver) != (sender, receiver):
+        raise BadSignatureError(
+            f"{kind.value} message from {envelope.sender} to {envelope.receiver}, expected {sender} to {receiver}"
+        )
+    return envelope
 
 
 def _json_object(data: bytes, what: str) -> dict:

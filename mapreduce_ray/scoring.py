@@ -11,7 +11,7 @@ Only measured or verified quantities count; nothing a miner reports about itself
 
     instant = throughput · min(1, capacity / capacity_target) · reliability
               (0 when struck, or when reliability < min_reliability)
-    score   = (1 − α) · score + α · instant            (EMA; a strike sets it to 0)
+    score   = (1 − α) · score + α · instant            (EMA; a strike or unreliability sets it to 0)
     host    : miners on one host (node or IP) share the best score among them, split
               evenly among those that earned any, so k uids on one machine earn no
               more than one
@@ -70,12 +70,14 @@ def instant_score(record: MinerRecord, config: ScoringConfig) -> float:
 def update_scores(
     previous: Mapping[int, float], records: Iterable[MinerRecord], config: ScoringConfig
 ) -> dict[int, float]:
-    """The EMA of instant scores per uid; a struck miner drops to 0 at once. Uids without a record keep theirs."""
+    """The EMA of instant scores per uid; a struck or unreliable miner drops to 0 at once.
+    Uids without a record keep theirs."""
     scores = dict(previous)
     for record in records:
         instant = instant_score(record, config)
         old = scores.get(record.uid, 0.0)
-        scores[record.uid] = 0.0 if record.struck else (1 - config.ema_alpha) * old + config.ema_alpha * instant
+        forfeits = record.struck or record.reliability < config.min_reliability
+        scores[record.uid] = 0.0 if forfeits else (1 - config.ema_alpha) * old + config.ema_alpha * instant
     return scores
 
 
@@ -101,13 +103,6 @@ def normalize(scores: Mapping[int, float]) -> dict[int, float]:
 def weights_for(scores: Mapping[int, float], hosts: Mapping[int, str]) -> dict[int, float]:
     """The weights to set on chain for these EMA scores."""
     return normalize(share_hosts(scores, hosts))
-
-
-def forget_replaced(
-    scores: Mapping[int, float], known: Mapping[int, str], current: Mapping[int, str]
-) -> dict[int, float]:
-    """Scores of uids whose hotkey is unchanged; a uid that changed hands (or left) starts from nothing."""
-    return {uid: s for uid, s in scores.items() if uid in current and known.get(uid) == current[uid]}
 
 
 def weights_due(last_set_block: int | None, block: int, rate_limit: int, epoch_blocks: int) -> bool:

@@ -53,6 +53,7 @@ class JobSpec:
     miners: tuple[MinerSlot, ...]
     chunk_bytes: int
     timeout_s: float
+    max_bytes: int  # the largest tensor whose every segment fits its miner's verified capacity
 
     @property
     def miner_weights(self) -> tuple[float, ...]:

@@ -337,3 +337,8 @@ def _mismatches(expected: torch.Tensor, got: torch.Tensor) -> np.ndarray:
     if e.dtype.is_floating_point:
         part_differs &= ~(torch.isnan(e) & torch.isnan(g))
     return part_differs.any(dim=-1).numpy()
+
+
+def chunk_sample_indices(seed: int, chunk: int, length: int, k: int) -> np.ndarray:
+    """The sampled indices within chunk `chunk` (of `length` elements): min(k, length) of them."""
+    return sample_indices(chunk_seed(seed, -1 - chunk), length, min(k, length))

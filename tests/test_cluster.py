@@ -6,7 +6,7 @@ import torch
 from ray.cluster_utils import Cluster
 
 from actors import start_local_subnet
-from actors.projection import project_segment
+from actors.checks import Stored, inspect_segments
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.shards import to_buffer
@@ -30,6 +30,7 @@ def two_nodes():
         namespace="tests-cluster",
         chain=ChainConfig(netuid=200),
         miner_resources={"miner_node": 0.01},
+        validator={"benchmark": {"size_mib": 8, "interval_s": 3600}, "verify": {"fraction": 1.0}},
     )
     yield subnet
     subnet.shutdown()
@@ -65,6 +66,6 @@ def test_projections_run_on_the_node_that_holds_the_object(two_nodes):
     ref = made_on_the_miner_node.remote()
     ray.wait([ref], timeout=60, fetch_local=False)  # the only copy stays on the miner node
     miner_node = ray.get(two_nodes.miners[0].status.remote())["node_id"]
-    projection, nodes = project_segment([ref], "float32", seed=3, timeout_s=60)
-    assert nodes == [miner_node]
-    assert projection.abs_sum == float(sum(range(200_000)))
+    (inspection,) = inspect_segments([Stored([ref], miner_node)], "float32", seed=3, samples=4, timeout_s=60)
+    assert inspection.nodes == [miner_node]
+    assert inspection.projection.abs_sum == float(sum(range(200_000)))

@@ -112,7 +112,7 @@ def impostor_class():
 
             inner = json.loads(json.loads(wire)["message"])
             request, peer = inner["body"], inner["sender"]
-            spec = JobSpec("impostorjob01", request["job"], "nowhere", request["peer_count"], (), 1024, 30.0)
+            spec = JobSpec("impostorjob01", request["job"], "nowhere", request["peer_count"], (), 1024, 30.0, 1 << 20)
             admission = JobAdmission(spec, request["rank"] + self.rank_shift, peer)
             return seal_body(Keypair.create_from_uri(self.signer), admission, peer)
 

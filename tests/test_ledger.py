@@ -23,21 +23,28 @@ def clock():
 @pytest.fixture
 def ledger(tmp_path, clock):
     ledger = MinerLedger(tmp_path / "validator.sqlite", clock)
-    ledger.follow({1: ("hk-1", "10.0.0.1"), 2: ("hk-2", "10.0.0.2")})
+    ledger.follow({1: "hk-1", 2: "hk-2"})
     return ledger
 
 
 def test_followed_miners_start_available_with_nothing_measured(ledger):
     assert ledger.available() == [1, 2]
-    assert ledger.records() == [MinerRecord(1, "10.0.0.1"), MinerRecord(2, "10.0.0.2")]
-    assert ledger.hosts() == {1: "10.0.0.1", 2: "10.0.0.2"}
+    assert ledger.records() == [MinerRecord(1, ""), MinerRecord(2, "")]
+    assert ledger.hosts() == {}
+    assert ledger.due_for_benchmark(interval_s=600) == [1, 2]
 
 
-def test_benchmarks_set_throughput_and_the_largest_capacity_that_passed(ledger):
-    ledger.record_benchmark(1, 64 * MIB, 0.5, passed=True)
+def test_benchmarks_set_throughput_the_largest_capacity_that_passed_and_the_host(ledger, clock):
+    ledger.record_benchmark(1, 64 * MIB, 0.5, passed=True, host="10.0.0.1")
+    clock.now += 1
     ledger.record_benchmark(1, 16 * MIB, 0.25, passed=True)
     record = ledger.records()[0]
-    assert (record.throughput, record.capacity) == (16 * MIB / 0.25, 64 * MIB)
+    assert (record.throughput, record.capacity, record.host) == (16 * MIB / 0.25, 64 * MIB, "10.0.0.1")
+    assert (record.rounds_assigned, record.rounds_on_time) == (2, 2)
+    assert ledger.hosts() == {1: "10.0.0.1"}
+    assert ledger.due_for_benchmark(interval_s=600) == [2]
+    clock.now += 600
+    assert ledger.due_for_benchmark(interval_s=600) == [2, 1]
     assert ledger.history(1) == [
         ("benchmark", {"bytes": 64 * MIB, "seconds": 0.5, "passed": True}),
         ("benchmark", {"bytes": 16 * MIB, "seconds": 0.25, "passed": True}),
@@ -73,20 +80,39 @@ def test_a_strike_zeroes_the_score_and_bans_until_the_ban_runs_out(ledger, clock
 
 
 def test_a_busy_miner_is_not_handed_out(ledger):
-    ledger.set_state(1, MinerState.BUSY)
-    assert ledger.available() == [2]
-    ledger.set_state(1, MinerState.AVAILABLE)
+    assert ledger.claim([1]) == [1]
+    assert ledger.claim([1, 2]) == [2]  # 1 is busy already
+    assert ledger.available() == []
+    assert ledger.due_for_benchmark(interval_s=0) == []
+    ledger.release([1, 2])
     assert ledger.available() == [1, 2]
+
+
+def test_a_miner_struck_or_failed_while_busy_keeps_that_state(ledger):
+    ledger.claim([1, 2])
+    ledger.strike(1, ban_s=60.0, evidence={})
+    ledger.record_benchmark(2, MIB, 1.0, passed=False)
+    ledger.release([1, 2])
+    assert ledger.available() == []
+    assert [row["state"] for row in ledger.table()] == [MinerState.BANNED.value, MinerState.FAILED.value]
+    assert ledger.claim([2]) == [] and ledger.claim([2], failed_too=True) == [2]  # benchmarks take failed ones
+
+
+def test_a_restart_frees_busy_miners(ledger, tmp_path, clock):
+    ledger.claim([1])
+    restarted = MinerLedger(tmp_path / "validator.sqlite", clock)
+    restarted.recover()
+    assert restarted.available() == [1, 2]
 
 
 def test_a_new_hotkey_on_an_old_uid_starts_from_nothing(ledger):
     ledger.record_benchmark(1, 64 * MIB, 0.5, passed=True)
     ledger.save_scores({1: 9.0, 2: 3.0})
-    ledger.follow({1: ("hk-new", "10.0.0.9"), 2: ("hk-2", "10.0.0.2")})
+    ledger.follow({1: "hk-new", 2: "hk-2"})
     assert ledger.scores() == {1: 0.0, 2: 3.0}
-    assert ledger.records()[0] == MinerRecord(1, "10.0.0.9")
+    assert ledger.records()[0] == MinerRecord(1, "")
     assert ledger.history(1)[-1] == ("forgotten", {"reason": "hotkey changed or deregistered"})
-    ledger.follow({2: ("hk-2", "10.0.0.2")})  # uid 1 deregistered
+    ledger.follow({2: "hk-2"})  # uid 1 deregistered
     assert ledger.available() == [2]
 
 

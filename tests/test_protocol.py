@@ -32,12 +32,15 @@ from mapreduce_ray.errors import (
 )
 from mapreduce_ray.messages import (
     KINDS,
+    BenchmarkOrder,
     BenchmarkResult,
     Contribution,
     ContributionReceipt,
     JobAdmission,
     JobLeave,
     JobRequest,
+    Outcome,
+    RoundReport,
     SegmentResult,
     open_body,
     seal_body,
@@ -63,9 +66,10 @@ SPEC = JobSpec(
     miners=(MinerSlot(1, MINER.ss58_address, 1.0), MinerSlot(2, OTHER_MINER.ss58_address, 0.5)),
     chunk_bytes=1024,
     timeout_s=30.0,
+    max_bytes=1 << 20,
 )
 TENSOR = TensorSpec("float32", (4, 5))
-REQUEST = JobRequest("default", 1, 2)
+REQUEST = JobRequest("default", 1, 2, None)
 
 
 class FakeClock:
@@ -168,13 +172,19 @@ ROUND_TRIPS = {
         PEER,
         OTHER_MINER,
     ),
-    "contribution_receipt": (ContributionReceipt(SPEC.job_id, 3, 0, 1, ("aa", "bb")), MINER, PEER),
+    "contribution_receipt": (ContributionReceipt(SPEC.job_id, 3, RoundKind.ALL_REDUCE, ReduceOp.AVG, None, 0, 1, ("aa", "bb")), MINER, PEER),
     "segment_result": (
         SegmentResult(SPEC.job_id, 3, 0, 1, 2, TensorSpec("int64", ()), ("blake3:cc", "object:dd")),
         MINER,
         PEER,
     ),
-    "benchmark_result": (BenchmarkResult(1, MINER.ss58_address, 1 << 20, 0.25, True), PEER, VALIDATOR),
+    "round_report": (
+        RoundReport(SPEC.job_id, 3, 1, "node-1", (0, 1), ("receipt-0", "receipt-1"), (("r0",), ("r1a", "r1b")), ()),
+        PEER,
+        VALIDATOR,
+    ),
+    "benchmark_order": (BenchmarkOrder(SPEC, 1 << 20), VALIDATOR, PEER),
+    "benchmark_result": (BenchmarkResult(1, MINER.ss58_address, 1 << 20, 0.25, Outcome.EXACT, ""), PEER, VALIDATOR),
 }
 
 
@@ -390,7 +400,7 @@ def test_a_job_spec_needs_a_validator_permit(world):
 
 
 def test_other_kinds_need_no_permit(world):
-    wire = seal_body(MINER, ContributionReceipt(SPEC.job_id, 1, 0, 1, ()), PEER.ss58_address)
+    wire = seal_body(MINER, ContributionReceipt(SPEC.job_id, 1, RoundKind.BROADCAST, None, 1, 0, 1, ()), PEER.ss58_address)
     assert open_body(world.verifier(PEER), wire, ContributionReceipt)[1].sender == MINER.ss58_address
 
 
@@ -402,7 +412,7 @@ def test_a_job_spec_from_a_non_permit_hotkey_is_refused_for_its_permit_before_it
 
 
 def test_another_registered_sender_than_expected_is_refused_by_name(world):
-    wire = seal_body(MINER, ContributionReceipt(SPEC.job_id, 1, 0, 1, ()), PEER.ss58_address)
+    wire = seal_body(MINER, ContributionReceipt(SPEC.job_id, 1, RoundKind.BROADCAST, None, 1, 0, 1, ()), PEER.ss58_address)
     with refused(
         BadSignatureError,
         rf"^contribution_receipt message signed by {MINER.ss58_address}, expected {OTHER_MINER.ss58_address}$",
@@ -499,41 +509,42 @@ def contribution(**changes) -> dict:
 MALFORMED_BODIES = {
     "a missing field": (
         JobRequest,
-        {"job": "default", "peer_count": 2},
-        r"^JobRequest has fields \['job', 'peer_count'\], expected \['job', 'peer_count', 'rank'\]$",
+        {"job": "default", "peer_count": 2, "max_bytes": None},
+        r"^JobRequest has fields \['job', 'max_bytes', 'peer_count'\], "
+        r"expected \['job', 'max_bytes', 'peer_count', 'rank'\]$",
     ),
     "an extra field": (
         JobRequest,
-        {"job": "default", "rank": 1, "peer_count": 2, "priority": 9},
-        r"^JobRequest has fields \['job', 'peer_count', 'priority', 'rank'\], "
-        r"expected \['job', 'peer_count', 'rank'\]$",
+        {"job": "default", "rank": 1, "peer_count": 2, "max_bytes": None, "priority": 9},
+        r"^JobRequest has fields \['job', 'max_bytes', 'peer_count', 'priority', 'rank'\], "
+        r"expected \['job', 'max_bytes', 'peer_count', 'rank'\]$",
     ),
     "a string for an int": (
         JobRequest,
-        {"job": "default", "rank": "1", "peer_count": 2},
+        {"job": "default", "rank": "1", "peer_count": 2, "max_bytes": None},
         r"^JobRequest.rank is '1', not int$",
     ),
     "a bool for an int": (
         JobRequest,
-        {"job": "default", "rank": True, "peer_count": 2},
+        {"job": "default", "rank": True, "peer_count": 2, "max_bytes": None},
         r"^JobRequest.rank is True, not int$",
     ),
     "a float for an int": (
         JobRequest,
-        {"job": "default", "rank": 1.0, "peer_count": 2},
+        {"job": "default", "rank": 1.0, "peer_count": 2, "max_bytes": None},
         r"^JobRequest.rank is 1.0, not int$",
     ),
-    "null for a str": (JobRequest, {"job": None, "rank": 1, "peer_count": 2}, r"^JobRequest.job is None, not str$"),
+    "null for a str": (JobRequest, {"job": None, "rank": 1, "peer_count": 2, "max_bytes": None}, r"^JobRequest.job is None, not str$"),
     "an int for a str": (JobLeave, {"job_id": 7, "rank": 1}, r"^JobLeave.job_id is 7, not str$"),
     "a bool for a float": (
         BenchmarkResult,
-        {"miner_uid": 1, "miner_hotkey": "x", "size_bytes": 1, "seconds": True, "passed": True},
+        {"miner_uid": 1, "miner_hotkey": "x", "size_bytes": 1, "seconds": True, "outcome": "exact", "detail": ""},
         r"^BenchmarkResult.seconds is True, not float$",
     ),
-    "an int for a bool": (
+    "an unknown outcome": (
         BenchmarkResult,
-        {"miner_uid": 1, "miner_hotkey": "x", "size_bytes": 1, "seconds": 1, "passed": 1},
-        r"^BenchmarkResult.passed is 1, not bool$",
+        {"miner_uid": 1, "miner_hotkey": "x", "size_bytes": 1, "seconds": 1, "outcome": "great", "detail": ""},
+        r"^BenchmarkResult.outcome is 'great', not a Outcome$",
     ),
     "an unknown round kind": (
         Contribution,
@@ -585,7 +596,14 @@ def test_non_numbers_and_overflowing_numbers_are_malformed(world):
     wire = canonical({"scheme": "sr25519", "signature": "0x00", "message": message}).encode()
     with refused(MalformedMessageError, r"^the signed part is not JSON of the mapreduce-ray/1 protocol$"):
         world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
-    body = {"miner_uid": 1, "miner_hotkey": MINER.ss58_address, "size_bytes": 1, "seconds": 10**400, "passed": True}
+    body = {
+        "miner_uid": 1,
+        "miner_hotkey": MINER.ss58_address,
+        "size_bytes": 1,
+        "seconds": 10**400,
+        "outcome": "exact",
+        "detail": "",
+    }
     wire = seal(PEER, Kind.BENCHMARK_RESULT, body, VALIDATOR.ss58_address, world.clock.ns)
     with refused(MalformedMessageError, r"^BenchmarkResult.seconds is 1000.*, not float$"):
         open_body(world.verifier(VALIDATOR), wire, BenchmarkResult)

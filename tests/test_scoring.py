@@ -8,7 +8,6 @@ from mapreduce_ray.scoring import (
     MIB,
     MinerRecord,
     ScoringConfig,
-    forget_replaced,
     instant_score,
     normalize,
     share_hosts,
@@ -53,6 +52,13 @@ def test_scores_are_an_ema_and_a_strike_zeroes_at_once():
     assert scores == {1: 0.0, 2: 40.0}  # uid 2 had no record this epoch and keeps its score
 
 
+def test_an_unreliable_miner_drops_to_zero_at_once():
+    steady = MinerRecord(1, "a", throughput=100.0, capacity=64 * MIB, rounds_assigned=10, rounds_on_time=10)
+    scores = update_scores({}, [steady], CONFIG)
+    lazy = MinerRecord(1, "a", throughput=100.0, capacity=64 * MIB, rounds_assigned=10, rounds_on_time=5)
+    assert scores[1] > 0 and update_scores(scores, [lazy], CONFIG) == {1: 0.0}
+
+
 def test_miners_on_one_host_share_the_best_score():
     scores = {1: 90.0, 2: 90.0, 3: 90.0, 4: 90.0, 5: 30.0}
     hosts = {1: "10.0.0.1", 2: "10.0.0.1", 3: "10.0.0.1", 4: "10.0.0.2", 5: "10.0.0.3"}
@@ -66,13 +72,6 @@ def test_miners_on_one_host_share_the_best_score():
 def test_weights_sum_to_one_or_are_all_zero():
     assert normalize({1: 3.0, 2: 1.0}) == {1: 0.75, 2: 0.25}
     assert normalize({1: 0.0, 2: 0.0}) == {1: 0.0, 2: 0.0}
-
-
-def test_a_uid_that_changed_hands_starts_from_nothing():
-    scores = {1: 5.0, 2: 7.0, 3: 9.0}
-    known = {1: "hk-a", 2: "hk-b", 3: "hk-c"}
-    current = {1: "hk-a", 2: "hk-new"}  # uid 2 re-registered, uid 3 gone
-    assert forget_replaced(scores, known, current) == {1: 5.0}
 
 
 def test_weights_are_set_once_per_epoch_and_never_faster_than_the_rate_limit():

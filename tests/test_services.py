@@ -1,4 +1,4 @@
-"""jobs.miner and jobs.validator, run the way an operator runs them against `ray start --head`."""
+"""jobs.miner, jobs.benchmark and jobs.validator, run the way an operator runs them against `ray start --head`."""
 
 from __future__ import annotations
 
@@ -108,12 +108,24 @@ def test_miner_and_validator_serve_a_peer_and_stop_cleanly_on_sigint(head, tmp_p
     address, env = head
     common = (f"ray.address={address}", "status_interval_s=1")
     miner = run_job("jobs.miner", "+wallet=dev-miner", *common, env=env, cwd=tmp_path)
-    validator = run_job("jobs.validator", "+wallet=dev-validator", *common, env=env, cwd=tmp_path)
-    services = {"miner": (miner, Output(miner)), "validator": (validator, Output(validator))}
+    bot = run_job("jobs.benchmark", "+wallet=dev-bench", *common, env=env, cwd=tmp_path)
+    services = {"miner": (miner, Output(miner)), "benchmark": (bot, Output(bot))}
     try:
-        services["miner"][1].wait_for(r"miner-\d+ serving netuid 10 on the embedded chain")
-        validator_uid = services["validator"][1].wait_for(r"validator-(\d+) serving netuid 10")[1]
-        services["miner"][1].wait_for(r"miner-\d+: uid \d+ \w+: 0 job\(s\)")
+        services["miner"][1].wait_for(r"miner-\d+ \(hotkey \w+\) serving netuid 10 on the embedded chain")
+        bot_hotkey = services["benchmark"][1].wait_for(r"benchmark-\d+ \(hotkey (\w+)\) serving netuid 10")[1]
+        validator = run_job(
+            "jobs.validator",
+            "+wallet=dev-validator",
+            f"validator.benchmark.bots=[{bot_hotkey}]",
+            "validator.benchmark.size_mib=4",
+            *common,
+            env=env,
+            cwd=tmp_path,
+        )
+        services["validator"] = (validator, Output(validator))
+        validator_uid = services["validator"][1].wait_for(r"validator-(\d+) \(hotkey \w+\) serving netuid 10")[1]
+        services["validator"][1].wait_for(r"validator-\d+: uid \d+ \w+: 0 job\(s\) open, 1 benchmark\(s\)")
+        services["benchmark"][1].wait_for(r"benchmark-\d+: uid \d+ \w+: 1 benchmark\(s\) run")
         for rank in (1, 2):
             registered = finish(
                 [
@@ -131,7 +143,7 @@ def test_miner_and_validator_serve_a_peer_and_stop_cleanly_on_sigint(head, tmp_p
         driver = finish(["-c", DRIVER, address, validator_uid], env)
         assert driver.returncode == 0, driver.stderr[-3000:]
         assert "sums [3.0]" in driver.stdout
-        services["miner"][1].wait_for(r"1 rounds done, 0\.8 MiB reduced")
+        services["miner"][1].wait_for(r"2 rounds done, 8\.8 MiB reduced")  # the benchmark's 2 x 4 MiB, then ours
         for proc, _ in services.values():
             proc.send_signal(signal.SIGINT)
         for name, (proc, output) in services.items():

@@ -1,0 +1,100 @@
+"""What a validator is told: its subnet, how it benchmarks, verifies and scores miners.
+
+Plain settings, validated on construction; `conf/validator.yaml` maps onto them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from mapreduce_ray.naming import DEFAULT_NAMESPACE
+from mapreduce_ray.scoring import MIB, ScoringConfig
+
+HOST_KEYS = ("ip", "node")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Benchmarks: `bots` are the hotkeys of the benchmark bots this validator orders; each benchmark
+    runs one all_reduce of `size_mib` per rank across `peers` ranks through one miner, at most once
+    per `interval_s` per miner, within `timeout_s`."""
+
+    bots: tuple[str, ...] = ()
+    size_mib: float = 64.0
+    peers: int = 2
+    interval_s: float = 600.0
+    timeout_s: float = 60.0
+
+    def __post_init__(self):
+        _require(self.size_mib > 0, "benchmark.size_mib", self.size_mib, "positive")
+        _require(self.peers >= 1, "benchmark.peers", self.peers, "at least 1")
+        _require(self.interval_s >= 0, "benchmark.interval_s", self.interval_s, "at least 0")
+        _require(self.timeout_s > 0, "benchmark.timeout_s", self.timeout_s, "positive")
+
+    @property
+    def size_bytes(self) -> int:
+        return int(self.size_mib * MIB)
+
+
+@dataclass(frozen=True)
+class VerifyConfig:
+    """Checks of live rounds: `fraction` of reported rounds are checked, each by a projection plus
+    `samples` sampled elements per chunk and, with `exact`, a full recomputation next to the result.
+    A failed check bans the miner for `ban_s`."""
+
+    fraction: float = 0.1
+    samples: int = 16
+    exact: bool = True
+    ban_s: float = 3600.0
+
+    def __post_init__(self):
+        _require(0 <= self.fraction <= 1, "verify.fraction", self.fraction, "in [0, 1]")
+        _require(self.samples >= 0, "verify.samples", self.samples, "at least 0")
+        _require(self.ban_s >= 0, "verify.ban_s", self.ban_s, "at least 0")
+
+
+@dataclass(frozen=True)
+class ValidatorConfig:
+    """A validator's settings.
+
+    namespace: the Ray namespace of the subnet's actors. chunk_bytes, timeout_s: its jobs' chunk
+    size and deadline. max_miners: miners per job. epoch_blocks: blocks between scoring epochs
+    (weights are set then, as the chain's rate limit allows). host_key: what makes miners one host
+    ("ip": the node's IP address; "node": the Ray node). tick_s: how often the validator's loop runs.
+    job_idle_s: a job without activity this long is ended and its miners freed.
+    """
+
+    namespace: str = DEFAULT_NAMESPACE
+    chunk_bytes: int = 64 * MIB
+    timeout_s: float = 60.0
+    max_miners: int = 8
+    epoch_blocks: int = 60
+    host_key: str = "ip"
+    tick_s: float = 1.0
+    job_idle_s: float = 600.0
+    scoring: ScoringConfig = field(default_factory=ScoringConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+
+    def __post_init__(self):
+        for name in ("chunk_bytes", "timeout_s", "max_miners", "epoch_blocks", "tick_s", "job_idle_s"):
+            _require(getattr(self, name) > 0, name, getattr(self, name), "positive")
+        _require(self.host_key in HOST_KEYS, "host_key", self.host_key, f"one of {', '.join(HOST_KEYS)}")
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> ValidatorConfig:
+        """From nested plain settings (a Hydra config as a dict)."""
+        settings = dict(settings)
+        nested = {"scoring": ScoringConfig, "benchmark": BenchmarkConfig, "verify": VerifyConfig}
+        for key, kind in nested.items():
+            if key in settings:
+                value = dict(settings[key])
+                if key == "benchmark" and "bots" in value:
+                    value["bots"] = tuple(value["bots"] or ())
+                settings[key] = kind(**value)
+        return cls(**settings)
+
+
+def _require(holds: bool, name: str, value, what: str) -> None:
+    if not holds:
+        raise ValueError(f"validator.{name} must be {what}, got {value!r}")

@@ -1,0 +1,164 @@
+"""The validator at work on a local subnet: benchmarks, checks of live rounds, matching, restarts."""
+
+import re
+import time
+
+import pytest
+import ray
+import torch
+
+from actors import MinerActor, MinerPlan, start_local_subnet
+from actors.behaviours import OneElementOffMiner, ReplayingMiner, ScalingMiner, ZerosMiner
+from actors.subnet import start_validator
+from mapreduce_ray import Peer
+from mapreduce_ray.chain import ChainConfig
+from mapreduce_ray.errors import JobError
+from mapreduce_ray.reference import reference_reduce
+
+MIB = 1024 * 1024
+ROUNDS = 3
+WAIT_S = 120
+
+
+def wait_for(condition, what: str, timeout_s: float = WAIT_S):
+    """Poll `condition()` until it returns something truthy; that value."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} within {timeout_s:g} s")
+        time.sleep(0.2)
+    return value
+
+
+def ledger(subnet) -> dict[int, dict]:
+    return {row["uid"]: row for row in ray.get(subnet.validator.miners.remote(), timeout=60)}
+
+
+def uids_of(subnet) -> list[int]:
+    return [ray.get(m.status.remote(), timeout=60)["uid"] for m in subnet.miners]
+
+
+@pytest.fixture(scope="module")
+def benchmarked(local_ray):
+    """An honest miner and one that returns zeros, each benchmarked once with 64 MiB."""
+    subnet = start_local_subnet(
+        [MinerPlan(MinerActor), MinerPlan(ZerosMiner)],
+        peers=0,
+        namespace="tests-benchmarks",
+        chain=ChainConfig(netuid=111, weights_rate_limit=0),
+        wait=False,
+        validator={"epoch_blocks": 10**9, "benchmark": {"size_mib": 64, "interval_s": 3600}},
+    )
+    honest, zeros = uids_of(subnet)
+    wait_for(lambda: all(ledger(subnet).get(u, {}).get("rounds_assigned") for u in (honest, zeros)), "benchmarks")
+    yield subnet, honest, zeros
+    subnet.shutdown()
+
+
+def test_a_64_mib_benchmark_is_timed_verified_and_feeds_the_score(benchmarked):
+    subnet, honest, _ = benchmarked
+    row = ledger(subnet)[honest]
+    assert (row["state"], row["capacity"], row["rounds_on_time"], row["strikes"]) == ("available", 64 * MIB, 1, 0)
+    assert row["throughput"] > 0
+    event, detail = ray.get(subnet.validator.history.remote(honest))[-1]
+    assert (event, detail["bytes"], detail["passed"]) == ("benchmark", 64 * MIB, True)
+    assert row["throughput"] == 64 * MIB / detail["seconds"]
+    weights = ray.get(subnet.validator.epoch.remote())
+    assert weights[honest] == 1.0 and ledger(subnet)[honest]["score"] > 0
+
+
+def test_a_wrong_benchmark_result_earns_nothing_and_is_a_strike(benchmarked):
+    subnet, _, zeros = benchmarked
+    row = ledger(subnet)[zeros]
+    assert (row["state"], row["throughput"], row["capacity"], row["strikes"]) == ("banned", 0.0, 0, 1)
+    history = ray.get(subnet.validator.history.remote(zeros))
+    assert [event for event, _ in history] == ["benchmark", "strike"]
+    assert history[0][1]["passed"] is False
+    assert history[1][1]["benchmark"] == "rank(s) [1, 2] got a result that differs from the reference"
+    assert ray.get(subnet.validator.epoch.remote()).get(zeros, 0.0) == 0.0
+
+
+def test_a_restarted_validator_resumes_miner_state_scores_and_weights(benchmarked):
+    subnet, honest, zeros = benchmarked
+    ray.get(subnet.validator.epoch.remote())
+    before = (ledger(subnet), ray.get(subnet.validator.status.remote()))
+    ray.kill(subnet.validator)
+    wait_for(lambda: _gone(subnet), "the old validator gone")
+    _, subnet.validator = start_validator(subnet.chain, subnet.config)
+    after = (ledger(subnet), ray.get(subnet.validator.status.remote()))
+    assert after[0] == before[0]  # states, measurements, strikes, bans and scores
+    assert after[0][honest]["score"] > 0 and after[0][zeros]["state"] == "banned"
+    assert (after[1]["weights"], after[1]["weights_set_at"]) == (before[1]["weights"], before[1]["weights_set_at"])
+    assert after[1]["weights"][honest] > 0
+
+
+def _gone(subnet) -> bool:
+    try:
+        ray.get_actor(f"validator-{subnet.validator_uid}", namespace=subnet.namespace)
+        return False
+    except ValueError:
+        return True
+
+
+def test_jobs_get_free_miners_only_and_impossible_requests_get_a_reason(subnets):
+    subnet = subnets[1]  # one miner, benchmarked with 8 MiB
+    options = {**subnet.peer_options, "job": "holds-the-miner"}
+    holder = Peer(1, 1, **options)
+    holder.init_process_group()
+    try:
+        with pytest.raises(JobError, match=r"^none of the 1 running miner\(s\) .* is free: states \{\d+: 'busy'\}"):
+            Peer(1, 1, **{**options, "job": "second"}).init_process_group()
+    finally:
+        holder.destroy_process_group()
+    with pytest.raises(JobError, match=r"^a 16777216 byte tensor needs more than miner\(s\) \[\d+\] can hold"):
+        Peer(1, 1, bandwidth=16 * MIB, **{**options, "job": "too-big"}).init_process_group()
+    with Peer(1, 1, **{**options, "job": "after"}) as peer:
+        assert peer.spec.max_bytes == 8 * MIB
+        with pytest.raises(Exception, match=r"verified capacity for 8388608 bytes"):
+            peer.all_reduce(torch.ones(2 * MIB + 1))
+
+
+LIVE_CHEATERS = {
+    "one-element-off": OneElementOffMiner,
+    "scaled": ScalingMiner,
+    "stale-replay": ReplayingMiner,
+    "zeros": ZerosMiner,
+}
+
+
+def test_every_cheater_is_caught_in_every_checked_round(local_ray, run_peers):
+    """Cheaters that behave in benchmarks and cheat in real jobs; every round is checked."""
+    plans = [MinerPlan(MinerActor)] + [MinerPlan(cls, (True,)) for cls in LIVE_CHEATERS.values()]
+    subnet = start_local_subnet(
+        plans,
+        peers=2,
+        chunk_mib=0.25,
+        timeout_s=30,
+        namespace="tests-cheaters",
+        chain=ChainConfig(netuid=112),
+        validator={"benchmark": {"size_mib": 2, "interval_s": 3600}, "verify": {"fraction": 1.0, "exact": True}},
+    )
+    try:
+        honest, *cheaters = uids_of(subnet)
+        inputs = [[torch.randn(1_000_000, generator=torch.Generator().manual_seed(10 * k + r)) for r in (1, 2)] for k in range(ROUNDS)]
+
+        def rounds(peer):
+            assert len(peer.spec.miners) == 5
+            for k in range(ROUNDS):
+                peer.all_reduce(inputs[k][peer.rank - 1])
+
+        run_peers(subnet, 2, rounds)
+        wait_for(lambda: ray.get(subnet.validator.status.remote())["checks"] >= 5 * ROUNDS, "every round checked")
+        status = ray.get(subnet.validator.status.remote())
+        assert (status["checks"], status["check_failures"]) == (5 * ROUNDS, 4 * ROUNDS - 1)
+        rows = ledger(subnet)
+        assert rows[honest]["strikes"] == 0 and rows[honest]["state"] == "available"
+        for uid, role in zip(cheaters, LIVE_CHEATERS, strict=True):
+            cheated = ROUNDS - 1 if role == "stale-replay" else ROUNDS  # its first round is the one it replays
+            strikes = [d for e, d in ray.get(subnet.validator.history.remote(uid)) if e == "strike"]
+            assert len(strikes) == cheated, role
+            assert rows[uid]["state"] == "banned", role
+            for evidence in strikes:
+                assert re.match(r"^(projection off by|chunk \d+: \d+ of \d+ sampled elements differ|\d+ of \d+ sampled)", evidence["reason"]), evidence
+    finally:
+        subnet.shutdown()
