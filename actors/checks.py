@@ -2,16 +2,19 @@
 
 The validator moves scalars, not segments. Each segment comes with the node
 that stored it (a peer's node for a contribution, the miner's for a result);
-one task per node reads that node's chunks from its own store and returns, per
-chunk, its projection onto its part of z and a few sampled elements. Chunks that rode inline are inspected where they are. The
-exact check is one task on the node holding the result: it recomputes every
-chunk from the contributions, which travel there once more (to the miner's node,
-not to the validator), and returns a Verdict.
+the node's `Checker` actor reads that node's chunks from its own store and
+returns, per chunk, its projection onto its part of z and a few sampled
+elements. Chunks that rode inline are inspected where they are. The exact check
+runs on the Checker of the node holding the result: it recomputes every chunk
+from the contributions, which travel there once more (to the miner's node, not
+to the validator), and returns a Verdict. Checkers are started on demand, one
+per node, and reused, so a check starts no worker process.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import threading
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +24,8 @@ import torch
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mapreduce_ray.dtypes import dtype_named
+from mapreduce_ray.errors import MapReduceError
+from mapreduce_ray.evidence import Stored
 from mapreduce_ray.remote import get
 from mapreduce_ray.shards import from_buffer
 from mapreduce_ray.transport import Shipped
@@ -39,14 +44,6 @@ from mapreduce_ray.verify import (
 )
 
 LOCAL = "local"  # where inline chunks are inspected: in the calling process
-
-
-@dataclass(frozen=True)
-class Stored:
-    """A segment's shipped chunks and the Ray node whose store holds them ("" when unknown)."""
-
-    chunks: Sequence[Shipped]
-    node: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,14 +83,49 @@ def recompute_here(dtype_name: str, op: str, result: list, contributions: list[l
         refs = [p for p in pieces if isinstance(p, ray.ObjectRef)]
         fetched = iter(ray.get(refs)) if refs else iter(())
         buffers = [next(fetched) if isinstance(p, ray.ObjectRef) else p for p in pieces]
-        verdict = check_samples([from_buffer(b, dtype) for b in buffers[1:]], from_buffer(buffers[0], dtype), dtype_name, op)
+        verdict = check_samples(
+            [from_buffer(b, dtype) for b in buffers[1:]], from_buffer(buffers[0], dtype), dtype_name, op
+        )
         if not verdict.ok:
             return dataclasses.replace(verdict, reason=f"chunk {index}: {verdict.reason}")
     return Verdict(True, 0.0, 0.0, "ok")
 
 
-_inspect_remote = ray.remote(num_cpus=0)(inspect_here)
-_recompute_remote = ray.remote(num_cpus=0)(recompute_here)
+class Checker:
+    """Runs checks on its node for the process that started it."""
+
+    def inspect(self, dtype_name: str, seed: int, samples: int, items: list) -> list:
+        return inspect_here(dtype_name, seed, samples, items)
+
+    def recompute(self, dtype_name: str, op: str, result: list, contributions: list[list]) -> Verdict:
+        return recompute_here(dtype_name, op, result, contributions)
+
+
+CHECKER_CONCURRENCY = 2
+_checkers: dict[str, ray.actor.ActorHandle] = {}  # node id -> this process's Checker there
+_checkers_lock = threading.Lock()
+
+
+def checker_on(node: str) -> ray.actor.ActorHandle:
+    """This process's Checker on `node` (this node when unknown or LOCAL), started when missing."""
+    if node in ("", LOCAL):
+        node = ray.get_runtime_context().get_node_id()
+    with _checkers_lock:
+        if node not in _checkers:
+            near = NodeAffinitySchedulingStrategy(node, soft=False)  # there or nowhere: locality is the point
+            options = {"scheduling_strategy": near, "max_concurrency": CHECKER_CONCURRENCY}
+            _checkers[node] = ray.remote(num_cpus=0)(Checker).options(**options).remote()
+        return _checkers[node]
+
+
+def _checked(calls: list, timeout_s: float, what: str) -> list:
+    """The calls' results; a Checker that died is forgotten, so the next check starts a new one."""
+    try:
+        return get(calls, timeout_s, what)
+    except MapReduceError:
+        with _checkers_lock:
+            _checkers.clear()
+        raise
 
 
 def inspect_segments(
@@ -105,9 +137,9 @@ def inspect_segments(
         for c, shipped in enumerate(segment.chunks):
             by_node[segment.node if isinstance(shipped, ray.ObjectRef) else LOCAL].append((i, c, shipped))
     local = inspect_here(dtype_name, seed, samples, by_node.pop(LOCAL, []))
-    calls = [_near(_inspect_remote, node).remote(dtype_name, seed, samples, items) for node, items in by_node.items()]
+    calls = [checker_on(node).inspect.remote(dtype_name, seed, samples, items) for node, items in by_node.items()]
     parts = sorted(
-        [*local, *(p for done in get(calls, timeout_s, "inspecting chunks next to their objects") for p in done)],
+        [*local, *(p for done in _checked(calls, timeout_s, "inspecting chunks next to their objects") for p in done)],
         key=lambda p: (p[0], p[1]),
     )
     inspections = []
@@ -148,13 +180,8 @@ def check_segment(
         verdict = check_samples([i.samples for i in inspected], outcome.samples, dtype_name, op)
     if verdict.ok and exact:
         chunks = [list(c.chunks) for c in contributions]
-        task = _near(_recompute_remote, result.node).remote(dtype_name, ReduceOp.parse(op).value, list(result.chunks), chunks)
-        verdict = get(task, timeout_s, "recomputing the result next to it")
+        call = checker_on(result.node).recompute.remote(
+            dtype_name, ReduceOp.parse(op).value, list(result.chunks), chunks
+        )
+        (verdict,) = _checked([call], timeout_s, "recomputing the result next to it")
     return verdict
-
-
-def _near(remote_function, node: str):
-    """The remote function, scheduled on `node` when known (LOCAL: anywhere)."""
-    if node in ("", LOCAL):
-        return remote_function
-    return remote_function.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True))

@@ -99,7 +99,7 @@ def simulate(
         timeout_s=timeout_s,
         namespace="incentives",
         chain=chain,
-        bots=2,
+        bots=1,  # one benchmark at a time: parallel ones would share the cores and blur the speeds
         wait=False,
         validator={
             "host_key": "node",

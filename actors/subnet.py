@@ -170,7 +170,9 @@ def start_local_subnet(
             for i, plan in enumerate(plans)
         ]
         ray.get([m.status.remote() for m in miner_actors], timeout=READY_TIMEOUT_S)  # announced before jobs
-        started = [start_bot(chain, namespace, dev_wallet(chain.state_path, "dev-bench", f"bot-{i}")) for i in range(bots)]
+        started = [
+            start_bot(chain, namespace, dev_wallet(chain.state_path, "dev-bench", f"bot-{i}")) for i in range(bots)
+        ]
         for rank in range(1, peers + 1):
             register_dev_wallet(client, dev_peer_wallet(chain.state_path, rank))
         settings = {"namespace": namespace, "chunk_bytes": int(chunk_mib * MIB), "timeout_s": timeout_s}

@@ -36,34 +36,30 @@ from dataclasses import dataclass, field
 
 import ray
 
-from actors.checks import Stored, check_segment
+from actors.checks import check_segment
 from actors.node import actor_node, node_endpoint
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.epoch import run_epoch
 from mapreduce_ray.errors import JobError, MapReduceError, NoValidatorPermitError
+from mapreduce_ray.evidence import RoundEvidence, Stored, evidence_of
 from mapreduce_ray.ledger import MinerLedger
 from mapreduce_ray.matching import Candidate, choose_miners
 from mapreduce_ray.messages import (
     BenchmarkOrder,
     BenchmarkResult,
-    ContributionReceipt,
     JobAdmission,
     JobLeave,
     JobRequest,
     Outcome,
     RoundReport,
-    SegmentResult,
-    decode,
     open_body,
     seal_body,
 )
 from mapreduce_ray.naming import benchmark_name, miner_name
-from mapreduce_ray.plan import plan_round
-from mapreduce_ray.protocol import Kind, MetagraphCache, Verifier, attest
+from mapreduce_ray.protocol import MetagraphCache, Verifier
 from mapreduce_ray.remote import get
-from mapreduce_ray.scoring import weights_due
-from mapreduce_ray.transport import fingerprint
-from mapreduce_ray.types import JobSpec, MinerSlot, ReduceOp, RoundKind, TensorSpec
+from mapreduce_ray.scoring import epoch_due
+from mapreduce_ray.types import JobSpec, MinerSlot
 from mapreduce_ray.validation import ValidatorConfig
 from mapreduce_ray.verify import Verdict
 from mapreduce_ray.wallets import WalletConfig, load_identity
@@ -72,8 +68,6 @@ log = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = 32
 CHECK_THREADS = 2
-MAX_OFFERS = 4  # result lists accepted per miner and round (the miner's own, and a few from anyone else)
-MAX_QUEUED_CHECKS = 8  # rounds chosen for a check beyond this are let go (counted as skipped)
 
 
 @dataclass
@@ -83,40 +77,6 @@ class _Job:
     ranks: dict[int, str] = field(default_factory=dict)  # rank -> peer hotkey, of the peers still in it
     admitted: dict[int, str] = field(default_factory=dict)  # rank -> peer hotkey, of every peer admitted
     active_at: float = field(default_factory=time.monotonic)
-
-
-@dataclass
-class _Evidence:
-    """What one peer forwarded about one miner of one round."""
-
-    receipt: ContributionReceipt
-    tensor: TensorSpec  # the round's tensor, as the miner signed it
-    contribution: Stored  # the peer's shipped chunks, on the peer's node
-    result_prints: tuple[str, ...]  # the fingerprints of the reduced chunks the miner signed
-
-
-@dataclass
-class _Round:
-    """The reports of one round, gathered until every peer has sent its own."""
-
-    spec: JobSpec
-    seq: int
-    opened_at: float = field(default_factory=time.monotonic)
-    evidence: dict[tuple[int, int], _Evidence] = field(default_factory=dict)  # (miner, rank) -> evidence
-    late: dict[int, set[int]] = field(default_factory=dict)  # miner -> ranks that saw it miss the deadline
-    reported: set[int] = field(default_factory=set)
-    offers: dict[int, list[list]] = field(default_factory=dict)  # miner -> result lists handed over
-
-    def results(self, miner: int) -> list | None:
-        """The handed-over results of `miner` whose fingerprints are the ones it signed for the peers."""
-        signed = {e.result_prints for (m, _), e in self.evidence.items() if m == miner}
-        return next((o for o in self.offers.get(miner, []) if tuple(map(fingerprint, o)) in signed), None)
-
-    @property
-    def complete(self) -> bool:
-        """Every peer reported, and every miner they heard from handed over the results it signed."""
-        heard = {m for m, _ in self.evidence}
-        return len(self.reported) == self.spec.peer_count and all(self.results(m) is not None for m in heard)
 
 
 @dataclass
@@ -151,7 +111,7 @@ class ValidatorActor:
         self._lock = threading.Lock()  # guards the job, round and benchmark tables
         self._jobs: dict[str, _Job] = {}
         self._ended: dict[str, tuple[_Job, float]] = {}  # job id -> (job, when): its last reports may follow
-        self._rounds: dict[tuple[str, int], _Round] = {}
+        self._rounds: dict[tuple[str, int], RoundEvidence] = {}
         self._benchmarks: dict[ray.ObjectRef, _Benchmark] = {}
         self._miners: dict[int, tuple[str, object]] = {}  # uid -> (hotkey, actor handle) of live miners
         self._checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="check")
@@ -286,18 +246,14 @@ class ValidatorActor:
                 return  # a job that ended long ago, or a sender that is not this rank
             job.active_at = time.monotonic()
         evidence = {
-            m: self._evidence(job.spec, report, m, peer, receipt, result_wires, chunks)
+            m: evidence_of(job.spec, report, m, peer, receipt, result_wires, chunks)
             for m, receipt, result_wires, chunks in zip(
                 report.miners, report.receipts, report.results, contributions, strict=True
             )
         }
         with self._lock:
-            round_ = self._rounds.setdefault((report.job_id, report.seq), _Round(job.spec, report.seq))
-            for m, item in evidence.items():
-                round_.evidence[(m, report.rank)] = item
-            for m in report.late:
-                round_.late.setdefault(m, set()).add(report.rank)
-            round_.reported.add(report.rank)
+            round_ = self._round(job.spec, report.seq)
+            round_.add_report(report.rank, evidence, report.late)
         self._close_if_complete(round_)
 
     def hold_results(self, job_id: str, seq: int, miner: int, results: list) -> None:
@@ -306,18 +262,20 @@ class ValidatorActor:
             job = self._job_by_id(job_id)
             if job is None or not 0 <= miner < len(job.spec.miners):
                 return  # a benchmark's round, or a job that ended long ago
-            round_ = self._rounds.setdefault((job_id, seq), _Round(job.spec, seq))
-            offers = round_.offers.setdefault(miner, [])
-            if len(offers) < MAX_OFFERS:
-                offers.append(results)
+            round_ = self._round(job.spec, seq)
+            round_.offer(miner, results)
         self._close_if_complete(round_)
+
+    def _round(self, spec: JobSpec, seq: int) -> RoundEvidence:
+        """The evidence gathered so far about a round (lock held)."""
+        return self._rounds.setdefault((spec.job_id, seq), RoundEvidence(spec, seq))
 
     def _job_by_id(self, job_id: str) -> _Job | None:
         """A running job, or one that ended recently (lock held)."""
         job = next((j for j in self._jobs.values() if j.spec.job_id == job_id), None)
         return job or self._ended.get(job_id, (None,))[0]
 
-    def _close_if_complete(self, round_: _Round) -> None:
+    def _close_if_complete(self, round_: RoundEvidence) -> None:
         with self._lock:
             key = (round_.spec.job_id, round_.seq)
             if not round_.complete or self._rounds.get(key) is not round_:
@@ -325,51 +283,29 @@ class ValidatorActor:
             del self._rounds[key]
         self._close_round(round_)
 
-    def _evidence(self, spec, report, miner, peer, receipt_wire, result_wires, chunks) -> _Evidence:
-        """A peer's evidence about one miner, if the miner's signatures vouch for exactly these chunks."""
-        hotkey = spec.miners[miner].hotkey
-        receipt = decode(
-            ContributionReceipt, attest(receipt_wire.encode(), Kind.CONTRIBUTION_RECEIPT, hotkey, peer).body, "receipt"
-        )
-        results = [
-            decode(SegmentResult, attest(w.encode(), Kind.SEGMENT_RESULT, hotkey, peer).body, "result")
-            for w in result_wires
-        ]
-        prints = tuple(p for r in results for p in r.chunks)
-        where = (report.job_id, report.seq, miner, report.rank)
-        if (
-            not results
-            or (receipt.job_id, receipt.seq, receipt.miner, receipt.rank) != where
-            or any((r.job_id, r.seq, r.miner, r.rank) != where for r in results)
-        ):
-            raise JobError(f"the report of rank {report.rank} forwards signatures of another round")
-        if tuple(fingerprint(c) for c in chunks) != receipt.chunks:
-            raise JobError(f"the report of rank {report.rank} carries other chunks than the miner signed for")
-        return _Evidence(receipt, results[0].tensor, Stored(chunks, report.node), prints)
-
-    def _close_round(self, round_: _Round) -> None:
-        """Count the round for reliability, and maybe check it. A miner whose signed results did not
-        reach the validator missed the round: it cannot dodge checks by keeping them back."""
-        majority = round_.spec.peer_count // 2 + 1
-        heard = {m for m, _ in round_.evidence}
+    def _close_round(self, round_: RoundEvidence) -> None:
+        """Count the round for each miner's reliability, and maybe check it."""
         for index, slot in enumerate(round_.spec.miners):
-            withheld = index in heard and round_.results(index) is None
-            on_time = len(round_.late.get(index, ())) < majority and not withheld
             if slot.uid in self._miners:
-                self.ledger.record_round(slot.uid, on_time)
+                self.ledger.record_round(slot.uid, round_.on_time(index))
         if self.config.verify.fraction <= 0 or random.random() >= self.config.verify.fraction:
             return
         with self._lock:
-            if self._queued_checks >= MAX_QUEUED_CHECKS:
+            if self._queued_checks >= self.config.verify.max_pending:
                 self._stats["checks_skipped"] += 1
                 return
             self._queued_checks += 1
         self._checks.submit(self._check_round, round_)
 
-    def _check_round(self, round_: _Round) -> None:
+    def _check_round(self, round_: RoundEvidence) -> None:
+        """Check every miner of the round; a check that cannot run (an object lost with its owner) is no strike."""
         try:
             for index, slot in enumerate(round_.spec.miners):
-                verdict = self._check_miner(round_, index)
+                try:
+                    verdict = self._check_miner(round_, index)
+                except Exception as e:
+                    log.warning("could not check miner uid %d in round %d: %s", slot.uid, round_.seq, e)
+                    continue
                 if verdict is None:
                     continue
                 with self._lock:
@@ -379,38 +315,24 @@ class ValidatorActor:
                     evidence = {"job": round_.spec.job_id, "seq": round_.seq, "reason": verdict.reason}
                     log.warning("strike for miner uid %d: %s", slot.uid, evidence)
                     self.ledger.strike(slot.uid, self.config.verify.ban_s, evidence)
-        except Exception:
-            log.exception("checking round %d of job %s failed", round_.seq, round_.spec.job_id)
         finally:
             with self._lock:
                 self._queued_checks -= 1
 
-    def _check_miner(self, round_: _Round, index: int):
+    def _check_miner(self, round_: RoundEvidence, index: int) -> Verdict | None:
         """The Verdict of one miner's segment of a round, or None when the reports do not allow a check."""
-        items = {rank: e for (m, rank), e in round_.evidence.items() if m == index}
-        if not items:
-            return None
-        first = next(iter(items.values()))
-        receipt, tensor = first.receipt, first.tensor
-        if len({(e.result_prints, e.tensor) for e in items.values()}) != 1:
-            return Verdict(False, math.inf, 0.0, "the miner sent different results to different peers")
-        if receipt.kind is RoundKind.BROADCAST:
-            contributors, op = [receipt.src], ReduceOp.SUM
-        else:
-            contributors, op = list(range(1, round_.spec.peer_count + 1)), receipt.op
-        result = round_.results(index)
-        if any(rank not in items for rank in contributors) or result is None:
-            return None
-        segment = plan_round(round_.spec, tensor)[index]
+        comparison = round_.comparison(index)
+        if comparison is None or isinstance(comparison, str):
+            return comparison and Verdict(False, math.inf, 0.0, comparison)
+        uid = round_.spec.miners[index].uid
+        miner_node = actor_node(self._miners[uid][1])[0] if uid in self._miners else ""
         verify = self.config.verify
-        slot = round_.spec.miners[index]
-        miner_node = actor_node(self._miners[slot.uid][1])[0] if slot.uid in self._miners else ""
         return check_segment(
-            [items[rank].contribution for rank in contributors],
-            Stored(result, miner_node),
-            tensor.dtype,
-            op,
-            segment.numel,
+            comparison.contributions,
+            Stored(comparison.result, miner_node),
+            comparison.dtype,
+            comparison.op,
+            comparison.numel,
             secrets.randbits(63),
             verify.samples,
             verify.exact,
@@ -535,7 +457,7 @@ class ValidatorActor:
                     self._end_job(name, job)
         for round_ in rounds:
             self._close_round(round_)
-        if weights_due(self.ledger.weights_set_at, self._chain.block(), 0, self.config.epoch_blocks):
+        if epoch_due(self.ledger.epoch_at, self._chain.block(), self.config.epoch_blocks):
             self.epoch()
 
     def epoch(self) -> dict[int, float]:
@@ -572,6 +494,8 @@ class ValidatorActor:
                 "hotkey": self._identity.hotkey,
                 "jobs": len(self._jobs),
                 "benchmarks_running": len(self._benchmarks),
+                "rounds_open": len(self._rounds),
+                "checks_queued": self._queued_checks,
                 "weights": dict(self._last_weights),
                 "weights_set_at": self.ledger.weights_set_at,
                 **self._stats,
@@ -583,4 +507,3 @@ class ValidatorActor:
 
     def history(self, uid: int) -> list[tuple[str, dict]]:
         return self.ledger.history(uid)
-

@@ -102,6 +102,17 @@ def numpy_floor(peers: int, nbytes: int, reps: int) -> list[float]:
     return times
 
 
+def wait_until_validator_idle(subnet, timeout_s: float = 120.0) -> None:
+    """Wait until the validator has closed and checked every round it was told about."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = ray.get(subnet.validator.status.remote(), timeout=timeout_s)
+        if status["rounds_open"] == 0 and status["checks_queued"] == 0:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"the validator still had work after {timeout_s:g} s: {status}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -118,6 +129,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--object-store-mib", type=int, default=2048)
     parser.add_argument(
+        "--verify-fraction",
+        type=float,
+        default=0.1,
+        help="share of relay rounds the validator checks (its default); checks finish between repetitions",
+    )
+    parser.add_argument(
         "--methods",
         default=",".join(METHODS),
         help=f"comma-separated subset of {list(METHODS)}; the numpy floor always runs "
@@ -133,7 +150,12 @@ def main() -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
     init_local_ray(object_store_mib=args.object_store_mib)
-    subnet = start_local_subnet(miners=args.miners, peers=args.peers, chunk_mib=args.chunk_mib)
+    subnet = start_local_subnet(
+        miners=args.miners,
+        peers=args.peers,
+        chunk_mib=args.chunk_mib,
+        validator={"verify": {"fraction": args.verify_fraction}},
+    )
     port = free_port()
     bench_peer = ray.remote(num_cpus=0)(BenchPeer)
     peers = [bench_peer.remote(r, args.peers, port, subnet.peer_options) for r in range(1, args.peers + 1)]
@@ -148,6 +170,7 @@ def main() -> None:
         results: dict[str, list[float]] = {method: [] for method in groups}
         for rep in range(args.warmup + args.reps):
             for method, actors in groups.items():
+                wait_until_validator_idle(subnet)  # its checks of earlier relay rounds would skew any timing
                 took = round_time(ray.get([a.time_round.remote(method, nbytes) for a in actors]))
                 if rep >= args.warmup:
                     results[method].append(took)
@@ -177,7 +200,8 @@ def main() -> None:
         with open(args.output, "a") as f:
             f.write(
                 f"\n## {datetime.date.today().isoformat()}: {args.peers} peers, {args.miners} miners, "
-                f"chunk {args.chunk_mib:g} MiB, float32, {args.reps} reps (median)\n\n"
+                f"chunk {args.chunk_mib:g} MiB, float32, {args.reps} reps (median), "
+                f"validator checking {args.verify_fraction:g} of relay rounds between repetitions\n\n"
                 f"Command: `python {' '.join(sys.argv)}`  \n"
                 f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
                 f"ray {ray.__version__}, torch {torch.__version__}\n\n{table}\n"

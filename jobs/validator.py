@@ -41,7 +41,9 @@ def validator_config(cfg: DictConfig) -> ValidatorConfig:
 @hydra.main(config_path="../conf", config_name="validator", version_base=None)
 def main(cfg: DictConfig) -> None:
     config = validator_config(cfg)
-    serve_role(cfg, ValidatorActor, validator_name, lambda wallet, chain: (wallet, chain, config), show, MAX_CONCURRENCY)
+    serve_role(
+        cfg, ValidatorActor, validator_name, lambda wallet, chain: (wallet, chain, config), show, MAX_CONCURRENCY
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ def run_epoch(ledger: MinerLedger, chain: Chain, signer, config: ScoringConfig) 
     rate limit refused them (the scores are updated either way) or nobody earned any."""
     scores = update_scores(ledger.scores(), ledger.records(), config)
     ledger.save_scores(scores)
+    ledger.epoch_at = chain.block()
     weights = weights_for(scores, ledger.hosts())
     if not any(weights.values()):
         return None

@@ -190,15 +190,31 @@ class MinerLedger:
         return [(event, json.loads(detail)) for event, detail in rows]
 
     @property
+    def epoch_at(self) -> int | None:
+        """The block of the last scoring epoch."""
+        return self._meta("epoch_at")
+
+    @epoch_at.setter
+    def epoch_at(self, block: int) -> None:
+        self._set_meta("epoch_at", block)
+
+    @property
     def weights_set_at(self) -> int | None:
-        with transaction(self.path) as db:
-            row = db.execute("SELECT value FROM meta WHERE key='weights_set_at'").fetchone()
-        return row[0] if row else None
+        """The block the validator last set weights at."""
+        return self._meta("weights_set_at")
 
     @weights_set_at.setter
     def weights_set_at(self, block: int) -> None:
+        self._set_meta("weights_set_at", block)
+
+    def _meta(self, key: str) -> int | None:
         with transaction(self.path) as db:
-            db.execute("INSERT OR REPLACE INTO meta VALUES ('weights_set_at', ?)", (block,))
+            row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, key: str, value: int) -> None:
+        with transaction(self.path) as db:
+            db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     def _hotkey(self, db: sqlite3.Connection, uid: int) -> str:
         row = db.execute("SELECT hotkey FROM miners WHERE uid=?", (uid,)).fetchone()

@@ -105,6 +105,6 @@ def weights_for(scores: Mapping[int, float], hosts: Mapping[int, str]) -> dict[i
     return normalize(share_hosts(scores, hosts))
 
 
-def weights_due(last_set_block: int | None, block: int, rate_limit: int, epoch_blocks: int) -> bool:
-    """Whether to set weights now: once per epoch, never faster than the chain's rate limit."""
-    return last_set_block is None or block - last_set_block >= max(rate_limit, epoch_blocks)
+def epoch_due(last_epoch_block: int | None, block: int, epoch_blocks: int) -> bool:
+    """Whether a scoring epoch is due: the first one at once, then every `epoch_blocks` blocks."""
+    return last_epoch_block is None or block - last_epoch_block >= epoch_blocks

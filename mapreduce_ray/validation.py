@@ -40,17 +40,20 @@ class BenchmarkConfig:
 class VerifyConfig:
     """Checks of live rounds: `fraction` of reported rounds are checked, each by a projection plus
     `samples` sampled elements per chunk and, with `exact`, a full recomputation next to the result.
-    A failed check bans the miner for `ban_s`."""
+    A failed check bans the miner for `ban_s`. A round awaiting its check keeps its objects alive;
+    at most `max_pending` rounds wait, and a round chosen beyond that goes unchecked (counted)."""
 
     fraction: float = 0.1
     samples: int = 16
     exact: bool = True
     ban_s: float = 3600.0
+    max_pending: int = 2
 
     def __post_init__(self):
         _require(0 <= self.fraction <= 1, "verify.fraction", self.fraction, "in [0, 1]")
         _require(self.samples >= 0, "verify.samples", self.samples, "at least 0")
         _require(self.ban_s >= 0, "verify.ban_s", self.ban_s, "at least 0")
+        _require(self.max_pending >= 1, "verify.max_pending", self.max_pending, "at least 1")
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,9 @@ def verdict(inputs: list[torch.Tensor], result: torch.Tensor, dtype: str, op: st
     *contributions, projection = inspect_segments(
         [shipped(x) for x in [*inputs, result]], dtype, SEED, samples=0, timeout_s=60
     )
-    return check_projection([c.projection for c in contributions], projection.projection, Reduction(dtype, op, len(inputs), N))
+    return check_projection(
+        [c.projection for c in contributions], projection.projection, Reduction(dtype, op, len(inputs), N)
+    )
 
 
 def checked(inputs: list[torch.Tensor], result: torch.Tensor, samples: int, exact: bool, op: str = "avg"):
@@ -72,7 +74,9 @@ def test_one_element_off_by_a_little_passes_the_projection_and_fails_the_exact_c
     cheat[123_456] += 1e-3
     assert checked(inputs, cheat, samples=0, exact=False).ok  # within the projection's bound
     caught = checked(inputs, cheat, samples=0, exact=True)
-    assert not caught.ok and caught.reason.startswith("chunk 1: 1 of 100000 sampled elements differ; first at sample 23456")
+    assert not caught.ok and caught.reason.startswith(
+        "chunk 1: 1 of 100000 sampled elements differ; first at sample 23456"
+    )
 
 
 def test_samples_are_recomputed_exactly(local_ray):

@@ -122,10 +122,11 @@ def test_everything_survives_a_restart(ledger, tmp_path, clock):
     ledger.strike(2, ban_s=600.0, evidence={"round": 1})
     ledger.save_scores({1: 4.0})
     ledger.weights_set_at = 1234
+    ledger.epoch_at = 1200
     restarted = MinerLedger(tmp_path / "validator.sqlite", clock)
     assert restarted.records() == ledger.records()
     assert restarted.scores() == {1: 4.0, 2: 0.0}
-    assert restarted.weights_set_at == 1234
+    assert (restarted.weights_set_at, restarted.epoch_at) == (1234, 1200)
     assert restarted.available() == [1]
     assert restarted.history(2) == [("strike", {"round": 1})]
 

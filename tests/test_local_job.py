@@ -16,7 +16,14 @@ def run_job(cwd, *overrides: str) -> subprocess.CompletedProcess:
 
 def test_local_job_checks_and_times_every_round(tmp_path):
     done = run_job(
-        tmp_path, "validator.benchmark.size_mib=8", "topology.peers=3", "topology.miners=2", "size_mib=1", "rounds=2", "dtype=bfloat16")
+        tmp_path,
+        "validator.benchmark.size_mib=8",
+        "topology.peers=3",
+        "topology.miners=2",
+        "size_mib=1",
+        "rounds=2",
+        "dtype=bfloat16",
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert lines[0].split() == [
@@ -44,6 +51,4 @@ def test_impossible_settings_are_one_clear_line(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == "error: op=avg of int32 would truncate; pass op=sum"
     done = run_job(tmp_path, "validator.benchmark.size_mib=0")
     assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == (
-        "error: validator.benchmark.size_mib must be positive, got 0"
-    )
+    assert done.stderr.strip().splitlines()[-1] == ("error: validator.benchmark.size_mib must be positive, got 0")

@@ -46,7 +46,16 @@ def test_numel_smaller_than_miner_count_leaves_some_miners_empty():
 
 
 def test_plan_round_cuts_chunks_by_bytes():
-    job = JobSpec("j", "j", "ns", 2, (MinerSlot(1, "a", 1.0), MinerSlot(2, "b", 1.0)), chunk_bytes=1024, timeout_s=1, max_bytes=1 << 20)
+    job = JobSpec(
+        "j",
+        "j",
+        "ns",
+        2,
+        (MinerSlot(1, "a", 1.0), MinerSlot(2, "b", 1.0)),
+        chunk_bytes=1024,
+        timeout_s=1,
+        max_bytes=1 << 20,
+    )
     segments = plan_round(job, TensorSpec("float64", (3, 100)))
     assert [(s.start, s.stop) for s in segments] == [(0, 150), (150, 300)]
     assert segments[0].chunks == ((0, 128), (128, 150))

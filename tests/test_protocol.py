@@ -172,7 +172,11 @@ ROUND_TRIPS = {
         PEER,
         OTHER_MINER,
     ),
-    "contribution_receipt": (ContributionReceipt(SPEC.job_id, 3, RoundKind.ALL_REDUCE, ReduceOp.AVG, None, 0, 1, ("aa", "bb")), MINER, PEER),
+    "contribution_receipt": (
+        ContributionReceipt(SPEC.job_id, 3, RoundKind.ALL_REDUCE, ReduceOp.AVG, None, 0, 1, ("aa", "bb")),
+        MINER,
+        PEER,
+    ),
     "segment_result": (
         SegmentResult(SPEC.job_id, 3, 0, 1, 2, TensorSpec("int64", ()), ("blake3:cc", "object:dd")),
         MINER,
@@ -400,7 +404,9 @@ def test_a_job_spec_needs_a_validator_permit(world):
 
 
 def test_other_kinds_need_no_permit(world):
-    wire = seal_body(MINER, ContributionReceipt(SPEC.job_id, 1, RoundKind.BROADCAST, None, 1, 0, 1, ()), PEER.ss58_address)
+    wire = seal_body(
+        MINER, ContributionReceipt(SPEC.job_id, 1, RoundKind.BROADCAST, None, 1, 0, 1, ()), PEER.ss58_address
+    )
     assert open_body(world.verifier(PEER), wire, ContributionReceipt)[1].sender == MINER.ss58_address
 
 
@@ -412,7 +418,9 @@ def test_a_job_spec_from_a_non_permit_hotkey_is_refused_for_its_permit_before_it
 
 
 def test_another_registered_sender_than_expected_is_refused_by_name(world):
-    wire = seal_body(MINER, ContributionReceipt(SPEC.job_id, 1, RoundKind.BROADCAST, None, 1, 0, 1, ()), PEER.ss58_address)
+    wire = seal_body(
+        MINER, ContributionReceipt(SPEC.job_id, 1, RoundKind.BROADCAST, None, 1, 0, 1, ()), PEER.ss58_address
+    )
     with refused(
         BadSignatureError,
         rf"^contribution_receipt message signed by {MINER.ss58_address}, expected {OTHER_MINER.ss58_address}$",
@@ -534,7 +542,11 @@ MALFORMED_BODIES = {
         {"job": "default", "rank": 1.0, "peer_count": 2, "max_bytes": None},
         r"^JobRequest.rank is 1.0, not int$",
     ),
-    "null for a str": (JobRequest, {"job": None, "rank": 1, "peer_count": 2, "max_bytes": None}, r"^JobRequest.job is None, not str$"),
+    "null for a str": (
+        JobRequest,
+        {"job": None, "rank": 1, "peer_count": 2, "max_bytes": None},
+        r"^JobRequest.job is None, not str$",
+    ),
     "an int for a str": (JobLeave, {"job_id": 7, "rank": 1}, r"^JobLeave.job_id is 7, not str$"),
     "a bool for a float": (
         BenchmarkResult,

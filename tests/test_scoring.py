@@ -8,11 +8,11 @@ from mapreduce_ray.scoring import (
     MIB,
     MinerRecord,
     ScoringConfig,
+    epoch_due,
     instant_score,
     normalize,
     share_hosts,
     update_scores,
-    weights_due,
     weights_for,
 )
 
@@ -74,12 +74,10 @@ def test_weights_sum_to_one_or_are_all_zero():
     assert normalize({1: 0.0, 2: 0.0}) == {1: 0.0, 2: 0.0}
 
 
-def test_weights_are_set_once_per_epoch_and_never_faster_than_the_rate_limit():
-    assert weights_due(None, 5, rate_limit=100, epoch_blocks=50)
-    assert not weights_due(10, 109, rate_limit=100, epoch_blocks=50)
-    assert weights_due(10, 110, rate_limit=100, epoch_blocks=50)
-    assert not weights_due(10, 369, rate_limit=100, epoch_blocks=360)
-    assert weights_due(10, 370, rate_limit=100, epoch_blocks=360)
+def test_an_epoch_is_due_at_first_and_then_every_epoch_blocks():
+    assert epoch_due(None, 5, epoch_blocks=50)
+    assert not epoch_due(10, 59, epoch_blocks=50)
+    assert epoch_due(10, 60, epoch_blocks=50)
 
 
 def test_a_simulated_subnet_orders_honest_fast_over_slow_over_the_rest():

@@ -13,7 +13,6 @@ from actors.subnet import start_validator
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import JobError
-from mapreduce_ray.reference import reference_reduce
 
 MIB = 1024 * 1024
 ROUNDS = 3
@@ -136,11 +135,17 @@ def test_every_cheater_is_caught_in_every_checked_round(local_ray, run_peers):
         timeout_s=30,
         namespace="tests-cheaters",
         chain=ChainConfig(netuid=112),
-        validator={"benchmark": {"size_mib": 2, "interval_s": 3600}, "verify": {"fraction": 1.0, "exact": True}},
+        validator={
+            "benchmark": {"size_mib": 2, "interval_s": 3600},
+            "verify": {"fraction": 1.0, "exact": True, "max_pending": 5 * ROUNDS},
+        },
     )
     try:
         honest, *cheaters = uids_of(subnet)
-        inputs = [[torch.randn(1_000_000, generator=torch.Generator().manual_seed(10 * k + r)) for r in (1, 2)] for k in range(ROUNDS)]
+        inputs = [
+            [torch.randn(1_000_000, generator=torch.Generator().manual_seed(10 * k + r)) for r in (1, 2)]
+            for k in range(ROUNDS)
+        ]
 
         def rounds(peer):
             assert len(peer.spec.miners) == 5
@@ -159,6 +164,9 @@ def test_every_cheater_is_caught_in_every_checked_round(local_ray, run_peers):
             assert len(strikes) == cheated, role
             assert rows[uid]["state"] == "banned", role
             for evidence in strikes:
-                assert re.match(r"^(projection off by|chunk \d+: \d+ of \d+ sampled elements differ|\d+ of \d+ sampled)", evidence["reason"]), evidence
+                assert re.match(
+                    r"^(projection off by|chunk \d+: \d+ of \d+ sampled elements differ|\d+ of \d+ sampled)",
+                    evidence["reason"],
+                ), evidence
     finally:
         subnet.shutdown()
