@@ -3,9 +3,10 @@
 Three emulated hosts (Ray nodes offering the custom resources host-a, host-b and
 host-c): host-a runs the honest-fast miner, the lazy one and the cheaters (who
 earn nothing, so they share no score with it); host-b the honest-slow miner;
-host-c a Sybil group of three uids as fast as honest-fast. The validator
-benchmarks every miner through its bots until each has had `benchmarks`
-benchmarks or is banned, then runs one scoring epoch and sets weights.
+host-c a Sybil group of three uids throttled like honest-fast. The validator
+benchmarks every miner through its bot until each has had `benchmarks`
+benchmarks or is banned; then the bot stops, and the validator runs one scoring
+epoch and sets weights.
 """
 
 from __future__ import annotations
@@ -116,6 +117,10 @@ def simulate(
         while not _measured(rows := _ledger(subnet, role_of), benchmarks):
             if time.monotonic() > end:
                 raise TimeoutError(f"miners were not benchmarked {benchmarks} times within {deadline_s:g} s: {rows}")
+            time.sleep(POLL_S)
+        for bot in subnet.bots:  # no more measurements: the epoch and the table see the same ones
+            ray.kill(bot)
+        while ray.get(subnet.validator.status.remote(), timeout=60)["benchmarks_running"]:
             time.sleep(POLL_S)
         weights = ray.get(subnet.validator.epoch.remote(), timeout=60)
         rows = _ledger(subnet, role_of)
