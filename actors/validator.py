@@ -210,15 +210,13 @@ class ValidatorActor:
         where = f"{self._chain.describe()} in Ray namespace {self.config.namespace!r}"
         if not self._miners:
             return f"no miner of {where} is running; start one: python -m jobs.miner +wallet=NAME"
-        states = {row["uid"]: row["state"] for row in self.ledger.table() if row["uid"] in self._miners}
-        unproven = sorted(uid for uid, row in self._ledger_rows().items() if row["capacity"] == 0)
+        rows = [row for row in self.ledger.table() if row["uid"] in self._miners]
+        states = {row["uid"]: row["state"] for row in rows}
+        unproven = [row["uid"] for row in rows if row["capacity"] == 0]
         return (
             f"none of the {len(self._miners)} running miner(s) of {where} is free: states {states}, "
             f"not yet benchmarked {unproven}; wait for a job to end or for the benchmarks, or start more miners"
         )
-
-    def _ledger_rows(self) -> dict[int, dict]:
-        return {row["uid"]: row for row in self.ledger.table() if row["uid"] in self._miners}
 
     def _admit(self, spec: JobSpec, miners: list, admission: JobAdmission) -> None:
         calls = [

@@ -109,8 +109,7 @@ class Peer:
         self._sent: dict[int, Contribution] = {}  # this round's contributions, by miner
         self._shipped: dict[int, list] = {}  # this round's shipped chunks, by miner
         self._receipts: dict[int, bytes] = {}  # this round's signed receipts, by miner
-        self._results: dict[int, list[SegmentResult]] = {}  # this round's signed results, by miner
-        self._result_wires: dict[int, list[bytes]] = {}
+        self._results: dict[int, list[tuple[SegmentResult, bytes]]] = {}  # this round's signed results, by miner
 
     def init_process_group(self) -> JobSpec:
         """Join the job through the validator (signed request, signed admission) and look up its miners."""
@@ -260,7 +259,7 @@ class Peer:
         if self.spec is None:
             raise JobError(f"rank {self.rank} has not joined a job; call init_process_group() first")
         self._seq += 1
-        self._sent, self._shipped, self._receipts, self._results, self._result_wires = {}, {}, {}, {}, {}
+        self._sent, self._shipped, self._receipts, self._results = {}, {}, {}, {}
         return RoundSpec(self.spec, self._seq, kind, op, src, tensor)
 
     def _send(self, round_: RoundSpec, miner: int, flat: FlatTensor | None, segment: Segment | None):
@@ -305,7 +304,7 @@ class Peer:
                 if miner not in self._results:
                     self._check_receipt(round_, miner, receipt)
                     self._receipts[miner] = receipt
-                    self._results[miner], self._result_wires[miner] = [], []
+                    self._results[miner] = []
                 items[miner].extend(self._check_result(round_, miner, len(items[miner]), result, batch))
         return items
 
@@ -329,8 +328,7 @@ class Peer:
         received = (round_.job.job_id, round_.seq, miner, self.rank, first, tuple(fingerprint(s) for s in batch))
         if signed != received:
             raise RoundMismatchError(f"{round_.describe()}: miner {slot.name!r} signed other results than it sent")
-        self._results[miner].append(result)
-        self._result_wires[miner].append(wire)
+        self._results[miner].append((result, wire))
         return batch
 
     def _report(self, round_: RoundSpec, results: dict[int, list], late: Sequence[int] = ()) -> None:
@@ -350,7 +348,7 @@ class Peer:
             ray.get_runtime_context().get_node_id(),
             tuple(miners),
             tuple(self._receipts[m].decode() for m in miners),
-            tuple(tuple(w.decode() for w in self._result_wires[m]) for m in miners),
+            tuple(tuple(wire.decode() for _, wire in self._results[m]) for m in miners),
             tuple(late),
         )
         wire = self._seal(report, self._validator_hotkey)
@@ -358,7 +356,7 @@ class Peer:
 
     def _source_spec(self, round_: RoundSpec) -> TensorSpec:
         """The broadcast source's tensor spec, as every miner signed it."""
-        specs = {r.tensor for results in self._results.values() for r in results}
+        specs = {r.tensor for results in self._results.values() for r, _ in results}
         if len(specs) != 1:
             raise RoundMismatchError(f"{round_.describe()}: miners disagree about the source tensor: {specs}")
         return specs.pop()
