@@ -28,7 +28,7 @@ from mapreduce_ray.errors import MapReduceError
 from mapreduce_ray.evidence import Stored
 from mapreduce_ray.remote import get
 from mapreduce_ray.shards import from_buffer
-from mapreduce_ray.transport import Shipped
+from mapreduce_ray.transport import Shipped, receive
 from mapreduce_ray.types import ReduceOp
 from mapreduce_ray.verify import (
     Projection,
@@ -63,26 +63,25 @@ def inspect_chunk(buffer, dtype_name: str, seed: int, chunk: int, samples: int) 
     return project(elements, dtype_name, z), picked
 
 
-def inspect_here(dtype_name: str, seed: int, samples: int, items: list[tuple[int, int, Shipped]]) -> list:
+def inspect_here(
+    dtype_name: str, seed: int, samples: int, items: list[tuple[int, int, Shipped]], timeout_s: float
+) -> list:
     """inspect_chunk for each (segment, chunk, shipped) item, read on this node: (segment, chunk, projection,
     samples, node) each."""
     node = ray.get_runtime_context().get_node_id()
     out = []
     for segment, chunk, shipped in items:
-        buffer = ray.get(shipped) if isinstance(shipped, ray.ObjectRef) else shipped
+        (buffer,) = receive([shipped], timeout_s)
         out.append((segment, chunk, *inspect_chunk(buffer, dtype_name, seed, chunk, samples), node))
     return out
 
 
-def recompute_here(dtype_name: str, op: str, result: list, contributions: list[list]) -> Verdict:
+def recompute_here(dtype_name: str, op: str, result: list, contributions: list[list], timeout_s: float) -> Verdict:
     """Recompute every chunk from the contributions (rank order), one chunk at a time, and compare it
     with the result bit for bit; the first chunk that differs fails."""
     dtype = dtype_named(dtype_name)
     for index, shipped in enumerate(result):
-        pieces = [shipped, *(c[index] for c in contributions)]
-        refs = [p for p in pieces if isinstance(p, ray.ObjectRef)]
-        fetched = iter(ray.get(refs)) if refs else iter(())
-        buffers = [next(fetched) if isinstance(p, ray.ObjectRef) else p for p in pieces]
+        buffers = receive([shipped, *(c[index] for c in contributions)], timeout_s)
         verdict = check_samples(
             [from_buffer(b, dtype) for b in buffers[1:]], from_buffer(buffers[0], dtype), dtype_name, op
         )
@@ -94,11 +93,11 @@ def recompute_here(dtype_name: str, op: str, result: list, contributions: list[l
 class Checker:
     """Runs checks on its node for the process that started it."""
 
-    def inspect(self, dtype_name: str, seed: int, samples: int, items: list) -> list:
-        return inspect_here(dtype_name, seed, samples, items)
+    def inspect(self, dtype_name: str, seed: int, samples: int, items: list, timeout_s: float) -> list:
+        return inspect_here(dtype_name, seed, samples, items, timeout_s)
 
-    def recompute(self, dtype_name: str, op: str, result: list, contributions: list[list]) -> Verdict:
-        return recompute_here(dtype_name, op, result, contributions)
+    def recompute(self, dtype_name: str, op: str, result: list, contributions: list[list], timeout_s: float) -> Verdict:
+        return recompute_here(dtype_name, op, result, contributions, timeout_s)
 
 
 CHECKER_CONCURRENCY = 2
@@ -136,8 +135,10 @@ def inspect_segments(
     for i, segment in enumerate(segments):
         for c, shipped in enumerate(segment.chunks):
             by_node[segment.node if isinstance(shipped, ray.ObjectRef) else LOCAL].append((i, c, shipped))
-    local = inspect_here(dtype_name, seed, samples, by_node.pop(LOCAL, []))
-    calls = [checker_on(node).inspect.remote(dtype_name, seed, samples, items) for node, items in by_node.items()]
+    local = inspect_here(dtype_name, seed, samples, by_node.pop(LOCAL, []), timeout_s)
+    calls = [
+        checker_on(node).inspect.remote(dtype_name, seed, samples, items, timeout_s) for node, items in by_node.items()
+    ]
     parts = sorted(
         [*local, *(p for done in _checked(calls, timeout_s, "inspecting chunks next to their objects") for p in done)],
         key=lambda p: (p[0], p[1]),
@@ -181,7 +182,7 @@ def check_segment(
     if verdict.ok and exact:
         chunks = [list(c.chunks) for c in contributions]
         call = checker_on(result.node).recompute.remote(
-            dtype_name, ReduceOp.parse(op).value, list(result.chunks), chunks
+            dtype_name, ReduceOp.parse(op).value, list(result.chunks), chunks, timeout_s
         )
         (verdict,) = _checked([call], timeout_s, "recomputing the result next to it")
     return verdict

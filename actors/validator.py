@@ -114,6 +114,7 @@ class ValidatorActor:
         self._rounds: dict[tuple[str, int], RoundEvidence] = {}
         self._benchmarks: dict[ray.ObjectRef, _Benchmark] = {}
         self._miners: dict[int, tuple[str, object]] = {}  # uid -> (hotkey, actor handle) of live miners
+        self._followed: dict[int, str] | None = None  # the miners the ledger last followed
         self._checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="check")
         self._queued_checks = 0
         self._stats = {"checks": 0, "check_failures": 0, "checks_skipped": 0, "benchmarks": 0, "epochs": 0}
@@ -480,7 +481,10 @@ class ValidatorActor:
                 live[neuron.uid] = (neuron.hotkey, ray.get_actor(miner_name(neuron.uid), self.config.namespace))
             except ValueError:
                 continue
-        self.ledger.follow({uid: hotkey for uid, (hotkey, _) in live.items()})
+        hotkeys = {uid: hotkey for uid, (hotkey, _) in live.items()}
+        if hotkeys != self._followed:  # a write: on start, and when a miner came, went or changed hands
+            self.ledger.follow(hotkeys)
+            self._followed = hotkeys
         self._miners = live
 
     # ---- status ----------------------------------------------------------------------------------
