@@ -1,9 +1,9 @@
 """Miners that misbehave on purpose: the incentive simulation's cast and the validator's test subjects.
 
-Each is a MinerActor whose `_ship_result` hook throttles, drops or falsifies the
-reduced chunks it hands back; everything else (signatures, protocol) stays
-honest, so only the validator's measurements and checks can tell. With
-`live_only=True` a cheater behaves during benchmarks (a job whose ranks all
+Each is a MinerActor whose hooks throttle, drop, falsify or stall the reduced
+chunks it hands back; everything else (signatures, protocol) stays honest, so
+only the validator's measurements and checks, or the peers' failover, can tell.
+With `live_only=True` a cheater behaves during benchmarks (a job whose ranks all
 share one hotkey, as a benchmark bot's do) and cheats in real jobs.
 """
 
@@ -59,18 +59,13 @@ class Cheater(MinerActor):
         self._live_only = live_only
 
     def _ship_result(self, spec: RoundSpec, chunk: int, reduced: torch.Tensor) -> Shipped:
-        if not (self._live_only and self._is_benchmark(spec)):
+        if not (self._live_only and _is_benchmark(self, spec)):
             self._falsify(chunk, reduced)
         return super()._ship_result(spec, chunk, reduced)
 
     def _falsify(self, chunk: int, reduced: torch.Tensor) -> None:
         """Change the reduced chunk in place."""
         raise NotImplementedError
-
-    def _is_benchmark(self, spec: RoundSpec) -> bool:
-        with self._lock:
-            job = self._jobs.get(spec.job.job_id)
-            return job is not None and spec.job.peer_count > 1 and len(set(job.peers.values())) == 1
 
 
 class OneElementOffMiner(Cheater):
@@ -103,7 +98,7 @@ class ReplayingMiner(Cheater):
         self._stale: dict[tuple[int, int], Shipped] = {}  # (chunk, bytes) -> the chunk shipped first
 
     def _ship_result(self, spec, chunk, reduced):
-        if self._live_only and self._is_benchmark(spec):
+        if self._live_only and _is_benchmark(self, spec):
             return MinerActor._ship_result(self, spec, chunk, reduced)
         key = (chunk, reduced.nbytes)
         with self._lock:
@@ -114,3 +109,50 @@ class ReplayingMiner(Cheater):
         with self._lock:
             self._stale[key] = shipped
         return shipped
+
+
+class PausingMiner(MinerActor):
+    """Honest, but stalls at `point` of the first real round it serves, for twice the round's deadline
+    (long enough for a test to kill it there); `wait_paused` says when it got there.
+
+    Points: "received" (every contribution in, nothing reduced), "reducing" (the first chunk reduced
+    and shipped, the next not), "reduced" (every chunk shipped, the result stream not yet ended).
+    """
+
+    POINTS = ("received", "reducing", "reduced")
+
+    def __init__(self, wallet, chain, point: str):
+        super().__init__(wallet, chain)
+        if point not in self.POINTS:
+            raise ValueError(f"point must be one of {self.POINTS}, got {point!r}")
+        self._point = point
+        self._paused = threading.Event()
+
+    def wait_paused(self, timeout_s: float) -> bool:
+        return self._paused.wait(timeout_s)
+
+    def _reduce_segment(self, state, spec, segment, contributions):
+        self._pause(spec, "received")
+        super()._reduce_segment(state, spec, segment, contributions)
+        self._pause(spec, "reduced")
+
+    def _ship_result(self, spec, chunk, reduced):
+        if chunk == 1:
+            self._pause(spec, "reducing")
+        return super()._ship_result(spec, chunk, reduced)
+
+    def _pause(self, spec: RoundSpec, point: str) -> None:
+        if point != self._point or _is_benchmark(self, spec):
+            return
+        with self._lock:
+            first = not self._paused.is_set()
+            self._paused.set()
+        if first:
+            time.sleep(2 * spec.job.timeout_s)
+
+
+def _is_benchmark(miner: MinerActor, spec: RoundSpec) -> bool:
+    """Whether the round belongs to a benchmark: a job whose ranks all share one hotkey."""
+    with miner._lock:
+        job = miner._jobs.get(spec.job.job_id)
+        return job is not None and spec.job.peer_count > 1 and len(set(job.peers.values())) == 1

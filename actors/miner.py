@@ -1,8 +1,10 @@
 """MinerActor: reduces its segment of every round in Ray's object store.
 
-Each peer calls `reduce` once per round with its chunks of this miner's segment
-(shipped inline when small, as object refs otherwise) and reads back a stream of
-batches of reduced chunks, shipped the same way. A driver thread per round keeps
+Each peer calls `reduce` once per round and segment with its chunks of that
+segment (shipped inline when small, as object refs otherwise) and reads back a
+stream of batches of reduced chunks, shipped the same way. A miner reduces its own
+segment, and any other that peers hand it when that segment's miner failed or when
+the job wants each segment reduced by several miners. A driver thread per round keeps
 PREFETCH_CHUNKS chunks of every peer in flight, reduces chunk c as soon as every
 peer's chunk c is local, in rank order, into a pooled buffer, puts the result
 once and lets go of the pieces it used. The miner's node thus holds a few chunks
@@ -12,6 +14,8 @@ source's chunks as its own objects, so the source uploads each byte once.
 A round's objects stay alive until every peer has released it: a peer releases its
 earlier rounds of a job by starting a later one here, and all of them by leaving
 the job (`release_job`). At the round's deadline the miner lets go regardless.
+A peer that sends nothing within the job's contribution timeout, or whose chunks
+are lost with its process, fails the round for every peer with an error naming it.
 
 Every message is signed: the validator admits each peer to a job (`admit`), peers
 sign their contributions, and the miner signs a receipt for each contribution and
@@ -30,10 +34,19 @@ from dataclasses import dataclass, field
 
 import ray
 import torch
+from blake3 import blake3
+from ray.exceptions import ObjectLostError
 
 from actors.node import node_endpoint
 from mapreduce_ray.chain import ChainConfig
-from mapreduce_ray.errors import JobError, MapReduceError, RoundMismatchError, RoundTimeoutError
+from mapreduce_ray.errors import (
+    JobError,
+    MapReduceError,
+    NonFiniteError,
+    PeerLostError,
+    RoundMismatchError,
+    RoundTimeoutError,
+)
 from mapreduce_ray.messages import (
     Contribution,
     ContributionReceipt,
@@ -47,7 +60,7 @@ from mapreduce_ray.naming import miner_name, validator_name
 from mapreduce_ray.plan import Segment, plan_round
 from mapreduce_ray.protocol import MetagraphCache, Verifier
 from mapreduce_ray.reduce import block_accumulator, reduce_chunk
-from mapreduce_ray.shards import from_buffer
+from mapreduce_ray.shards import from_buffer, to_buffer
 from mapreduce_ray.transport import Shipped, fingerprint, prefetch, ship
 from mapreduce_ray.types import JobSpec, RoundKind, RoundSpec
 from mapreduce_ray.wallets import WalletConfig, load_identity
@@ -59,16 +72,17 @@ PREFETCH_CHUNKS = 2
 
 
 class _Round:
-    """What one miner knows of one round. Every field is guarded by `cond`."""
+    """What one miner knows of one segment of one round. Every field is guarded by `cond`."""
 
-    def __init__(self, first: RoundSpec, miner: int, rank: int, lock: threading.Lock):
+    def __init__(self, first: RoundSpec, segment: int, rank: int, lock: threading.Lock):
         is_receiver = first.kind is RoundKind.BROADCAST and rank != first.src
         self.spec = dataclasses.replace(first, tensor=None) if is_receiver else first  # until the source arrives
-        self.miner = miner
+        self.segment = segment
         self.cond = threading.Condition(lock)
-        self.deadline = time.monotonic() + first.job.timeout_s
+        self.opened = time.monotonic()
+        self.deadline = self.opened + first.job.timeout_s  # for the reduce
         self.chunks: dict[int, list] = {}
-        self.results: list = []
+        self.results: list = []  # (shipped, fingerprint, digest or "") per reduced chunk
         self.done = False
         self.error: MapReduceError | None = None
         self.released: set[int] = set()
@@ -113,14 +127,13 @@ class _Round:
         return self.cond.wait_for(predicate, timeout=max(deadline - time.monotonic(), 0))
 
     def stream(self):
-        """(first chunk, batch of (shipped, fingerprint)) in chunk order; at least one batch."""
-        grace = self.spec.job.timeout_s
+        """(first chunk, batch of (shipped, fingerprint, digest)) in chunk order; at least one batch."""
         sent = 0
         while True:
             with self.cond:
                 self.wait_until(
                     lambda sent=sent: self.error is not None or self.done or len(self.results) > sent,
-                    self.deadline + grace,
+                    self.opened + self.spec.job.timeout_s,
                 )
                 self.raise_if_failed()
                 batch, first, done = self.results[sent:], sent, self.done
@@ -133,7 +146,7 @@ class _Round:
     def raise_if_failed(self) -> None:
         if self.error is not None:
             raise self.error
-        if time.monotonic() > self.deadline + self.spec.job.timeout_s:
+        if time.monotonic() > self.opened + self.spec.job.timeout_s:
             raise RoundTimeoutError(f"{self.spec.describe()}: miner gave up waiting for its own driver")
 
 
@@ -211,20 +224,21 @@ class MinerActor:
             if tuple(fingerprint(chunk) for chunk in chunks or ()) != c.chunks:
                 raise RoundMismatchError(f"{spec.describe()}: rank {c.rank} shipped other chunks than it signed for")
             self._release(spec.job.job_id, c.rank, before_seq=spec.seq)
-            state = self._rounds.get(spec.key)
+            key = (c.job_id, c.seq, c.segment)
+            state = self._rounds.get(key)
             if state is None:
-                state = self._rounds[spec.key] = _Round(spec, c.miner, c.rank, self._lock)
+                state = self._rounds[key] = _Round(spec, c.segment, c.rank, self._lock)
                 threading.Thread(target=self._run, args=(state,), name=f"round-{spec.seq}", daemon=True).start()
             state.join(spec, c.rank, chunks)
-        receipt = ContributionReceipt(c.job_id, c.seq, c.kind, c.op, c.src, c.miner, c.rank, c.chunks)
+        receipt = ContributionReceipt(c.job_id, c.seq, c.kind, c.op, c.src, c.miner, c.rank, c.chunks, c.segment)
         for first, batch in state.stream():
-            result = SegmentResult(
-                c.job_id, c.seq, c.miner, c.rank, first, state.spec.tensor, tuple(f for _, f in batch)
-            )
+            prints, digests = tuple(f for _, f, _ in batch), tuple(d for _, _, d in batch if d)
+            tensor = state.spec.tensor
+            result = SegmentResult(c.job_id, c.seq, c.miner, c.rank, first, tensor, prints, c.segment, digests)
             yield (
                 self._seal(receipt, peer) if first == 0 else None,
                 self._seal(result, peer),
-                [shipped for shipped, _ in batch],
+                [shipped for shipped, _, _ in batch],
             )
 
     def release_job(self, wire: bytes) -> None:
@@ -253,6 +267,8 @@ class MinerActor:
             raise JobError(
                 f"contribution for miner #{contribution.miner} of job {job.spec.name!r} sent to {self.name!r}"
             )
+        if not 0 <= contribution.segment < len(job.spec.miners):
+            raise JobError(f"job {job.spec.name!r} has no segment #{contribution.segment}")
         c = contribution
         return RoundSpec(job.spec, c.seq, c.kind, c.op, c.src, c.tensor)
 
@@ -260,7 +276,7 @@ class MinerActor:
         return seal_body(self._identity.keypair, body, receiver)
 
     def _release(self, job_id: str, rank: int, before_seq: int | None) -> None:
-        for (job, seq), state in self._rounds.items():
+        for (job, seq, _), state in self._rounds.items():
             if job == job_id and (before_seq is None or seq < before_seq):
                 state.released.add(rank)
                 state.cond.notify_all()
@@ -268,22 +284,24 @@ class MinerActor:
     def _run(self, state: _Round) -> None:
         try:
             with state.cond:
-                if not state.wait_until(lambda: state.ready, state.deadline):
+                job = state.spec.job
+                if not state.wait_until(lambda: state.ready, state.opened + job.contribution_timeout_s):
                     missing = sorted(state.contributors - state.chunks.keys())
-                    raise RoundTimeoutError(
-                        f"{state.spec.describe()}: rank(s) {missing} sent nothing to miner {self.name!r} "
-                        f"within {state.spec.job.timeout_s:g} s"
+                    raise PeerLostError(
+                        f"{state.spec.describe()}: rank(s) {missing} sent nothing to miner {self.name!r} within "
+                        f"{job.contribution_timeout_s:g} s: they left or died. Every peer calls every collective; "
+                        "start the job again: destroy_process_group(), then init_process_group()"
                     )
                 state.raise_if_failed()
                 spec = state.spec
-                contributions = [state.chunks.pop(rank) for rank in sorted(state.contributors)]
-            self._reduce_segment(state, spec, plan_round(spec.job, spec.tensor)[state.miner], contributions)
+                contributions = {rank: state.chunks.pop(rank) for rank in sorted(state.contributors)}
+            self._reduce_segment(state, spec, plan_round(spec.job, spec.tensor)[state.segment], contributions)
             del contributions
             with state.cond:
                 state.done = True
                 state.cond.notify_all()
-                results = [shipped for shipped, _ in state.results]
-            self._hand_over(spec, results)
+                results = [shipped for shipped, _, _ in state.results]
+            self._hand_over(spec, state.segment, results)
             with state.cond:
                 state.wait_until(
                     lambda: len(state.released) >= spec.job.peer_count, time.monotonic() + spec.job.timeout_s
@@ -297,11 +315,11 @@ class MinerActor:
                 state.fail(MapReduceError(f"{state.spec.describe()}: miner {self.name!r} failed: {e!r}"))
         finally:
             with self._lock:
-                self._rounds.pop(state.spec.key, None)
+                self._rounds.pop((state.spec.job.job_id, state.spec.seq, state.segment), None)
                 self._rounds_done += 1
 
-    def _reduce_segment(self, state: _Round, spec: RoundSpec, segment: Segment, contributions: list[list]) -> None:
-        for rank, chunks in zip(sorted(state.contributors), contributions, strict=True):
+    def _reduce_segment(self, state: _Round, spec: RoundSpec, segment: Segment, contributions: dict[int, list]) -> None:
+        for rank, chunks in contributions.items():
             if len(chunks) != len(segment.chunks):
                 raise RoundMismatchError(
                     f"{spec.describe()}: rank {rank} sent {len(chunks)} chunks to miner {self.name!r}, "
@@ -310,26 +328,30 @@ class MinerActor:
         dtype = spec.tensor.dtype_info
         out_bytes, accumulator = self._take_buffers(max((b - a for a, b in segment.chunks), default=0) * dtype.itemsize)
         n = len(segment.chunks)
-        in_flight = {c: [prefetch(chunks[c]) for chunks in contributions] for c in range(min(PREFETCH_CHUNKS, n))}
+        in_flight = {c: _prefetch(contributions, c) for c in range(min(PREFETCH_CHUNKS, n))}
         try:
             for c, (a, b) in enumerate(segment.chunks):
-                buffers = [f.result(timeout=max(state.deadline - time.monotonic(), 0)) for f in in_flight.pop(c)]
-                for chunks in contributions:
+                buffers = {rank: _fetched(spec, rank, f, state.deadline) for rank, f in in_flight.pop(c).items()}
+                for chunks in contributions.values():
                     chunks[c] = None  # this miner's hold on the piece ends here
                 if c + PREFETCH_CHUNKS < n:
-                    in_flight[c + PREFETCH_CHUNKS] = [prefetch(chunks[c + PREFETCH_CHUNKS]) for chunks in contributions]
+                    in_flight[c + PREFETCH_CHUNKS] = _prefetch(contributions, c + PREFETCH_CHUNKS)
+                inputs = {rank: from_buffer(buf, dtype) for rank, buf in buffers.items()}
+                if spec.job.reject_nonfinite:
+                    _refuse_nonfinite(spec, inputs, a)
                 if spec.kind is RoundKind.BROADCAST:
-                    out = from_buffer(buffers[0], dtype)
+                    out = inputs[spec.src]
                 else:
                     out = out_bytes[: (b - a) * dtype.itemsize].view(dtype.torch_dtype)
-                    reduce_chunk([from_buffer(buf, dtype) for buf in buffers], spec.op, out, accumulator)
+                    reduce_chunk(list(inputs.values()), spec.op, out, accumulator)
                 shipped = self._ship_result(spec, c, out)
-                result = (shipped, fingerprint(shipped))
+                digest = blake3(to_buffer(out)).hexdigest() if spec.job.redundancy > 1 else ""
+                result = (shipped, fingerprint(shipped), digest)
                 with state.cond:
-                    self._bytes_in += sum(buf.size for buf in buffers)
+                    self._bytes_in += sum(buf.size for buf in buffers.values())
                     state.results.append(result)
                     state.cond.notify_all()
-                del buffers
+                del buffers, inputs
         except FetchTimeout:  # the builtin TimeoutError only from Python 3.11 on
             raise RoundTimeoutError(
                 f"{spec.describe()}: miner {self.name!r} could not fetch the peers' chunks "
@@ -339,7 +361,7 @@ class MinerActor:
             with self._lock:
                 self._buffers.append((out_bytes, accumulator))
 
-    def _hand_over(self, spec: RoundSpec, results: list) -> None:
+    def _hand_over(self, spec: RoundSpec, segment: int, results: list) -> None:
         """Give the validator of the round's job its own references to the results, so they outlive
         this miner's hold on them until the validator has decided whether to check the round."""
         with self._lock:
@@ -352,7 +374,7 @@ class MinerActor:
                 job.validator_actor = ray.get_actor(validator_name(neuron.uid), namespace=spec.job.namespace)
             except (AttributeError, ValueError):
                 return  # the validator is gone; nobody will check this round
-        job.validator_actor.hold_results.remote(spec.job.job_id, spec.seq, job.index, results)
+        job.validator_actor.hold_results.remote(spec.job.job_id, spec.seq, job.index, segment, results)
 
     def _ship_result(self, spec: RoundSpec, chunk: int, reduced: torch.Tensor) -> Shipped:
         """Ship chunk `chunk` of this miner's reduced segment (the simulated miners in actors.behaviours
@@ -368,6 +390,34 @@ class MinerActor:
         if len(out_bytes) < nbytes:
             out_bytes = torch.empty(nbytes, dtype=torch.uint8)
         return out_bytes, accumulator
+
+
+def _prefetch(contributions: dict[int, list], chunk: int) -> dict:
+    return {rank: prefetch(chunks[chunk]) for rank, chunks in contributions.items()}
+
+
+def _fetched(spec: RoundSpec, rank: int, future, deadline: float):
+    """The buffer of a peer's chunk; PeerLostError naming the rank when it was lost with its owner."""
+    try:
+        return future.result(timeout=max(deadline - time.monotonic(), 0))
+    except ObjectLostError:
+        raise PeerLostError(
+            f"{spec.describe()}: the chunks of rank {rank} were lost with its process before they were reduced; "
+            "start the job again: destroy_process_group(), then init_process_group()"
+        ) from None
+
+
+def _refuse_nonfinite(spec: RoundSpec, inputs: dict[int, torch.Tensor], offset: int) -> None:
+    """NonFiniteError naming the first rank (and element) with a NaN or Inf."""
+    if spec.tensor.dtype_info.is_integer:
+        return
+    for rank, x in inputs.items():
+        bad = torch.isfinite(x).logical_not().nonzero()
+        if len(bad):
+            raise NonFiniteError(
+                f"{spec.describe()}: rank {rank} handed in NaN or Inf (element {offset + int(bad[0])} of its flat "
+                "tensor); this job refuses them: fix the tensor, or join with reject_nonfinite=False"
+            )
 
 
 def _what(spec: RoundSpec) -> str:

@@ -69,10 +69,10 @@ class LocalSubnet:
         for actor in [self.validator, *self.miners, *self.bots]:
             ray.kill(actor)
 
-    def wait_benchmarked(self, timeout_s: float) -> list[dict]:
-        """Wait until the validator has benchmarked every miner; its ledger rows. RuntimeError naming the
-        miners that did not pass in time."""
-        uids = {ray.get(m.status.remote(), timeout=timeout_s)["uid"] for m in self.miners}
+    def wait_benchmarked(self, timeout_s: float, miners: list | None = None) -> list[dict]:
+        """Wait until the validator has benchmarked `miners` (default: all of the subnet's); their ledger
+        rows. RuntimeError naming the miners that did not pass in time."""
+        uids = {ray.get(m.status.remote(), timeout=timeout_s)["uid"] for m in miners or self.miners}
         deadline = time.monotonic() + timeout_s
         while True:
             rows = [r for r in ray.get(self.validator.miners.remote(), timeout=timeout_s) if r["uid"] in uids]

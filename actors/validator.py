@@ -4,8 +4,9 @@ Jobs. A peer sends a signed JobRequest; the validator picks the job's miners
 from those that are available (not busy, not banned, benchmarked) by score, sizes
 their segments by measured throughput within their verified capacity, marks them
 busy, admits the peer at every miner with a signed JobAdmission and answers the
-peer with the same admission. The miners are free again when the last peer
-leaves, or when the job has been idle for `job_idle_s`.
+peer with the same admission. A job ends when one of its peers leaves (the others
+cannot go on without it; they join again for a new job), or when it has been idle
+for `job_idle_s`; its miners are free again.
 
 Benchmarks. A background loop orders the configured benchmark bots to run real
 rounds through one miner at a time (actors.benchmark); an exact result records
@@ -15,7 +16,11 @@ Checks. After every round each peer forwards the miners' signed receipts and
 results with its own chunks (mapreduce_ray.peer), and each miner hands over its
 results. When a round is complete, a random `verify.fraction` of rounds is
 checked (actors.checks) with a seed drawn then; a failed check is a strike:
-score zeroed, banned for `verify.ban_s`, evidence in the ledger.
+score zeroed, banned for `verify.ban_s`, evidence in the ledger. Miners that peers
+saw die, fail or miss their deadline lose reliability. In a job with redundancy,
+peers whose miners disagree on a segment ask for a ruling (`arbitrate`): every
+replica is recomputed exactly, the wrong ones are struck, and every peer asking
+gets the same answer.
 
 Weights. Every `epoch_blocks` the ledger's measurements become EMA scores and
 weights on the chain (mapreduce_ray.epoch). Everything it learns lives in its
@@ -26,12 +31,13 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import secrets
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import ray
@@ -47,15 +53,18 @@ from mapreduce_ray.matching import Candidate, choose_miners
 from mapreduce_ray.messages import (
     BenchmarkOrder,
     BenchmarkResult,
+    Dispute,
     JobAdmission,
     JobLeave,
     JobRequest,
     Outcome,
     RoundReport,
+    Ruling,
     open_body,
     seal_body,
 )
 from mapreduce_ray.naming import benchmark_name, miner_name
+from mapreduce_ray.plan import failover_order, miner_loads
 from mapreduce_ray.protocol import MetagraphCache, Verifier
 from mapreduce_ray.remote import get
 from mapreduce_ray.scoring import epoch_due
@@ -112,6 +121,8 @@ class ValidatorActor:
         self._jobs: dict[str, _Job] = {}
         self._ended: dict[str, tuple[_Job, float]] = {}  # job id -> (job, when): its last reports may follow
         self._rounds: dict[tuple[str, int], RoundEvidence] = {}
+        self._rulings: dict[tuple[str, int, int], Future] = {}  # (job id, seq, segment) -> its Ruling
+        self._closed: dict[tuple[str, int], RoundEvidence] = {}  # complete rounds of jobs with redundancy
         self._benchmarks: dict[ray.ObjectRef, _Benchmark] = {}
         self._miners: dict[int, tuple[str, object]] = {}  # uid -> (hotkey, actor handle) of live miners
         self._followed: dict[int, str] | None = None  # the miners the ledger last followed
@@ -134,6 +145,13 @@ class ValidatorActor:
                 raise JobError(
                     f"job {name!r} has {job.spec.peer_count} peers but rank {rank} says {request.peer_count}; "
                     "pass the same peer_count on every peer"
+                )
+            if (request.redundancy, request.reject_nonfinite) != (job.spec.redundancy, job.spec.reject_nonfinite):
+                raise JobError(
+                    f"job {name!r} runs with redundancy={job.spec.redundancy}, "
+                    f"reject_nonfinite={job.spec.reject_nonfinite} but rank {rank} asks for "
+                    f"redundancy={request.redundancy}, reject_nonfinite={request.reject_nonfinite}; "
+                    "pass the same on every peer"
                 )
             if request.max_bytes is not None and request.max_bytes > job.spec.max_bytes:
                 raise JobError(
@@ -159,14 +177,12 @@ class ValidatorActor:
             return seal_body(self._identity.keypair, admission, peer)
 
     def leave(self, wire: bytes) -> None:
-        """Remove the sender of a signed JobLeave; the job ends when its last peer leaves."""
+        """The sender of a signed JobLeave leaves its job, which ends: a round needs every peer."""
         leave, envelope = open_body(self._verifier, wire, JobLeave)
         with self._lock:
             for name, job in list(self._jobs.items()):
                 if job.spec.job_id == leave.job_id and job.ranks.get(leave.rank) == envelope.sender:
-                    del job.ranks[leave.rank]
-                    if not job.ranks:
-                        self._end_job(name, job)
+                    self._end_job(name, job)
 
     def jobs(self) -> list[dict]:
         with self._lock:
@@ -187,12 +203,13 @@ class ValidatorActor:
         ]
         if not candidates:
             raise JobError(self._why_no_miner())
-        shares = choose_miners(candidates, request.max_bytes or 0, self.config.max_miners)
+        shares = choose_miners(candidates, request.max_bytes or 0, self.config.max_miners, request.redundancy)
         claimed = self.ledger.claim(sorted(shares))
         if len(claimed) != len(shares):
             self.ledger.release(claimed)
             raise JobError("the chosen miners were taken by another job or a benchmark meanwhile; join again")
         capacity = {c.uid: c.capacity for c in candidates}
+        loads = dict(zip(shares, miner_loads(tuple(shares.values()), request.redundancy), strict=True))
         spec = JobSpec(
             job_id=uuid.uuid4().hex[:12],
             name=name,
@@ -201,7 +218,9 @@ class ValidatorActor:
             miners=tuple(MinerSlot(uid, self._miners[uid][0], share) for uid, share in shares.items()),
             chunk_bytes=self.config.chunk_bytes,
             timeout_s=self.config.timeout_s,
-            max_bytes=math.floor(min(capacity[uid] / share for uid, share in shares.items())),
+            max_bytes=math.floor(min(capacity[uid] / load for uid, load in loads.items())),
+            redundancy=request.redundancy,
+            reject_nonfinite=request.reject_nonfinite,
         )
         job = _Job(spec, [self._miners[uid][1] for uid in shares])
         self._jobs[name] = job
@@ -244,26 +263,70 @@ class ValidatorActor:
             if job is None or job.admitted.get(report.rank) != peer:
                 return  # a job that ended long ago, or a sender that is not this rank
             job.active_at = time.monotonic()
-        evidence = {
-            m: evidence_of(job.spec, report, m, peer, receipt, result_wires, chunks)
+        evidence = [
+            (m, evidence_of(job.spec, report, m, peer, receipt, result_wires, chunks))
             for m, receipt, result_wires, chunks in zip(
                 report.miners, report.receipts, report.results, contributions, strict=True
             )
-        }
+        ]
         with self._lock:
             round_ = self._round(job.spec, report.seq)
             round_.add_report(report.rank, evidence, report.late)
         self._close_if_complete(round_)
 
-    def hold_results(self, job_id: str, seq: int, miner: int, results: list) -> None:
-        """A miner hands over its results of a round (checked against the fingerprints it signed)."""
+    def hold_results(self, job_id: str, seq: int, miner: int, segment: int, results: list) -> None:
+        """A miner hands over its results of a segment of a round (checked against the fingerprints it signed)."""
         with self._lock:
             job = self._job_by_id(job_id)
             if job is None or not 0 <= miner < len(job.spec.miners):
                 return  # a benchmark's round, or a job that ended long ago
             round_ = self._round(job.spec, seq)
-            round_.offer(miner, results)
+            round_.offer(miner, segment, results)
         self._close_if_complete(round_)
+
+    def arbitrate(self, wire: bytes) -> bytes:
+        """Rule on a signed Dispute: which of the miners that reduced the segment is exact. The first
+        peer to ask has every replica recomputed and the wrong ones struck; later ones get the same Ruling."""
+        dispute, envelope = open_body(self._verifier, wire, Dispute)
+        key = (dispute.job_id, dispute.seq, dispute.segment)
+        with self._lock:
+            job = self._job_by_id(dispute.job_id)
+            if job is None or job.admitted.get(dispute.rank) != envelope.sender:
+                raise JobError(f"hotkey {envelope.sender} is no peer of job {dispute.job_id}; no ruling")
+            round_ = self._closed.get((dispute.job_id, dispute.seq)) or self._round(job.spec, dispute.seq)
+            ruling = self._rulings.setdefault(key, Future())
+            first = not (ruling.running() or ruling.done()) and ruling.set_running_or_notify_cancel()
+        if first:
+            try:
+                ruling.set_result(self._rule(round_, dispute.segment))
+            except Exception as e:
+                ruling.set_exception(e)
+        decided = ruling.result(timeout=job.spec.timeout_s)
+        return seal_body(self._identity.keypair, decided, envelope.sender)
+
+    def _rule(self, round_: RoundEvidence, segment: int) -> Ruling:
+        """Wait (within the round's deadline) for every replica's evidence, check each exactly, strike the wrong."""
+        spec, deadline = round_.spec, time.monotonic() + round_.spec.timeout_s
+        while True:
+            with self._lock:
+                miners = sorted(m for m, s in round_.heard if s == segment)
+                ready = len(miners) > 1 and all(round_.comparison(m, segment) is not None for m in miners)
+            if ready or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        exact, reasons = [], []
+        for miner in miners:
+            verdict = self._check_miner(round_, miner, segment, exact=True)
+            if verdict is None:
+                reasons.append(f"{spec.miners[miner].name}: not enough evidence")
+            elif verdict.ok:
+                exact.append(miner)
+            else:
+                reasons.append(f"{spec.miners[miner].name}: {verdict.reason}")
+                self._strike(spec.miners[miner].uid, round_, verdict)
+        order = failover_order(segment, len(spec.miners))
+        winner = min(exact, key=order.index) if exact else None
+        return Ruling(spec.job_id, round_.seq, segment, winner, "; ".join(reasons) or "exact")
 
     def _round(self, spec: JobSpec, seq: int) -> RoundEvidence:
         """The evidence gathered so far about a round (lock held)."""
@@ -280,12 +343,15 @@ class ValidatorActor:
             if not round_.complete or self._rounds.get(key) is not round_:
                 return
             del self._rounds[key]
+            if round_.spec.redundancy > 1:  # disputes about it may still come
+                self._closed[key] = round_
         self._close_round(round_)
 
     def _close_round(self, round_: RoundEvidence) -> None:
         """Count the round for each miner's reliability, and maybe check it."""
+        followed = self._followed or {}
         for index, slot in enumerate(round_.spec.miners):
-            if slot.uid in self._miners:
+            if followed.get(slot.uid) == slot.hotkey:
                 self.ledger.record_round(slot.uid, round_.on_time(index))
         if self.config.verify.fraction <= 0 or random.random() >= self.config.verify.fraction:
             return
@@ -297,46 +363,55 @@ class ValidatorActor:
         self._checks.submit(self._check_round, round_)
 
     def _check_round(self, round_: RoundEvidence) -> None:
-        """Check every miner of the round; a check that cannot run (an object lost with its owner) is no strike."""
+        """Check every segment every miner delivered (but those disputed: a ruling checks them); a check that
+        cannot run (an object lost with its owner) is no strike."""
         try:
-            for index, slot in enumerate(round_.spec.miners):
+            with self._lock:
+                disputed = {s for job_id, seq, s in self._rulings if (job_id, seq) == (round_.spec.job_id, round_.seq)}
+                delivered = sorted((m, s) for m, s in round_.heard if s not in disputed)
+            for miner, segment in delivered:
+                uid = round_.spec.miners[miner].uid
                 try:
-                    verdict = self._check_miner(round_, index)
+                    verdict = self._check_miner(round_, miner, segment, self.config.verify.exact)
                 except Exception as e:
-                    log.warning("could not check miner uid %d in round %d: %s", slot.uid, round_.seq, e)
+                    log.warning("could not check miner uid %d in round %d: %s", uid, round_.seq, e)
                     continue
-                if verdict is None:
-                    continue
-                with self._lock:
-                    self._stats["checks"] += 1
-                    self._stats["check_failures"] += not verdict.ok
-                if not verdict.ok:
-                    evidence = {"job": round_.spec.job_id, "seq": round_.seq, "reason": verdict.reason}
-                    log.warning("strike for miner uid %d: %s", slot.uid, evidence)
-                    self.ledger.strike(slot.uid, self.config.verify.ban_s, evidence)
+                if verdict is not None and not verdict.ok:
+                    self._strike(uid, round_, verdict)
         finally:
             with self._lock:
                 self._queued_checks -= 1
 
-    def _check_miner(self, round_: RoundEvidence, index: int) -> Verdict | None:
+    def _check_miner(self, round_: RoundEvidence, miner: int, segment: int, exact: bool) -> Verdict | None:
         """The Verdict of one miner's segment of a round, or None when the reports do not allow a check."""
-        comparison = round_.comparison(index)
+        with self._lock:
+            comparison = round_.comparison(miner, segment)
         if comparison is None or isinstance(comparison, str):
-            return comparison and Verdict(False, math.inf, 0.0, comparison)
-        uid = round_.spec.miners[index].uid
-        miner_node = actor_node(self._miners[uid][1])[0] if uid in self._miners else ""
-        verify = self.config.verify
-        return check_segment(
-            comparison.contributions,
-            Stored(comparison.result, miner_node),
-            comparison.dtype,
-            comparison.op,
-            comparison.numel,
-            secrets.randbits(63),
-            verify.samples,
-            verify.exact,
-            round_.spec.timeout_s,
-        )
+            verdict = comparison and Verdict(False, math.inf, 0.0, comparison)
+        else:
+            uid = round_.spec.miners[miner].uid
+            miner_node = actor_node(self._miners[uid][1])[0] if uid in self._miners else ""
+            verdict = check_segment(
+                comparison.contributions,
+                Stored(comparison.result, miner_node),
+                comparison.dtype,
+                comparison.op,
+                comparison.numel,
+                secrets.randbits(63),
+                self.config.verify.samples,
+                exact,
+                round_.spec.timeout_s,
+            )
+        if verdict is not None:
+            with self._lock:
+                self._stats["checks"] += 1
+                self._stats["check_failures"] += not verdict.ok
+        return verdict
+
+    def _strike(self, uid: int, round_: RoundEvidence, verdict: Verdict) -> None:
+        evidence = {"job": round_.spec.job_id, "seq": round_.seq, "reason": verdict.reason}
+        log.warning("strike for miner uid %d: %s", uid, evidence)
+        self.ledger.strike(uid, self.config.verify.ban_s, evidence)
 
     # ---- benchmarks ------------------------------------------------------------------------------
 
@@ -450,6 +525,9 @@ class ValidatorActor:
             stale = [k for k, r in self._rounds.items() if now - r.opened_at > 2 * r.spec.timeout_s]
             rounds = [self._rounds.pop(k) for k in stale]
             self._ended = {k: (j, t) for k, (j, t) in self._ended.items() if now - t <= 2 * j.spec.timeout_s}
+            live = {j.spec.job_id for j in self._jobs.values()} | self._ended.keys()
+            self._rulings = {k: r for k, r in self._rulings.items() if k[0] in live}
+            self._closed = {k: r for k, r in self._closed.items() if now - r.opened_at <= 2 * r.spec.timeout_s}
             for name, job in list(self._jobs.items()):
                 if now - job.active_at > self.config.job_idle_s:
                     log.warning("job %r idle for %.0f s: ended", name, now - job.active_at)
@@ -462,7 +540,7 @@ class ValidatorActor:
     def epoch(self) -> dict[int, float]:
         """Score the miners and set weights now (when the chain allows); the weights set, or {}.
         `status()` shows them as the chain stores them."""
-        weights = run_epoch(self.ledger, self._chain, self._identity.keypair, self.config.scoring)
+        weights = run_epoch(self.ledger, self._chain, self._identity.keypair, self.config.scoring, set(self._miners))
         with self._lock:
             self._stats["epochs"] += 1
         if weights:
@@ -472,17 +550,18 @@ class ValidatorActor:
         return weights or {}
 
     def _refresh_miners(self) -> None:
-        """Follow the metagraph: served neurons without a permit whose miner actor runs in the namespace."""
-        live = {}
+        """Follow the metagraph's served neurons without a permit in the ledger (a miner whose actor is
+        down keeps its record); the live miners are those whose actor runs in the namespace."""
+        live, hotkeys = {}, {}
         for neuron in self._metagraph.get().neurons:
             if neuron.endpoint is None or neuron.validator_permit:
                 continue
+            hotkeys[neuron.uid] = neuron.hotkey
             try:
                 live[neuron.uid] = (neuron.hotkey, ray.get_actor(miner_name(neuron.uid), self.config.namespace))
             except ValueError:
                 continue
-        hotkeys = {uid: hotkey for uid, (hotkey, _) in live.items()}
-        if hotkeys != self._followed:  # a write: on start, and when a miner came, went or changed hands
+        if hotkeys != self._followed:  # a write: on start, and when a miner came, left or changed hands
             self.ledger.follow(hotkeys)
             self._followed = hotkeys
         self._miners = live
@@ -494,6 +573,7 @@ class ValidatorActor:
             return {
                 "uid": self.uid,
                 "hotkey": self._identity.hotkey,
+                "pid": os.getpid(),
                 "jobs": len(self._jobs),
                 "benchmarks_running": len(self._benchmarks),
                 "rounds_open": len(self._rounds),

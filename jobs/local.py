@@ -91,7 +91,13 @@ def run(cfg: DictConfig) -> list[dict]:
         validator=validator_settings(cfg),
     )
     peer_actor = ray.remote(num_cpus=0)(PeerActor)
-    peers = [peer_actor.remote(r, p, job="jobs.local", **subnet.peer_options) for r in range(1, p + 1)]
+    options = {
+        "job": "jobs.local",
+        "redundancy": cfg.topology.redundancy,
+        "reject_nonfinite": cfg.topology.reject_nonfinite,
+        **subnet.peer_options,
+    }
+    peers = [peer_actor.remote(r, p, **options) for r in range(1, p + 1)]
     try:
         ray.get([a.init_process_group.remote() for a in peers], timeout=cfg.subnet.timeout_s)
         numel = max(1, int(cfg.size_mib * MIB) // dtype_named(cfg.dtype).itemsize)

@@ -25,6 +25,23 @@ class RoundTimeoutError(MapReduceError, TimeoutError):
     """A round did not complete before its deadline."""
 
 
+class PeerLostError(MapReduceError):
+    """A peer of the round sent nothing, or its chunks were lost with its process: the round cannot finish."""
+
+
+class NonFiniteError(MapReduceError, ValueError):
+    """A peer handed in NaN or Inf to a job that refuses them."""
+
+
+class MinerFaultError(MapReduceError):
+    """A miner died, failed, missed its deadline or sent results its signatures do not vouch for;
+    peers hand its segment to the next miner."""
+
+
+class StoreFullError(MapReduceError):
+    """Ray's object store (and its spill space) had no room for a chunk."""
+
+
 class IdentityError(MapReduceError):
     """Who a party is, or what it may do, could not be established."""
 

@@ -1,6 +1,6 @@
 """The typed bodies of the protocol's messages, and their strict JSON codec.
 
-wire = seal_body(keypair, JobRequest("default", 1, 4), validator_hotkey)
+wire = seal_body(keypair, JobRequest("default", 1, 4, None, 1, False), validator_hotkey)
 request, envelope = open_body(verifier, wire, JobRequest)
 """
 
@@ -19,12 +19,15 @@ from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, TensorSpec
 
 @dataclass(frozen=True)
 class JobRequest:
-    """A peer asks to take `rank` in job `job` of `peer_count` peers, handing in tensors of up to `max_bytes`."""
+    """A peer asks to take `rank` in job `job` of `peer_count` peers, handing in tensors of up to `max_bytes`,
+    each segment reduced by `redundancy` miners, NaN and Inf refused when `reject_nonfinite`."""
 
     job: str
     rank: int
     peer_count: int
     max_bytes: int | None  # None: any size the job's miners can take
+    redundancy: int
+    reject_nonfinite: bool
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,8 @@ class JobLeave:
 
 @dataclass(frozen=True)
 class Contribution:
-    """A peer's part of one round at one miner: what the round is and the fingerprints of the chunks it ships."""
+    """A peer's part of one segment of one round at one miner: what the round is and the fingerprints of
+    the chunks it ships. `miner` is the receiving miner's place in the job, `segment` the plan's segment."""
 
     job_id: str
     seq: int
@@ -57,6 +61,7 @@ class Contribution:
     miner: int
     rank: int
     chunks: tuple[str, ...]  # transport.fingerprint of each shipped chunk
+    segment: int
 
 
 @dataclass(frozen=True)
@@ -71,13 +76,16 @@ class ContributionReceipt:
     miner: int
     rank: int
     chunks: tuple[str, ...]
+    segment: int
 
 
 @dataclass(frozen=True)
 class SegmentResult:
-    """Reduced chunks `first_chunk`.. of a miner's segment, by fingerprint.
+    """Reduced chunks `first_chunk`.. of `segment`, by fingerprint, from the job's miner `miner`.
 
-    `tensor` is the round's tensor spec (for a broadcast, the source's)."""
+    `tensor` is the round's tensor spec (for a broadcast, the source's). In a job with
+    redundancy, `digests` are the BLAKE3 digests of the chunks' bytes, which peers
+    compare across the segment's miners; otherwise empty."""
 
     job_id: str
     seq: int
@@ -86,16 +94,19 @@ class SegmentResult:
     first_chunk: int
     tensor: TensorSpec
     chunks: tuple[str, ...]
+    segment: int
+    digests: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class RoundReport:
     """After a round, a peer forwards each miner's signed receipt and results, for the validator to check.
 
-    `miners` lists the miner indexes that delivered, `receipts` and `results` (every
-    SegmentResult wire, in order) align with it, as UTF-8 text; `late` lists the
-    miners that missed the round's deadline; `node` is the Ray node that stored the
-    peer's chunks. The shipped chunks travel beside the message.
+    `miners` lists the miner indexes that delivered a segment (a miner that took over
+    a failed miner's segment is listed once per segment), `receipts` and `results`
+    (every SegmentResult wire, in order) align with it, as UTF-8 text; `late` lists
+    the miners that died, failed or missed their deadline; `node` is the Ray node that
+    stored the peer's chunks. The shipped chunks travel beside the message.
     """
 
     job_id: str
@@ -106,6 +117,27 @@ class RoundReport:
     receipts: tuple[str, ...]
     results: tuple[tuple[str, ...], ...]
     late: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Dispute:
+    """A peer got different digests for `segment` of a round from its miners and asks the validator to rule."""
+
+    job_id: str
+    seq: int
+    segment: int
+    rank: int
+
+
+@dataclass(frozen=True)
+class Ruling:
+    """The validator's verdict on a dispute: the job's miner whose result is exact (None: none is), and why."""
+
+    job_id: str
+    seq: int
+    segment: int
+    miner: int | None
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -143,6 +175,8 @@ KINDS: dict[type, Kind] = {
     ContributionReceipt: Kind.CONTRIBUTION_RECEIPT,
     SegmentResult: Kind.SEGMENT_RESULT,
     RoundReport: Kind.ROUND_REPORT,
+    Dispute: Kind.DISPUTE,
+    Ruling: Kind.RULING,
     BenchmarkOrder: Kind.BENCHMARK_ORDER,
     BenchmarkResult: Kind.BENCHMARK_RESULT,
 }

@@ -69,3 +69,21 @@ def plan_round(job: JobSpec, tensor: TensorSpec) -> tuple[Segment, ...]:
     """The plan of one round: the job's miner weights and chunk size applied to a tensor."""
     chunk_elems = max(1, job.chunk_bytes // tensor.dtype_info.itemsize)
     return plan_segments(tensor.numel, job.miner_weights, chunk_elems)
+
+
+def failover_order(segment: int, miner_count: int) -> tuple[int, ...]:
+    """The miners that may reduce `segment`, in the order peers try them: its own miner, then the
+    following ones round the ring. Every peer derives the same order, so peers that see the same
+    miners fail pick the same replacements."""
+    return tuple((segment + k) % miner_count for k in range(miner_count))
+
+
+def miner_loads(weights: tuple[float, ...], redundancy: int) -> list[float]:
+    """Each miner's fraction of a tensor when every segment goes to the first `redundancy` miners
+    of its failover order."""
+    total = sum(weights)
+    loads = [0.0] * len(weights)
+    for segment, weight in enumerate(weights):
+        for miner in failover_order(segment, len(weights))[:redundancy]:
+            loads[miner] += weight / total
+    return loads

@@ -56,9 +56,11 @@ class Kind(str, Enum):
     ROUND_REPORT = "round_report"  # peer -> validator
     BENCHMARK_ORDER = "benchmark_order"  # validator -> benchmark bot
     BENCHMARK_RESULT = "benchmark_result"  # benchmark bot -> validator
+    DISPUTE = "dispute"  # peer -> validator
+    RULING = "ruling"  # validator -> peer
 
 
-VALIDATOR_ONLY = frozenset({Kind.JOB_SPEC, Kind.BENCHMARK_ORDER})
+VALIDATOR_ONLY = frozenset({Kind.JOB_SPEC, Kind.BENCHMARK_ORDER, Kind.RULING})
 
 
 @dataclass(frozen=True)

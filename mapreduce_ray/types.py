@@ -53,11 +53,23 @@ class JobSpec:
     miners: tuple[MinerSlot, ...]
     chunk_bytes: int
     timeout_s: float
-    max_bytes: int  # the largest tensor whose every segment fits its miner's verified capacity
+    max_bytes: int  # the largest tensor whose every segment fits its miners' verified capacity
+    redundancy: int = 1  # miners that reduce each segment; peers compare their digests
+    reject_nonfinite: bool = False  # miners refuse NaN and Inf in contributions, naming the rank
 
     @property
     def miner_weights(self) -> tuple[float, ...]:
         return tuple(m.weight for m in self.miners)
+
+    @property
+    def contribution_timeout_s(self) -> float:
+        """How long a miner waits for every peer's contribution before naming the missing ranks."""
+        return self.timeout_s / 3
+
+    @property
+    def attempt_timeout_s(self) -> float:
+        """How long a peer waits for one miner's results before giving its segment to the next miner."""
+        return self.timeout_s / 2
 
 
 @dataclass(frozen=True)
@@ -97,10 +109,6 @@ class RoundSpec:
     op: ReduceOp | None
     src: int | None
     tensor: TensorSpec | None
-
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.job.job_id, self.seq)
 
     def describe(self) -> str:
         return f"{self.kind.value} #{self.seq} of job {self.job.name!r}"

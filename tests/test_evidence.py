@@ -25,9 +25,9 @@ def report_of(rank: int, mine: list, result: list, signer: Keypair = MINER, seq:
     peer = PEERS[rank].ss58_address
     op, src = (ReduceOp.AVG, None) if kind is RoundKind.ALL_REDUCE else (None, 1)
     prints = tuple(map(fingerprint, mine))
-    receipt = seal_body(signer, ContributionReceipt(SPEC.job_id, seq, kind, op, src, 0, rank, prints), peer)
+    receipt = seal_body(signer, ContributionReceipt(SPEC.job_id, seq, kind, op, src, 0, rank, prints, 0), peer)
     results = seal_body(
-        signer, SegmentResult(SPEC.job_id, seq, 0, rank, 0, TENSOR, tuple(map(fingerprint, result))), peer
+        signer, SegmentResult(SPEC.job_id, seq, 0, rank, 0, TENSOR, tuple(map(fingerprint, result)), 0, ()), peer
     )
     report = RoundReport(SPEC.job_id, seq, rank, "node-a", (0,), (receipt.decode(),), ((results.decode(),),), ())
     return report, evidence_of(SPEC, report, 0, peer, report.receipts[0], report.results[0], mine)
@@ -40,13 +40,13 @@ def test_a_round_is_complete_once_every_peer_reported_and_the_miner_handed_over_
     round_ = RoundEvidence(SPEC, 1)
     for rank, mine in ((1, X1), (2, X2)):
         report, evidence = report_of(rank, mine, Y)
-        round_.add_report(rank, {0: evidence}, report.late)
+        round_.add_report(rank, [(0, evidence)], report.late)
     assert not round_.complete and not round_.on_time(0)  # nothing handed over yet: withheld
-    round_.offer(0, [chunk(9, 9, 9, 9)])  # someone else's list: not what the miner signed
+    round_.offer(0, 0, [chunk(9, 9, 9, 9)])  # someone else's list: not what the miner signed
     assert not round_.complete
-    round_.offer(0, Y)
+    round_.offer(0, 0, Y)
     assert round_.complete and round_.on_time(0)
-    comparison = round_.comparison(0)
+    comparison = round_.comparison(0, 0)
     assert [c.chunks for c in comparison.contributions] == [X1, X2]
     assert [c.node for c in comparison.contributions] == ["node-a", "node-a"]
     assert (comparison.result, comparison.dtype, comparison.op, comparison.numel) == (Y, "float32", ReduceOp.AVG, 4)
@@ -56,24 +56,24 @@ def test_a_broadcast_is_compared_with_its_source_alone():
     round_ = RoundEvidence(SPEC, 1)
     for rank, mine in ((1, X1), (2, [])):
         report, evidence = report_of(rank, mine, X1, kind=RoundKind.BROADCAST)
-        round_.add_report(rank, {0: evidence}, ())
-    round_.offer(0, X1)
-    comparison = round_.comparison(0)
+        round_.add_report(rank, [(0, evidence)], ())
+    round_.offer(0, 0, X1)
+    comparison = round_.comparison(0, 0)
     assert [c.chunks for c in comparison.contributions] == [X1] and comparison.op is ReduceOp.SUM
 
 
 def test_a_miner_that_sent_peers_different_results_is_convicted_by_its_own_signatures():
     round_ = RoundEvidence(SPEC, 1)
-    round_.add_report(1, {0: report_of(1, X1, Y)[1]}, ())
-    round_.add_report(2, {0: report_of(2, X2, X1)[1]}, ())
-    assert round_.comparison(0) == "the miner sent different results to different peers"
+    round_.add_report(1, [(0, report_of(1, X1, Y)[1])], ())
+    round_.add_report(2, [(0, report_of(2, X2, X1)[1])], ())
+    assert round_.comparison(0, 0) == "the miner sent different results to different peers"
 
 
 def test_misses_need_a_majority_of_the_peers():
     round_ = RoundEvidence(SPEC, 1)
-    round_.add_report(1, {}, late=(0,))
+    round_.add_report(1, [], late=(0,))
     assert round_.on_time(0)  # one of two peers is no majority
-    round_.add_report(2, {}, late=(0,))
+    round_.add_report(2, [], late=(0,))
     assert not round_.on_time(0)
 
 

@@ -20,8 +20,10 @@ from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import (
     BadSignatureError,
     JobError,
+    MalformedMessageError,
     NotRegisteredError,
     NoValidatorPermitError,
+    ReplayedMessageError,
     RoundMismatchError,
     WrongReceiverError,
 )
@@ -246,7 +248,7 @@ def refusal(miner, wire: bytes, chunks: list | None = None) -> Exception:
 
 def contribution(job_id: str, rank: int = 1, miner: int = 0) -> Contribution:
     return Contribution(
-        job_id, 1, RoundKind.ALL_REDUCE, ReduceOp.SUM, None, TensorSpec("float32", (4,)), miner, rank, ()
+        job_id, 1, RoundKind.ALL_REDUCE, ReduceOp.SUM, None, TensorSpec("float32", (4,)), miner, rank, (), miner
     )
 
 
@@ -319,6 +321,24 @@ def test_a_miner_refuses_a_contribution_addressed_to_another_miner(subnets, join
     assert str(cause) == (
         f"contribution message from {own.ss58_address} is addressed to {elsewhere}, not {miner_hotkey}"
     )
+
+
+def test_unsigned_replayed_and_unregistered_contributions_are_refused_and_leave_nothing_open(subnets, joined):
+    peer, miner, miner_hotkey = joined
+    cause = refusal(miner, b"just some bytes")
+    assert type(cause) is MalformedMessageError
+    assert str(cause) == "the message is not JSON of the mapreduce-ray/1 protocol"
+    stranger = Keypair.create_from_uri(f"//Stranger{uuid.uuid4().hex}")
+    cause = refusal(miner, seal_body(stranger, contribution(peer.spec.job_id), miner_hotkey))
+    assert type(cause) is NotRegisteredError
+    assert str(cause).startswith(f"contribution message from {stranger.ss58_address}, which is not registered on ")
+    wire = seal_body(dev_peer_key(subnets[1], 1), contribution("feedbeeffeed"), miner_hotkey)
+    assert type(refusal(miner, wire)) is JobError  # seen once: its nonce is spent
+    cause = refusal(miner, wire)
+    assert type(cause) is ReplayedMessageError
+    sender = dev_peer_key(subnets[1], 1).ss58_address
+    assert re.fullmatch(rf"contribution message from {sender} replayed \(nonce [0-9a-f]+\)", str(cause))
+    assert ray.get(miner.status.remote(), timeout=TIMEOUT_S)["open_rounds"] == 0
 
 
 # A refused round leaves the tensor as it was.

@@ -36,11 +36,13 @@ from mapreduce_ray.messages import (
     BenchmarkResult,
     Contribution,
     ContributionReceipt,
+    Dispute,
     JobAdmission,
     JobLeave,
     JobRequest,
     Outcome,
     RoundReport,
+    Ruling,
     SegmentResult,
     open_body,
     seal_body,
@@ -69,7 +71,7 @@ SPEC = JobSpec(
     max_bytes=1 << 20,
 )
 TENSOR = TensorSpec("float32", (4, 5))
-REQUEST = JobRequest("default", 1, 2, None)
+REQUEST = JobRequest("default", 1, 2, None, 1, False)
 
 
 class FakeClock:
@@ -163,22 +165,22 @@ ROUND_TRIPS = {
     "job_spec": (JobAdmission(SPEC, 2, PEER.ss58_address), VALIDATOR, PEER),
     "job_leave": (JobLeave(SPEC.job_id, 2), PEER, MINER),
     "contribution all_reduce": (
-        Contribution(SPEC.job_id, 3, RoundKind.ALL_REDUCE, ReduceOp.AVG, None, TENSOR, 0, 1, ("aa", "bb")),
+        Contribution(SPEC.job_id, 3, RoundKind.ALL_REDUCE, ReduceOp.AVG, None, TENSOR, 0, 1, ("aa", "bb"), 0),
         PEER,
         MINER,
     ),
     "contribution broadcast receiver": (
-        Contribution(SPEC.job_id, 4, RoundKind.BROADCAST, None, 2, None, 1, 1, ()),
+        Contribution(SPEC.job_id, 4, RoundKind.BROADCAST, None, 2, None, 1, 1, (), 0),
         PEER,
         OTHER_MINER,
     ),
     "contribution_receipt": (
-        ContributionReceipt(SPEC.job_id, 3, RoundKind.ALL_REDUCE, ReduceOp.AVG, None, 0, 1, ("aa", "bb")),
+        ContributionReceipt(SPEC.job_id, 3, RoundKind.ALL_REDUCE, ReduceOp.AVG, None, 0, 1, ("aa", "bb"), 0),
         MINER,
         PEER,
     ),
     "segment_result": (
-        SegmentResult(SPEC.job_id, 3, 0, 1, 2, TensorSpec("int64", ()), ("blake3:cc", "object:dd")),
+        SegmentResult(SPEC.job_id, 3, 0, 1, 2, TensorSpec("int64", ()), ("blake3:cc", "object:dd"), 1, ("ee", "ff")),
         MINER,
         PEER,
     ),
@@ -187,6 +189,8 @@ ROUND_TRIPS = {
         PEER,
         VALIDATOR,
     ),
+    "dispute": (Dispute(SPEC.job_id, 3, 1, 2), PEER, VALIDATOR),
+    "ruling": (Ruling(SPEC.job_id, 3, 1, None, "miner-2: differs"), VALIDATOR, PEER),
     "benchmark_order": (BenchmarkOrder(SPEC, 1 << 20), VALIDATOR, PEER),
     "benchmark_result": (BenchmarkResult(1, MINER.ss58_address, 1 << 20, 0.25, Outcome.EXACT, ""), PEER, VALIDATOR),
 }
@@ -405,7 +409,7 @@ def test_a_job_spec_needs_a_validator_permit(world):
 
 def test_other_kinds_need_no_permit(world):
     wire = seal_body(
-        MINER, ContributionReceipt(SPEC.job_id, 1, RoundKind.BROADCAST, None, 1, 0, 1, ()), PEER.ss58_address
+        MINER, ContributionReceipt(SPEC.job_id, 1, RoundKind.BROADCAST, None, 1, 0, 1, (), 0), PEER.ss58_address
     )
     assert open_body(world.verifier(PEER), wire, ContributionReceipt)[1].sender == MINER.ss58_address
 
@@ -419,7 +423,7 @@ def test_a_job_spec_from_a_non_permit_hotkey_is_refused_for_its_permit_before_it
 
 def test_another_registered_sender_than_expected_is_refused_by_name(world):
     wire = seal_body(
-        MINER, ContributionReceipt(SPEC.job_id, 1, RoundKind.BROADCAST, None, 1, 0, 1, ()), PEER.ss58_address
+        MINER, ContributionReceipt(SPEC.job_id, 1, RoundKind.BROADCAST, None, 1, 0, 1, (), 0), PEER.ss58_address
     )
     with refused(
         BadSignatureError,
@@ -509,7 +513,7 @@ def test_an_envelope_without_a_field_is_malformed(world, field):
 
 
 def contribution(**changes) -> dict:
-    body = Contribution(SPEC.job_id, 1, RoundKind.ALL_REDUCE, ReduceOp.SUM, None, TENSOR, 0, 1, ("aa",))
+    body = Contribution(SPEC.job_id, 1, RoundKind.ALL_REDUCE, ReduceOp.SUM, None, TENSOR, 0, 1, ("aa",), 0)
     return {**json.loads(canonical(dataclasses.asdict(body))), **changes}
 
 
@@ -517,34 +521,50 @@ def contribution(**changes) -> dict:
 MALFORMED_BODIES = {
     "a missing field": (
         JobRequest,
-        {"job": "default", "peer_count": 2, "max_bytes": None},
-        r"^JobRequest has fields \['job', 'max_bytes', 'peer_count'\], "
-        r"expected \['job', 'max_bytes', 'peer_count', 'rank'\]$",
+        {"job": "default", "peer_count": 2, "max_bytes": None, "redundancy": 1, "reject_nonfinite": False},
+        r"^JobRequest has fields \['job', 'max_bytes', 'peer_count', 'redundancy', 'reject_nonfinite'\], "
+        r"expected \['job', 'max_bytes', 'peer_count', 'rank', 'redundancy', 'reject_nonfinite'\]$",
     ),
     "an extra field": (
         JobRequest,
-        {"job": "default", "rank": 1, "peer_count": 2, "max_bytes": None, "priority": 9},
-        r"^JobRequest has fields \['job', 'max_bytes', 'peer_count', 'priority', 'rank'\], "
-        r"expected \['job', 'max_bytes', 'peer_count', 'rank'\]$",
+        {
+            "job": "default",
+            "rank": 1,
+            "peer_count": 2,
+            "max_bytes": None,
+            "redundancy": 1,
+            "reject_nonfinite": False,
+            "priority": 9,
+        },
+        r"^JobRequest has fields \['job', 'max_bytes', 'peer_count', 'priority', 'rank', 'redundancy', "
+        r"'reject_nonfinite'\], expected \['job', 'max_bytes', 'peer_count', 'rank', 'redundancy', "
+        r"'reject_nonfinite'\]$",
     ),
     "a string for an int": (
         JobRequest,
-        {"job": "default", "rank": "1", "peer_count": 2, "max_bytes": None},
+        {"job": "default", "rank": "1", "peer_count": 2, "max_bytes": None, "redundancy": 1, "reject_nonfinite": False},
         r"^JobRequest.rank is '1', not int$",
     ),
     "a bool for an int": (
         JobRequest,
-        {"job": "default", "rank": True, "peer_count": 2, "max_bytes": None},
+        {
+            "job": "default",
+            "rank": True,
+            "peer_count": 2,
+            "max_bytes": None,
+            "redundancy": 1,
+            "reject_nonfinite": False,
+        },
         r"^JobRequest.rank is True, not int$",
     ),
     "a float for an int": (
         JobRequest,
-        {"job": "default", "rank": 1.0, "peer_count": 2, "max_bytes": None},
+        {"job": "default", "rank": 1.0, "peer_count": 2, "max_bytes": None, "redundancy": 1, "reject_nonfinite": False},
         r"^JobRequest.rank is 1.0, not int$",
     ),
     "null for a str": (
         JobRequest,
-        {"job": None, "rank": 1, "peer_count": 2, "max_bytes": None},
+        {"job": None, "rank": 1, "peer_count": 2, "max_bytes": None, "redundancy": 1, "reject_nonfinite": False},
         r"^JobRequest.job is None, not str$",
     ),
     "an int for a str": (JobLeave, {"job_id": 7, "rank": 1}, r"^JobLeave.job_id is 7, not str$"),
