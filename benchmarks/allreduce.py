@@ -124,6 +124,7 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--miners", type=int, default=2)
     parser.add_argument("--chunk-mib", type=float, default=64)
+    parser.add_argument("--redundancy", type=int, default=1, help="miners that reduce each segment of relay rounds")
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, from {list(SIZES)}")
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -158,7 +159,8 @@ def main() -> None:
     )
     port = free_port()
     bench_peer = ray.remote(num_cpus=0)(BenchPeer)
-    peers = [bench_peer.remote(r, args.peers, port, subnet.peer_options) for r in range(1, args.peers + 1)]
+    options = {**subnet.peer_options, "redundancy": args.redundancy}
+    peers = [bench_peer.remote(r, args.peers, port, options) for r in range(1, args.peers + 1)]
     groups = {m: peers for m in methods if m in ("relay", "gloo")}
     if "ray.util.collective" in methods:
         collective_peer = ray.remote(num_cpus=0)(CollectivePeer)
@@ -200,6 +202,7 @@ def main() -> None:
         with open(args.output, "a") as f:
             f.write(
                 f"\n## {datetime.date.today().isoformat()}: {args.peers} peers, {args.miners} miners, "
+                f"redundancy {args.redundancy}, "
                 f"chunk {args.chunk_mib:g} MiB, float32, {args.reps} reps (median), "
                 f"validator checking {args.verify_fraction:g} of relay rounds between repetitions\n\n"
                 f"Command: `python {' '.join(sys.argv)}`  \n"

@@ -198,6 +198,7 @@ class Peer:
         release this peer's rounds. A miner that died meanwhile is skipped; one that does not answer
         within `connect_timeout_s` lets go of the rounds at their deadline."""
         spec, miners, self.spec, self._miners = self.spec, self._miners, None, []
+        self._sent, self._shipped, self._delivered = {}, {}, []  # the last round's objects go with the job
         if spec is None:
             return
         leave = JobLeave(spec.job_id, self.rank)

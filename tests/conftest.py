@@ -27,6 +27,7 @@ import pytest  # noqa: E402
 import ray  # noqa: E402
 
 from actors import LocalSubnet, init_local_ray, start_local_subnet  # noqa: E402
+from actors.subnet import READY_TIMEOUT_S  # noqa: E402
 from mapreduce_ray import Peer  # noqa: E402
 from mapreduce_ray.chain import ChainConfig  # noqa: E402
 
@@ -60,9 +61,12 @@ def subnets(local_ray):
             namespace=f"tests-{m}-miners",
             chain=ChainConfig(netuid=100 + m),
             validator=VALIDATOR,
+            wait=False,
         )
         for m in (1, 2, 3)
     }
+    for subnet in started.values():  # their benchmarks run side by side
+        subnet.wait_benchmarked(READY_TIMEOUT_S)
     yield started
     if ray.is_initialized():  # cluster tests, when they ran, already shut this Ray down
         for subnet in started.values():

@@ -1,0 +1,141 @@
+"""Soak: hundreds of rounds on one job, then object-store bytes and process memory against the start.
+
+    python benchmarks/soak.py --rounds 200 --peers 4 --miners 2 --size-mib 16 --output benchmarks/RESULTS.md
+
+A local subnet (validator checking its default share of rounds) and P peer actors
+run `--rounds` all_reduce rounds of S MiB per rank after `--warmup` rounds. Every
+round's result is checked bit for bit on every peer (integer-valued float32, so the
+sum is exact). The baseline is taken after the warm-up and the end after the last
+round, each once the validator has closed and checked every round it was told
+about: the node's object-store bytes in use, each miner's and the validator's
+resident memory (VmRSS, and its private part RssAnon: VmRSS also counts the
+object-store pages a process has read), and the miners' open rounds. Then the peers leave and the
+store is read once more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+
+import ray
+import torch
+from allreduce import wait_until_validator_idle
+from ray._private.internal_api import node_stats
+
+from actors import PeerActor, init_local_ray, start_local_subnet
+
+MIB = 1024 * 1024
+SETTLE_S = 1.0  # Ray frees an object shortly after its last ref goes
+
+
+def memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, RssAnon) of a process: resident memory, and its private part (without the object
+    store's shared pages the process has read)."""
+    with open(f"/proc/{pid}/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return tuple(int(fields[name].split()[0]) * 1024 for name in ("VmRSS", "RssAnon"))
+
+
+def store_bytes() -> int:
+    node = ray.nodes()[0]
+    stats = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"], include_memory_info=False)
+    return stats.store_stats.object_store_bytes_used
+
+
+def exact_round(peer, numel: int, k: int) -> bool:
+    """Rank r hands in r * (k % 7 + 1) everywhere; every peer must get the exact sum."""
+    factor = k % 7 + 1
+    tensor = torch.full((numel,), float(peer.rank * factor))
+    peer.all_reduce(tensor, "sum")
+    return torch.equal(tensor, torch.full((numel,), float(factor * peer.peer_count * (peer.peer_count + 1) // 2)))
+
+
+def snapshot(subnet) -> dict:
+    wait_until_validator_idle(subnet)
+    time.sleep(SETTLE_S)
+    statuses = ray.get([m.status.remote() for m in subnet.miners], timeout=60)
+    validator_pid = ray.get(subnet.validator.status.remote(), timeout=60)["pid"]
+    return {
+        "store": store_bytes(),
+        "miners": [memory(s["pid"]) for s in statuses],
+        "open_rounds": [s["open_rounds"] for s in statuses],
+        "validator": memory(validator_pid),
+    }
+
+
+def mib(n: int | tuple[int, int]) -> str:
+    """MiB, or "resident MiB (private MiB)" for a process."""
+    if isinstance(n, tuple):
+        return f"{n[0] / MIB:.1f} MiB ({n[1] / MIB:.1f} MiB)"
+    return f"{n / MIB:.1f} MiB"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--peers", type=int, default=4)
+    parser.add_argument("--miners", type=int, default=2)
+    parser.add_argument("--size-mib", type=float, default=16)
+    parser.add_argument("--output", help="also append the result as markdown to this file")
+    args = parser.parse_args()
+    init_local_ray(object_store_mib=2048)
+    subnet = start_local_subnet(args.miners, chunk_mib=4, validator={"benchmark": {"size_mib": 64}})
+    numel = int(args.size_mib * MIB) // 4
+    peers = [
+        ray.remote(PeerActor).remote(r, args.peers, job="soak", **subnet.peer_options) for r in range(1, args.peers + 1)
+    ]
+    ray.get([p.init_process_group.remote() for p in peers], timeout=120)
+    wrong = 0
+    for k in range(args.warmup):
+        wrong += not all(ray.get([p.run.remote(exact_round, numel, k) for p in peers], timeout=120))
+    start = snapshot(subnet)
+    began = time.perf_counter()
+    for k in range(args.rounds):
+        wrong += not all(ray.get([p.run.remote(exact_round, numel, k) for p in peers], timeout=120))
+        if (k + 1) % 50 == 0:
+            print(f"round {k + 1}: store {mib(store_bytes())}", flush=True)
+    seconds = time.perf_counter() - began
+    end = snapshot(subnet)
+    ray.get([p.destroy_process_group.remote() for p in peers], timeout=120)
+    time.sleep(SETTLE_S)
+    after_leave = store_bytes()
+    status = ray.get(subnet.validator.status.remote(), timeout=60)
+    rows = [
+        ("object store in use", mib(start["store"]), mib(end["store"])),
+        *[
+            (f"miner {i} RSS (private)", mib(a), mib(b))
+            for i, (a, b) in enumerate(zip(start["miners"], end["miners"], strict=True))
+        ],
+        ("validator RSS (private)", mib(start["validator"]), mib(end["validator"])),
+        ("miners' open rounds", str(start["open_rounds"]), str(end["open_rounds"])),
+    ]
+    lines = [
+        f"### Soak: {args.rounds} rounds ({datetime.date.today().isoformat()})",
+        "",
+        f"`python benchmarks/soak.py --rounds {args.rounds} --peers {args.peers} --miners {args.miners} "
+        f"--size-mib {args.size_mib:g}`: {args.peers} peers, {args.miners} miners, {args.size_mib:g} MiB per rank, "
+        f"{args.rounds} rounds in {seconds:.1f} s after {args.warmup} warm-up rounds; rounds with a wrong result "
+        f"on any peer: {wrong}; checks {status['checks']} (failed {status['check_failures']}, skipped "
+        f"{status['checks_skipped']}).",
+        "",
+        f"| | after warm-up | after round {args.rounds} |",
+        "|---|---|---|",
+        *[f"| {name} | {a} | {b} |" for name, a, b in rows],
+        "",
+        f"After the peers left: object store in use {mib(after_leave)}.",
+        "",
+    ]
+    print("\n".join(lines))
+    if args.output:
+        with open(args.output, "a") as f:
+            f.write("\n" + "\n".join(lines))
+    subnet.shutdown()
+    sys.exit(1 if wrong else 0)
+
+
+if __name__ == "__main__":
+    main()
