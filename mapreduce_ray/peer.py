@@ -7,6 +7,12 @@ object store once). Miners stream back the reduced chunks; the peer copies them
 into its tensor only after every chunk has arrived, so a failed round leaves the
 tensor untouched. All peers read the same results, so all end bitwise identical.
 
+Faults: a miner that dies, fails or misses its deadline has its segment handed
+to the next miner of the segment's failover order (`plan.failover_order`), which
+every peer derives alike; the chunks already shipped are handed on, not re-sent.
+With redundancy r each segment goes to r miners at once; peers compare their
+signed digests and ask the validator to rule when they differ.
+
 Identity: the peer signs as its wallet's hotkey, which must be registered on the
 subnet. It asks the validator with a signed JobRequest and accepts only a job
 spec signed by that validator holding a permit; it signs every contribution with
@@ -373,7 +379,7 @@ class Peer:
                 f"{round_.describe()}: no miner delivered segment(s) {missing} within {job.timeout_s:g} s; "
                 f"miners that failed: {failed}"
             )
-        return {s: self._agreed(round_, s, deliveries) for s, deliveries in delivered.items()}
+        return {s: self._agreed(round_, s, deliveries, deadline) for s, deliveries in delivered.items()}
 
     def _send(self, round_: RoundSpec, delivery: _Delivery):
         """Hand this peer's chunks of a segment to a miner under a signed Contribution; open its result stream."""
@@ -444,13 +450,13 @@ class Peer:
         except MessageRejectedError as e:
             raise MinerFaultError(f"sent a message that fails its check: {e}") from None
 
-    def _agreed(self, round_: RoundSpec, segment: int, deliveries: list[_Delivery]) -> _Delivery:
+    def _agreed(self, round_: RoundSpec, segment: int, deliveries: list[_Delivery], deadline: float) -> _Delivery:
         """The delivery of a segment this peer uses: the only one, or the one the replicas agree on,
         or, when their digests differ, the one the validator rules exact."""
         first = deliveries[0]
         if all(d.digests == first.digests and d.holds_its_digests for d in deliveries):
             return first
-        ruling = self._dispute(round_, segment)
+        ruling = self._dispute(round_, segment, deadline)
         winner = next((d for d in deliveries if d.miner == ruling.miner), None)
         if winner is None:
             raise MinerFaultError(
@@ -459,15 +465,16 @@ class Peer:
             )
         return winner
 
-    def _dispute(self, round_: RoundSpec, segment: int) -> Ruling:
-        """Report the round, then ask the validator which of the segment's miners is right."""
+    def _dispute(self, round_: RoundSpec, segment: int, deadline: float) -> Ruling:
+        """Report the round, then ask the validator (by the round's deadline) which of the segment's
+        miners is right."""
         if self._validator is None:
             raise MinerFaultError(f"{round_.describe()}: miners disagree on segment {segment} and no validator rules")
         self._report(round_)
         dispute = Dispute(round_.job.job_id, round_.seq, segment, self.rank)
         answer = get(
             self._validator.arbitrate.remote(self._seal(dispute, self._validator_hotkey)),
-            round_.job.timeout_s,
+            max(deadline - time.monotonic(), 0),
             f"{round_.describe()}: asking the validator to rule on segment {segment}",
         )
         ruling, _ = open_body(self._verifier, answer, Ruling, sender=self._validator_hotkey)
