@@ -70,6 +70,12 @@ def history_shows(subnet, uid: int, event: str) -> list:
         time.sleep(0.2)
 
 
+def sum_on_every_peer(peers: list[Peer], tensors: list[torch.Tensor]) -> None:
+    """all_reduce(sum) of each peer's tensor, the peers in threads of their own."""
+    with ThreadPoolExecutor(len(peers)) as pool:
+        list(pool.map(lambda pt: pt[0].all_reduce(pt[1], "sum"), zip(peers, tensors, strict=True)))
+
+
 def tensors_for(peer_count: int, numel: int, seed: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(numel, generator=generator) for _ in range(peer_count)]
@@ -96,8 +102,7 @@ def test_a_miner_killed_or_late_in_a_round_is_replaced_and_every_peer_gets_the_e
         assert all(torch.equal(t, expected) for t in tensors)
         again = tensors_for(3, 1000, seed=7)  # the job goes on
         expected = reference_reduce(again, "sum")
-        with ThreadPoolExecutor(3) as pool:
-            list(pool.map(lambda pt: pt[0].all_reduce(pt[1], "sum"), zip(peers, again, strict=True)))
+        sum_on_every_peer(peers, again)
         assert all(torch.equal(t, expected) for t in again)
     finally:
         for peer in peers:
@@ -113,8 +118,7 @@ def test_with_redundancy_2_a_wrong_miner_is_outvoted_and_struck(faulty):
     tensors = tensors_for(2, 100_000, seed=11)
     expected = reference_reduce(tensors, "sum")
     try:
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(lambda pt: pt[0].all_reduce(pt[1], "sum"), zip(peers, tensors, strict=True)))
+        sum_on_every_peer(peers, tensors)
     finally:
         for peer in peers:
             peer.destroy_process_group()
@@ -160,8 +164,7 @@ def test_a_peer_killed_in_a_round_fails_it_for_the_others_naming_its_rank(faulty
     try:
         expected = reference_reduce(tensors + [torch.ones(100_000)], "sum")
         everything = [*tensors, torch.ones(100_000)]
-        with ThreadPoolExecutor(3) as pool:
-            list(pool.map(lambda pt: pt[0].all_reduce(pt[1], "sum"), zip(peers, everything, strict=True)))
+        sum_on_every_peer(peers, everything)
         assert all(torch.equal(t, expected) for t in everything)
     finally:
         for peer in peers:
