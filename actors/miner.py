@@ -80,7 +80,7 @@ class _Round:
         self.segment = segment
         self.cond = threading.Condition(lock)
         self.opened = time.monotonic()
-        self.deadline = self.opened + first.job.timeout_s  # for the reduce
+        self.deadline = self.opened + first.job.timeout_s  # for the reduce and the result stream
         self.chunks: dict[int, list] = {}
         self.results: list = []  # (shipped, fingerprint, digest or "") per reduced chunk
         self.done = False
@@ -133,7 +133,7 @@ class _Round:
             with self.cond:
                 self.wait_until(
                     lambda sent=sent: self.error is not None or self.done or len(self.results) > sent,
-                    self.opened + self.spec.job.timeout_s,
+                    self.deadline,
                 )
                 self.raise_if_failed()
                 batch, first, done = self.results[sent:], sent, self.done
@@ -146,7 +146,7 @@ class _Round:
     def raise_if_failed(self) -> None:
         if self.error is not None:
             raise self.error
-        if time.monotonic() > self.opened + self.spec.job.timeout_s:
+        if time.monotonic() > self.deadline:
             raise RoundTimeoutError(f"{self.spec.describe()}: miner gave up waiting for its own driver")
 
 
