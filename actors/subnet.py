@@ -93,7 +93,10 @@ def connect_ray(
     """Start a local Ray (address "local") or join a running cluster ("auto", "ray://...", "host:port").
 
     A "host:port" nobody listens on raises ConnectionError at once (Ray itself would retry for a minute).
+    A process already connected to Ray (a notebook, a test) keeps that connection.
     """
+    if ray.is_initialized():
+        return
     if address == "local":
         init_local_ray(object_store_mib, num_cpus, preallocate)
         return

@@ -1,7 +1,8 @@
-"""Start a local subnet; broadcast once and all_reduce K rounds across P peer actors.
+"""Broadcast once and all_reduce K rounds across P peer actors, on a local subnet or a running one.
 
     python -m jobs.local
     python -m jobs.local topology.peers=2 topology.miners=3 size_mib=100 rounds=10 dtype=bfloat16
+    python -m jobs.local ray.address=auto      # the subnet running on this cluster, if any (see jobs.subnet)
 
 Every peer's result is checked bit for bit against mapreduce_ray.reference, and a
 table of times, algbw and busbw is printed. Settings: conf/local.yaml.
@@ -17,10 +18,11 @@ import time
 import hydra
 import ray
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from actors import PeerActor, connect_ray, start_local_subnet
-from mapreduce_ray.chain import ChainConfig
+from actors import PeerActor
+from jobs.service import connect
+from jobs.subnet import subnet_for, validator_settings
 from mapreduce_ray.dtypes import dtype_named
 from mapreduce_ray.errors import MapReduceError
 from mapreduce_ray.reference import reference_reduce
@@ -71,54 +73,41 @@ def check_config(cfg: DictConfig) -> None:
     ValidatorConfig.from_dict(validator_settings(cfg))
 
 
-def validator_settings(cfg: DictConfig) -> dict:
-    """The local validator's settings from the job's config."""
-    return OmegaConf.to_container(cfg.validator, resolve=True)
-
-
 def run(cfg: DictConfig) -> list[dict]:
     """Run the job; return one table row per collective."""
     check_config(cfg)
-    connect_ray(**cfg.ray)
+    connect(cfg.ray)
     p = cfg.topology.peers
-    subnet = start_local_subnet(
-        cfg.topology.miners,
-        peers=p,
-        chunk_mib=cfg.topology.chunk_mib,
-        timeout_s=cfg.subnet.timeout_s,
-        namespace=cfg.subnet.namespace,
-        chain=ChainConfig(**cfg.subnet.chain),
-        validator=validator_settings(cfg),
-    )
-    peer_actor = ray.remote(num_cpus=0)(PeerActor)
-    options = {
-        "job": "jobs.local",
-        "redundancy": cfg.topology.redundancy,
-        "reject_nonfinite": cfg.topology.reject_nonfinite,
-        **subnet.peer_options,
-    }
-    peers = [peer_actor.remote(r, p, **options) for r in range(1, p + 1)]
-    try:
-        ray.get([a.init_process_group.remote() for a in peers], timeout=cfg.subnet.timeout_s)
-        numel = max(1, int(cfg.size_mib * MIB) // dtype_named(cfg.dtype).itemsize)
-        rows = [_broadcast_row(cfg, peers, numel), _all_reduce_row(cfg, peers, numel)]
-        ray.get([a.destroy_process_group.remote() for a in peers], timeout=cfg.subnet.timeout_s)
-        return rows
-    finally:
-        for actor in peers:
-            ray.kill(actor)
-        subnet.shutdown()
+    with subnet_for(cfg) as subnet:
+        peer_actor = ray.remote(num_cpus=0)(PeerActor)
+        options = {
+            "job": "jobs.local",
+            "redundancy": cfg.topology.redundancy,
+            "reject_nonfinite": cfg.topology.reject_nonfinite,
+            **subnet.peer_options,
+        }
+        peers = [peer_actor.remote(r, p, **options) for r in range(1, p + 1)]
+        try:
+            spec = ray.get([a.init_process_group.remote() for a in peers], timeout=cfg.subnet.timeout_s)[0]
+            numel = max(1, int(cfg.size_mib * MIB) // dtype_named(cfg.dtype).itemsize)
+            miners = len(spec.miners)
+            rows = [_broadcast_row(cfg, peers, numel, miners), _all_reduce_row(cfg, peers, numel, miners)]
+            ray.get([a.destroy_process_group.remote() for a in peers], timeout=cfg.subnet.timeout_s)
+            return rows
+        finally:
+            for actor in peers:
+                ray.kill(actor)
 
 
-def _broadcast_row(cfg: DictConfig, peers: list, numel: int) -> dict:
+def _broadcast_row(cfg: DictConfig, peers: list, numel: int, miners: int) -> dict:
     expected = digest(random_tensor(cfg.seed, numel, cfg.dtype))
     spans = ray.get(
         [a.run.remote(broadcast_round, cfg.seed, numel, cfg.dtype, time.time() + START_DELAY_S) for a in peers]
     )
-    return _row(cfg, "broadcast", numel, [spans], [expected], bus_factor=1.0)
+    return _row(cfg, "broadcast", numel, miners, [spans], [expected], bus_factor=1.0)
 
 
-def _all_reduce_row(cfg: DictConfig, peers: list, numel: int) -> dict:
+def _all_reduce_row(cfg: DictConfig, peers: list, numel: int, miners: int) -> dict:
     p = len(peers)
     rounds, expected = [], []
     for k in range(cfg.rounds):
@@ -129,10 +118,12 @@ def _all_reduce_row(cfg: DictConfig, peers: list, numel: int) -> dict:
         )
         inputs = [random_tensor(seed + r, numel, cfg.dtype) for r in range(1, p + 1)]
         expected.append(digest(reference_reduce(inputs, cfg.op)))
-    return _row(cfg, f"all_reduce {cfg.op}", numel, rounds, expected, bus_factor=2 * (p - 1) / p)
+    return _row(cfg, f"all_reduce {cfg.op}", numel, miners, rounds, expected, bus_factor=2 * (p - 1) / p)
 
 
-def _row(cfg: DictConfig, name: str, numel: int, rounds: list, expected: list[str], bus_factor: float) -> dict:
+def _row(
+    cfg: DictConfig, name: str, numel: int, miners: int, rounds: list, expected: list[str], bus_factor: float
+) -> dict:
     nbytes = numel * dtype_named(cfg.dtype).itemsize
     times = [max(end for _, end, _ in spans) - min(start for start, _, _ in spans) for spans in rounds]
     exact = all(d == want for spans, want in zip(rounds, expected, strict=True) for _, _, d in spans)
@@ -141,7 +132,7 @@ def _row(cfg: DictConfig, name: str, numel: int, rounds: list, expected: list[st
         "collective": name,
         "size": f"{nbytes / MIB:g} MiB {cfg.dtype}",
         "peers": len(rounds[0]),
-        "miners": cfg.topology.miners,
+        "miners": miners,
         "rounds": len(rounds),
         "median ms": f"{t * 1e3:.1f}",
         "algbw GB/s": f"{nbytes / t / 1e9:.3f}",

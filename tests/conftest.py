@@ -10,11 +10,20 @@ multi-node ray.cluster_utils.Cluster of their own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 import uuid
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 STATE_DIR = tempfile.mkdtemp(prefix="mapreduce-tests-")
 os.environ["MAPREDUCE_STATE_DIR"] = STATE_DIR
@@ -25,12 +34,16 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import pytest  # noqa: E402
 import ray  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
 
 from actors import LocalSubnet, init_local_ray, start_local_subnet  # noqa: E402
 from actors.subnet import READY_TIMEOUT_S  # noqa: E402
 from mapreduce_ray import Peer  # noqa: E402
 from mapreduce_ray.chain import ChainConfig  # noqa: E402
 
+CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+
+HEAD_STOP_GRACE_S = 5.0
 CHUNK_MIB = 0.25  # small chunks, so a 1 MiB tensor travels in several pieces
 TIMEOUT_S = 30.0
 # Benchmarks once, at the start; every round the tests run is checked, so an honest miner that
@@ -92,3 +105,77 @@ def _run_peers(subnet: LocalSubnet, peer_count: int, fn, **peer_kwargs) -> list:
     finally:
         for peer in peers:
             peer.destroy_process_group()
+
+
+@pytest.fixture
+def job_config():
+    """job_config(name, *overrides, subnet=None): conf/{name}.yaml with Hydra `overrides`, its peers joining
+    `subnet` (a LocalSubnet) instead of starting a subnet of their own."""
+    return _job_config
+
+
+def _job_config(name: str, *overrides: str, subnet: LocalSubnet | None = None):
+    joined = []
+    if subnet is not None:
+        joined = [
+            f"subnet.namespace={subnet.namespace}",
+            f"subnet.validator_uid={subnet.validator_uid}",
+            f"subnet.chain.netuid={subnet.chain.netuid}",
+            f"subnet.chain.state_dir={subnet.chain.state_path}",
+        ]
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        return compose(name, overrides=[*joined, *overrides])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RayHead:
+    address: str  # the GCS, host:port
+    dashboard: str | None  # the dashboard's (and job API's) URL
+
+
+@contextlib.contextmanager
+def ray_head(env: dict, *, dashboard: bool = False, timeout_s: float = 120.0) -> Iterator[RayHead]:
+    """`ray start --head --block` on loopback with `env`, in a process group and temp dir of its own, so stopping
+    it never touches the test session's Ray; stopped with SIGTERM, then SIGKILL for what is left."""
+    gcs, dashboard_port, temp_dir = free_port(), free_port(), tempfile.mkdtemp(prefix="ray-head-")
+    command = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block"]
+    command += [f"--port={gcs}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
+    command += ["--num-cpus=2", "--object-store-memory=300000000", f"--ray-client-server-port={free_port()}"]
+    command += [f"--dashboard-agent-listen-port={free_port()}", f"--include-dashboard={str(dashboard).lower()}"]
+    command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    proc = subprocess.Popen(
+        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
+    head = RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard_port}" if dashboard else None)
+    try:
+        _wait_until_up(proc, head, timeout_s)
+        yield head
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=HEAD_STOP_GRACE_S)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_until_up(proc: subprocess.Popen, head: RayHead, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    host, port = head.address.split(":")
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=1).close()
+            if head.dashboard:
+                urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=5).close()
+            return
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"ray start --head did not come up within {timeout_s:g} s") from None
+            time.sleep(0.3)

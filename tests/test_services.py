@@ -6,13 +6,13 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 
 import pytest
+from conftest import free_port, ray_head
 
 START_TIMEOUT_S = 120.0
 DRIVER = """
@@ -35,12 +35,6 @@ import sys, ray
 ray.init(address=sys.argv[1], log_to_driver=False)
 print("named", ray.util.list_named_actors(all_namespaces=True))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Output:
@@ -69,28 +63,10 @@ class Output:
 
 @pytest.fixture
 def head(tmp_path):
-    """A Ray head on loopback, and the environment its clients use; stopped with its whole process group."""
-    port = free_port()
+    """A Ray head on loopback, and the environment its clients use."""
     env = {**os.environ, "MAPREDUCE_STATE_DIR": str(tmp_path / "state")}
-    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
-    command = [ray_cli, "start", "--head", "--block", f"--port={port}", "--node-ip-address=127.0.0.1"]
-    command += ["--include-dashboard=false", "--num-cpus=2", "--object-store-memory=200000000"]
-    command += [f"--ray-client-server-port={free_port()}", "--disable-usage-stats"]
-    proc = subprocess.Popen(
-        command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
-    )
-    try:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
-            assert time.monotonic() < deadline and proc.poll() is None, "ray start --head did not come up"
-            time.sleep(0.2)
-        yield f"127.0.0.1:{port}", env
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+    with ray_head(env) as started:
+        yield started.address, env
 
 
 def run_job(module: str, *overrides: str, env: dict, cwd) -> subprocess.Popen:
