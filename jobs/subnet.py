@@ -36,6 +36,7 @@ def subnet_for(cfg: DictConfig) -> Iterator[Subnet]:
     try:
         validator = ray.get_actor(validator_name(uid), namespace=namespace)
     except ValueError:
+        _require_empty(namespace, validator_name(uid))
         local = start_local_subnet(
             cfg.topology.miners,
             peers=cfg.topology.peers,
@@ -55,6 +56,16 @@ def subnet_for(cfg: DictConfig) -> Iterator[Subnet]:
         register_dev_wallet(client, dev_peer_wallet(chain.state_path, rank))
     options = {"validator_uid": uid, "netuid": chain.netuid, "state_dir": str(chain.state_path), "namespace": namespace}
     yield Subnet(options, validator)
+
+
+def _require_empty(namespace: str, wanted: str) -> None:
+    """A namespace where another subnet's actors run is not one to start a local subnet in."""
+    running = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace)
+    if running:
+        raise ValueError(
+            f"{wanted} does not run in Ray namespace {namespace!r}, but {', '.join(running)} do: pass "
+            "subnet.validator_uid=UID (the uid jobs.validator printed), or another subnet.namespace"
+        )
 
 
 def validator_settings(cfg: DictConfig) -> dict:

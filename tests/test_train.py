@@ -60,3 +60,10 @@ def test_a_batch_that_does_not_split_across_peers_is_one_line(job_config):
     cfg = job_config("train", "topology.peers=3", "train.batch_size=64")
     with pytest.raises(ValueError, match=r"^train.batch_size=64 does not split evenly across topology.peers=3$"):
         run(cfg)
+
+
+def test_a_validator_uid_that_does_not_run_where_miners_do_is_one_line(subnets, job_config):
+    cfg = job_config("train", "train.steps=1", subnet=subnets[2])
+    cfg.subnet.validator_uid = 99
+    with pytest.raises(ValueError, match=r"^validator-99 does not run in Ray namespace 'tests-2-miners', but .*miner-"):
+        run(cfg)
