@@ -133,8 +133,9 @@ class PausingMiner(MinerActor):
 
     def _reduce_segment(self, state, spec, segment, contributions):
         self._pause(spec, "received")
-        super()._reduce_segment(state, spec, segment, contributions)
+        moved = super()._reduce_segment(state, spec, segment, contributions)
         self._pause(spec, "reduced")
+        return moved
 
     def _ship_result(self, spec, chunk, reduced):
         if chunk == 1:

@@ -56,6 +56,7 @@ from mapreduce_ray.messages import (
     open_body,
     seal_body,
 )
+from mapreduce_ray.metrics import record_miner_round
 from mapreduce_ray.naming import miner_name, validator_name
 from mapreduce_ray.plan import Segment, plan_round
 from mapreduce_ray.protocol import MetagraphCache, Verifier
@@ -173,6 +174,7 @@ class MinerActor:
         torch.set_num_threads(1)
         self._identity = load_identity(wallet)
         self._chain = chain.open()
+        self._netuid = chain.netuid
         self.uid = self._chain.require_uid(self._identity.hotkey, wallet)
         self.name = miner_name(self.uid)
         self._verifier = Verifier(self._identity.hotkey, MetagraphCache(self._chain))
@@ -295,12 +297,14 @@ class MinerActor:
                 state.raise_if_failed()
                 spec = state.spec
                 contributions = {rank: state.chunks.pop(rank) for rank in sorted(state.contributors)}
-            self._reduce_segment(state, spec, plan_round(spec.job, spec.tensor)[state.segment], contributions)
+            segment = plan_round(spec.job, spec.tensor)[state.segment]
+            bytes_in, bytes_out = self._reduce_segment(state, spec, segment, contributions)
             del contributions
             with state.cond:
                 state.done = True
                 state.cond.notify_all()
                 results = [shipped for shipped, _, _ in state.results]
+            record_miner_round(self._netuid, self.name, bytes_in, bytes_out, time.monotonic() - state.opened)
             self._hand_over(spec, state.segment, results)
             with state.cond:
                 state.wait_until(
@@ -318,7 +322,11 @@ class MinerActor:
                 self._rounds.pop((state.spec.job.job_id, state.spec.seq, state.segment), None)
                 self._rounds_done += 1
 
-    def _reduce_segment(self, state: _Round, spec: RoundSpec, segment: Segment, contributions: dict[int, list]) -> None:
+    def _reduce_segment(
+        self, state: _Round, spec: RoundSpec, segment: Segment, contributions: dict[int, list]
+    ) -> tuple[int, int]:
+        """Reduce (or, for a broadcast, pass on) the segment chunk by chunk, publishing each result as it is
+        done; (contribution bytes in, result bytes out to the peers)."""
         for rank, chunks in contributions.items():
             if len(chunks) != len(segment.chunks):
                 raise RoundMismatchError(
@@ -329,6 +337,7 @@ class MinerActor:
         out_bytes, accumulator = self._take_buffers(max((b - a for a, b in segment.chunks), default=0) * dtype.itemsize)
         n = len(segment.chunks)
         in_flight = {c: _prefetch(contributions, c) for c in range(min(PREFETCH_CHUNKS, n))}
+        bytes_in = bytes_out = 0
         try:
             for c, (a, b) in enumerate(segment.chunks):
                 buffers = {rank: _fetched(spec, rank, f, state.deadline) for rank, f in in_flight.pop(c).items()}
@@ -347,8 +356,11 @@ class MinerActor:
                 shipped = self._ship_result(spec, c, out)
                 digest = blake3(to_buffer(out)).hexdigest() if spec.job.redundancy > 1 else ""
                 result = (shipped, fingerprint(shipped), digest)
+                received = sum(buf.size for buf in buffers.values())
+                bytes_in += received
+                bytes_out += (b - a) * dtype.itemsize * spec.job.peer_count
                 with state.cond:
-                    self._bytes_in += sum(buf.size for buf in buffers.values())
+                    self._bytes_in += received
                     state.results.append(result)
                     state.cond.notify_all()
                 del buffers, inputs
@@ -360,6 +372,7 @@ class MinerActor:
         finally:
             with self._lock:
                 self._buffers.append((out_bytes, accumulator))
+        return bytes_in, bytes_out
 
     def _hand_over(self, spec: RoundSpec, segment: int, results: list) -> None:
         """Give the validator of the round's job its own references to the results, so they outlive

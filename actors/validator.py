@@ -63,6 +63,7 @@ from mapreduce_ray.messages import (
     open_body,
     seal_body,
 )
+from mapreduce_ray.metrics import record_check, record_scores
 from mapreduce_ray.naming import benchmark_name, miner_name
 from mapreduce_ray.plan import failover_order, miner_loads
 from mapreduce_ray.protocol import MetagraphCache, Verifier
@@ -114,6 +115,7 @@ class ValidatorActor:
             )
         self.config = config
         self._verifier = Verifier(self._identity.hotkey, self._metagraph)
+        self._netuid = chain.netuid
         self.ledger = MinerLedger(chain.state_path / f"validator-{chain.netuid}-{self._identity.hotkey}.sqlite")
         self.ledger.recover()
         self._chain.serve(self._identity.keypair, node_endpoint())
@@ -209,13 +211,14 @@ class ValidatorActor:
             self.ledger.release(claimed)
             raise JobError("the chosen miners were taken by another job or a benchmark meanwhile; join again")
         capacity = {c.uid: c.capacity for c in candidates}
+        throughput = {c.uid: c.throughput for c in candidates}
         loads = dict(zip(shares, miner_loads(tuple(shares.values()), request.redundancy), strict=True))
         spec = JobSpec(
             job_id=uuid.uuid4().hex[:12],
             name=name,
             namespace=self.config.namespace,
             peer_count=request.peer_count,
-            miners=tuple(MinerSlot(uid, self._miners[uid][0], share) for uid, share in shares.items()),
+            miners=tuple(MinerSlot(uid, self._miners[uid][0], share, throughput[uid]) for uid, share in shares.items()),
             chunk_bytes=self.config.chunk_bytes,
             timeout_s=self.config.timeout_s,
             max_bytes=math.floor(min(capacity[uid] / load for uid, load in loads.items())),
@@ -406,6 +409,7 @@ class ValidatorActor:
             with self._lock:
                 self._stats["checks"] += 1
                 self._stats["check_failures"] += not verdict.ok
+            record_check(self._netuid, miner_name(round_.spec.miners[miner].uid), verdict.ok)
         return verdict
 
     def _strike(self, uid: int, round_: RoundEvidence, verdict: Verdict) -> None:
@@ -547,6 +551,10 @@ class ValidatorActor:
             on_chain = self._chain.weights().get(self.uid, {})  # as the chain quantized them
             with self._lock:
                 self._last_weights = on_chain
+        with self._lock:
+            total = sum(self._last_weights.values()) or 1.0
+            shares = {miner_name(uid): w / total for uid, w in self._last_weights.items()}
+        record_scores(self._netuid, {miner_name(uid): s for uid, s in self.ledger.scores().items()}, shares)
         return weights or {}
 
     def _refresh_miners(self) -> None:

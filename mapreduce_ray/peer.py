@@ -68,6 +68,7 @@ from mapreduce_ray.messages import (
     open_body,
     seal_body,
 )
+from mapreduce_ray.metrics import record_round
 from mapreduce_ray.naming import DEFAULT_NAMESPACE, validator_name
 from mapreduce_ray.plan import Segment, failover_order, plan_round
 from mapreduce_ray.protocol import MetagraphCache, Verifier
@@ -241,11 +242,13 @@ class Peer:
                 f"avg of {flat.dtype.name} tensors would truncate; use all_reduce(t, op='sum') and divide yourself"
             )
         flat.require_writable("all_reduce")
+        started = time.monotonic()
         round_ = self._next_round(RoundKind.ALL_REDUCE, op, None, flat.spec)
         plan = [s for s in plan_round(round_.job, flat.spec) if s.chunks]
         with self._reporting(round_):
             results = self._exchange(round_, self._ship(flat, plan))
         self._write(round_, flat, plan, results)
+        record_round(round_, flat.spec.nbytes, time.monotonic() - started)
         return tensor
 
     def broadcast(self, tensor: Tensor | None = None, src: int = 1) -> Tensor:
@@ -262,16 +265,20 @@ class Peer:
         flat = None if tensor is None else self._flatten(tensor, "broadcast")
         if flat is not None and not is_source:
             flat.require_writable("broadcast")
+        started = time.monotonic()
         round_ = self._next_round(RoundKind.BROADCAST, None, src, flat.spec if flat else None)
         with self._reporting(round_):
             if is_source:
                 results = self._exchange(round_, self._ship(flat, plan_round(round_.job, flat.spec)))
             else:
                 results = self._exchange(round_, dict.fromkeys(range(len(round_.job.miners))))
-        return tensor if is_source else self._receive(round_, flat, results)
+        if not is_source:
+            flat = self._receive(round_, flat, results)
+        record_round(round_, flat.spec.nbytes, time.monotonic() - started)
+        return flat.source
 
-    def _receive(self, round_: RoundSpec, flat: FlatTensor | None, results: dict[int, _Delivery]) -> Tensor:
-        """Write a broadcast's result into `flat`, or into a new tensor when None."""
+    def _receive(self, round_: RoundSpec, flat: FlatTensor | None, results: dict[int, _Delivery]) -> FlatTensor:
+        """Write a broadcast's result into `flat`, or into a new tensor when None; the flat tensor written."""
         specs = {r.tensor for delivery in results.values() for r, _ in delivery.results}
         if len(specs) != 1:
             raise RoundMismatchError(f"{round_.describe()}: miners disagree about the source tensor: {specs}")
@@ -284,7 +291,7 @@ class Peer:
                 f"but rank {self.rank} passed {flat.spec.describe()}"
             )
         self._write(round_, flat, plan_round(round_.job, source_spec), results)
-        return flat.source
+        return flat
 
     def _flatten(self, tensor: Tensor, verb: str) -> FlatTensor:
         flat = flatten(tensor)

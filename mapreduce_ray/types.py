@@ -31,11 +31,13 @@ class RoundKind(str, Enum):
 
 @dataclass(frozen=True)
 class MinerSlot:
-    """A miner taking part in a job (its uid and hotkey), and its share of every tensor."""
+    """A miner taking part in a job (its uid and hotkey), its share of every tensor, and the throughput
+    (bytes/s) the validator measured in its latest exact benchmark (0: not told)."""
 
     uid: int
     hotkey: str
     weight: float
+    throughput: float = 0.0
 
     @property
     def name(self) -> str:
