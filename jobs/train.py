@@ -2,7 +2,7 @@
 
     python -m jobs.train                                   # a local Ray and a whole local subnet
     python -m jobs.train topology.peers=2 train.steps=300 train.lr=0.05
-    ray job submit --working-dir . -- python -m jobs.train ray.address=auto
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.train ray.address=auto
 
 Trains an MLP on scikit-learn's handwritten digits with `topology.peers` TrainerActors. Each
 step every trainer takes its share of one global batch and the trainers average their

@@ -617,7 +617,8 @@ def test_a_job_spec_with_a_malformed_miner_slot_is_malformed(world):
     wire = seal(VALIDATOR, Kind.JOB_SPEC, body, PEER.ss58_address, world.clock.ns)
     with refused(
         MalformedMessageError,
-        r"^JobAdmission.spec.miners has fields \['hotkey', 'uid'\], expected \['hotkey', 'uid', 'weight'\]$",
+        r"^JobAdmission.spec.miners has fields \['hotkey', 'throughput', 'uid'\], "
+        r"expected \['hotkey', 'throughput', 'uid', 'weight'\]$",
     ):
         open_body(world.verifier(PEER), wire, JobAdmission)
 
