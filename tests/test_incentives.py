@@ -11,7 +11,7 @@ pytestmark = pytest.mark.cluster
 def test_weights_order_honest_fast_over_slow_over_lazy_cheaters_and_sybils():
     with emulated_hosts(object_store_mib=200):
         rows = simulate(
-            ChainConfig(netuid=300, weights_rate_limit=0), size_mib=16, fast_mib_s=16, slow_mib_s=4, timeout_s=8
+            ChainConfig(netuid=300, weights_rate_limit=0), size_mib=8, fast_mib_s=16, slow_mib_s=4, timeout_s=6
         )
     print(table(rows))
     weight = {r.role: r.weight for r in rows}

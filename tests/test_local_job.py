@@ -3,7 +3,9 @@
 import subprocess
 import sys
 
-from jobs.local import format_table, run
+import pytest
+
+from jobs.local import check_config, format_table, run
 
 
 def run_job(cwd, *overrides: str) -> subprocess.CompletedProcess:
@@ -38,10 +40,9 @@ def test_local_job_checks_and_times_every_round(subnets, job_config):
     assert lines[1].endswith("exact") and lines[2].endswith("exact")
 
 
-def test_impossible_settings_are_one_clear_line(tmp_path):
+def test_impossible_settings_are_one_clear_line(tmp_path, job_config):
     done = run_job(tmp_path, "dtype=int32", "op=avg")
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1] == "error: op=avg of int32 would truncate; pass op=sum"
-    done = run_job(tmp_path, "validator.benchmark.size_mib=0")
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines()[-1] == ("error: validator.benchmark.size_mib must be positive, got 0")
+    with pytest.raises(ValueError, match=r"^validator.benchmark.size_mib must be positive, got 0$"):
+        check_config(job_config("local", "validator.benchmark.size_mib=0"))

@@ -24,7 +24,7 @@ def single_process(settings: TrainSettings) -> torch.Tensor:
 
 def test_trainers_step_as_one_process_on_the_global_batch(subnets, job_config):
     subnet = subnets[2]
-    cfg = job_config("train", "topology.peers=4", "train.steps=6", "log_every=4", "job=train", subnet=subnet)
+    cfg = job_config("train", "topology.peers=2", "train.steps=6", "log_every=4", "job=train", subnet=subnet)
     report = run(cfg)
 
     expected = single_process(TrainSettings(**cfg.train))
