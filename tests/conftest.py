@@ -57,7 +57,7 @@ def pytest_collection_modifyitems(items):
 
 @pytest.fixture(scope="session")
 def local_ray():
-    init_local_ray(object_store_mib=512, num_cpus=2, metrics_interval_s=1)
+    init_local_ray(object_store_mib=512, num_cpus=2)
     yield
     ray.shutdown()
     shutil.rmtree(STATE_DIR, ignore_errors=True)

@@ -20,7 +20,7 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # peers run thi
 
 MIB = 1024 * 1024
 PEERS = 3
-SCRAPE_TIMEOUT_S = 60
+SCRAPE_TIMEOUT_S = 90  # Ray reports metrics every 10 s
 SAMPLE = re.compile(r"^(\w+)\{(.*)\} (\S+)$")
 LABEL = re.compile(r'(\w+)="([^"]*)"')
 
