@@ -304,7 +304,7 @@ class MinerActor:
                 state.done = True
                 state.cond.notify_all()
                 results = [shipped for shipped, _, _ in state.results]
-            record_miner_round(self._netuid, self.name, bytes_in, bytes_out, time.monotonic() - state.opened)
+            record_miner_round(self._netuid, self.uid, bytes_in, bytes_out, time.monotonic() - state.opened)
             self._hand_over(spec, state.segment, results)
             with state.cond:
                 state.wait_until(

@@ -109,27 +109,18 @@ def connect_ray(
     ray.init(address=address)
 
 
-def init_local_ray(
-    object_store_mib: int = 2048,
-    num_cpus: int | None = None,
-    preallocate: bool = True,
-    metrics_interval_s: float | None = None,
-) -> None:
+def init_local_ray(object_store_mib: int = 2048, num_cpus: int | None = None, preallocate: bool = True) -> None:
     """Start a Ray instance in this process for a local subnet.
 
     `preallocate` faults the object store's pages in at start; on machines where a
     first touch of memory is slow, it keeps `ray.put` at memory speed.
-    `metrics_interval_s`: how often processes report metrics to the node's endpoint (None: Ray's 10 s).
     """
-    system_config = {"preallocate_plasma_memory": preallocate}
-    if metrics_interval_s is not None:
-        system_config["metrics_report_interval_ms"] = int(metrics_interval_s * 1000)
     ray.init(
         address="local",
         num_cpus=num_cpus,
         object_store_memory=object_store_mib * MIB,
         include_dashboard=False,
-        _system_config=system_config,
+        _system_config={"preallocate_plasma_memory": preallocate},
     )
 
 

@@ -63,7 +63,7 @@ from mapreduce_ray.messages import (
     open_body,
     seal_body,
 )
-from mapreduce_ray.metrics import record_check, record_scores
+from mapreduce_ray.metrics import record_benchmark, record_check, record_scores
 from mapreduce_ray.naming import benchmark_name, miner_name
 from mapreduce_ray.plan import failover_order, miner_loads
 from mapreduce_ray.protocol import MetagraphCache, Verifier
@@ -211,7 +211,8 @@ class ValidatorActor:
             self.ledger.release(claimed)
             raise JobError("the chosen miners were taken by another job or a benchmark meanwhile; join again")
         capacity = {c.uid: c.capacity for c in candidates}
-        throughput = {c.uid: c.throughput for c in candidates}
+        # contribution bytes/s a miner took in during its benchmark: the ledger has bytes/s per benchmark rank
+        throughput = {c.uid: c.throughput * self.config.benchmark.peers for c in candidates}
         loads = dict(zip(shares, miner_loads(tuple(shares.values()), request.redundancy), strict=True))
         spec = JobSpec(
             job_id=uuid.uuid4().hex[:12],
@@ -409,7 +410,7 @@ class ValidatorActor:
             with self._lock:
                 self._stats["checks"] += 1
                 self._stats["check_failures"] += not verdict.ok
-            record_check(self._netuid, miner_name(round_.spec.miners[miner].uid), verdict.ok)
+            record_check(self._netuid, round_.spec.miners[miner].uid, verdict.ok)
         return verdict
 
     def _strike(self, uid: int, round_: RoundEvidence, verdict: Verdict) -> None:
@@ -495,6 +496,7 @@ class ValidatorActor:
         size = self.config.benchmark.size_bytes
         if result is None or result.miner_uid != uid or result.size_bytes != size:
             self.ledger.record_benchmark(uid, size, 0.0, False)
+            record_benchmark(self._netuid, uid, Outcome.LATE if result is None else Outcome.FAILED)
             return
         host = ""
         if uid in self._miners:
@@ -502,6 +504,7 @@ class ValidatorActor:
             host = ip if self.config.host_key == "ip" else node
         passed = result.outcome is Outcome.EXACT
         self.ledger.record_benchmark(uid, size, result.seconds, passed, host)
+        record_benchmark(self._netuid, uid, result.outcome)
         with self._lock:
             self._stats["benchmarks"] += 1
         if result.outcome is Outcome.WRONG:
@@ -551,10 +554,7 @@ class ValidatorActor:
             on_chain = self._chain.weights().get(self.uid, {})  # as the chain quantized them
             with self._lock:
                 self._last_weights = on_chain
-        with self._lock:
-            total = sum(self._last_weights.values()) or 1.0
-            shares = {miner_name(uid): w / total for uid, w in self._last_weights.items()}
-        record_scores(self._netuid, {miner_name(uid): s for uid, s in self.ledger.scores().items()}, shares)
+        record_scores(self._netuid, self.ledger.scores(), self._last_weights)  # replaced, never changed in place
         return weights or {}
 
     def _refresh_miners(self) -> None:

@@ -2,102 +2,134 @@
 
 Ray exports them on the metrics endpoint of the node where the recording process runs,
 prefixed `ray_` (counters also get `_total`), e.g. `ray_mapreduce_miner_bytes_in_total{miner="miner-1"}`.
-
-- algbw = tensor bytes / round time; busbw = algbw * 2(n-1)/n for all_reduce (NCCL's
-  definition), = algbw for broadcast.
-- eta (relay efficiency) = (D / sum of the job's miners' measured throughput) / round time:
-  the time the miners' benchmarks predict for a D-byte tensor over the time the round took.
-  Peers' own link speeds are not known to the library, so the bound has only the miners' term.
+Each metric object is created on its first record in a process, so importing this module needs no Ray.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from ray.util import metrics
 
+from mapreduce_ray.messages import Outcome
+from mapreduce_ray.naming import miner_name
 from mapreduce_ray.types import RoundKind, RoundSpec
 
+ROUND_TAGS = ("job", "collective", "rank")
 MINER_TAGS = ("netuid", "miner")
 LATENCY_BOUNDARIES_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
 def algbw(nbytes: int, seconds: float) -> float:
-    """Algorithm bandwidth, bytes per second."""
+    """Algorithm bandwidth: the tensor's bytes over the round's time, bytes/s."""
     return nbytes / seconds
 
 
 def busbw(algbw_: float, kind: RoundKind, peers: int) -> float:
-    """Bus bandwidth, NCCL's definition: what each peer's link would carry in a ring."""
+    """Bus bandwidth, NCCL's definition: algbw·2(n-1)/n for an all_reduce of n peers, algbw for a broadcast."""
     return algbw_ * 2 * (peers - 1) / peers if kind is RoundKind.ALL_REDUCE else algbw_
 
 
-def relay_efficiency(nbytes: int, seconds: float, miner_throughputs: Sequence[float]) -> float | None:
-    """eta: the round time the miners' measured throughputs predict over the round's time; None when a
-    miner's throughput is unknown."""
+def relay_efficiency(nbytes: int, seconds: float, peers: int, miner_throughputs: Sequence[float]) -> float | None:
+    """η = bound / round time, bound = peers·nbytes / Σ miner throughput (bytes/s): how long the job's miners,
+    at their measured throughput, need to take in every peer's tensor. Peers' link speeds are unknown here,
+    so the bound has only the miners' term. None when a miner's throughput is unknown (0)."""
     if not miner_throughputs or min(miner_throughputs) <= 0:
         return None
-    return nbytes / sum(miner_throughputs) / seconds
+    return peers * nbytes / sum(miner_throughputs) / seconds
+
+
+@dataclass(frozen=True)
+class _Metric:
+    """A named metric; `get()` is its ray.util.metrics object in this process, made on first use.
+    Names, descriptions and tags must be ASCII (Ray encodes them so)."""
+
+    kind: type
+    name: str
+    description: str
+    tag_keys: tuple[str, ...]
+
+    def get(self):
+        return _instance(self)
 
 
 @functools.cache
-def _metric(kind: type, name: str, description: str, tag_keys: tuple[str, ...]):
-    """One metric object per name and process, created on first use (Ray must be connected by then)."""
-    return kind(name, description=description, tag_keys=tag_keys)
+def _instance(metric: _Metric):
+    options = {"boundaries": list(LATENCY_BOUNDARIES_S)} if metric.kind is metrics.Histogram else {}
+    return metric.kind(metric.name, description=metric.description, tag_keys=metric.tag_keys, **options)
 
 
-@functools.cache
-def _latency(name: str, description: str, tag_keys: tuple[str, ...]) -> metrics.Histogram:
-    return metrics.Histogram(name, description, boundaries=list(LATENCY_BOUNDARIES_S), tag_keys=tag_keys)
+ROUND_SECONDS = _Metric(metrics.Histogram, "mapreduce_round_seconds", "A collective round at a peer, s", ROUND_TAGS)
+ALGBW = _Metric(metrics.Gauge, "mapreduce_algbw_bytes_per_second", "Tensor bytes / round time", ROUND_TAGS)
+BUSBW = _Metric(metrics.Gauge, "mapreduce_busbw_bytes_per_second", "algbw*2(n-1)/n for all_reduce", ROUND_TAGS)
+RELAY_EFFICIENCY = _Metric(
+    metrics.Gauge, "mapreduce_relay_efficiency", "Round time the miners' throughput allows / round time", ROUND_TAGS
+)
+MINER_BYTES_IN = _Metric(metrics.Counter, "mapreduce_miner_bytes_in", "Contribution bytes received", MINER_TAGS)
+MINER_BYTES_OUT = _Metric(metrics.Counter, "mapreduce_miner_bytes_out", "Result bytes shipped to peers", MINER_TAGS)
+MINER_ROUNDS = _Metric(metrics.Counter, "mapreduce_miner_rounds", "Segments of rounds reduced", MINER_TAGS)
+MINER_ROUND_SECONDS = _Metric(
+    metrics.Histogram, "mapreduce_miner_round_seconds", "First contribution to last result shipped, s", MINER_TAGS
+)
+CHECKS = _Metric(metrics.Counter, "mapreduce_checks", "Miner results the validator checked", MINER_TAGS)
+CHECK_FAILURES = _Metric(metrics.Counter, "mapreduce_check_failures", "Checks a miner failed", MINER_TAGS)
+BENCHMARKS = _Metric(
+    metrics.Counter, "mapreduce_benchmarks", "Benchmarks of a miner, by outcome", (*MINER_TAGS, "outcome")
+)
+MINER_SCORE = _Metric(metrics.Gauge, "mapreduce_miner_score", "A miner's score at the validator", MINER_TAGS)
+MINER_WEIGHT = _Metric(metrics.Gauge, "mapreduce_miner_weight", "A miner's share of the validator weights", MINER_TAGS)
 
 
-def record_round(round_: RoundSpec, nbytes: int, seconds: float) -> None:
-    """A collective round this peer finished: its latency, algbw, busbw and eta, tagged by job and collective."""
-    tags = {"job": round_.job.name, "collective": round_.kind.value}
-    keys = tuple(tags)
-    _latency("mapreduce_round_seconds", "Time of a collective round at a peer", keys).observe(seconds, tags)
+def _miner_tags(netuid: int, uid: int) -> dict[str, str]:
+    return {"netuid": str(netuid), "miner": miner_name(uid)}
+
+
+def _add(counter: _Metric, value: int, tags: dict[str, str]) -> None:
+    """Counters take only positive increments (an empty segment moves no bytes)."""
+    if value > 0:
+        counter.get().inc(value, tags)
+
+
+def record_round(round_: RoundSpec, rank: int, nbytes: int, seconds: float) -> None:
+    """A collective round that peer `rank` finished: its latency, algbw, busbw and η."""
+    tags = {"job": round_.job.name, "collective": round_.kind.value, "rank": str(rank)}
+    ROUND_SECONDS.get().observe(seconds, tags)
     bandwidth = algbw(nbytes, seconds)
-    _metric(metrics.Gauge, "mapreduce_algbw_bytes_per_second", "Tensor bytes / round time", keys).set(bandwidth, tags)
-    bus = busbw(bandwidth, round_.kind, round_.job.peer_count)
-    _metric(metrics.Gauge, "mapreduce_busbw_bytes_per_second", "algbw * 2(n-1)/n (all_reduce)", keys).set(bus, tags)
-    eta = relay_efficiency(nbytes, seconds, [m.throughput for m in round_.job.miners])
+    ALGBW.get().set(bandwidth, tags)
+    BUSBW.get().set(busbw(bandwidth, round_.kind, round_.job.peer_count), tags)
+    eta = relay_efficiency(nbytes, seconds, round_.job.peer_count, [m.throughput for m in round_.job.miners])
     if eta is not None:
-        _metric(metrics.Gauge, "mapreduce_relay_efficiency", "Round time the miners predict / round time", keys).set(
-            eta, tags
-        )
+        RELAY_EFFICIENCY.get().set(eta, tags)
 
 
-def record_miner_round(netuid: int, miner: str, bytes_in: int, bytes_out: int, seconds: float) -> None:
-    """A segment a miner of subnet `netuid` reduced: contribution bytes in, result bytes out (to every peer),
-    and its latency."""
-    tags = {"netuid": str(netuid), "miner": miner}
-    keys = MINER_TAGS
-    _metric(metrics.Counter, "mapreduce_miner_bytes_in", "Contribution bytes a miner received", keys).inc(
-        bytes_in, tags
-    )
-    _metric(metrics.Counter, "mapreduce_miner_bytes_out", "Result bytes a miner handed to peers", keys).inc(
-        bytes_out, tags
-    )
-    _metric(metrics.Counter, "mapreduce_miner_rounds", "Segments a miner reduced", keys).inc(1, tags)
-    _latency("mapreduce_miner_round_seconds", "First contribution to last result, at a miner", keys).observe(
-        seconds, tags
-    )
+def record_miner_round(netuid: int, uid: int, bytes_in: int, bytes_out: int, seconds: float) -> None:
+    """A segment miner `uid` of subnet `netuid` reduced: contribution bytes in, result bytes out, latency."""
+    tags = _miner_tags(netuid, uid)
+    _add(MINER_BYTES_IN, bytes_in, tags)
+    _add(MINER_BYTES_OUT, bytes_out, tags)
+    MINER_ROUNDS.get().inc(1, tags)
+    MINER_ROUND_SECONDS.get().observe(seconds, tags)
 
 
-def record_check(netuid: int, miner: str, ok: bool) -> None:
-    """A validator's check of a result of a miner of subnet `netuid`."""
-    tags = {"netuid": str(netuid), "miner": miner}
-    _metric(metrics.Counter, "mapreduce_checks", "Results the validator checked", MINER_TAGS).inc(1, tags)
+def record_check(netuid: int, uid: int, ok: bool) -> None:
+    """The validator checked a result of miner `uid`."""
+    tags = _miner_tags(netuid, uid)
+    CHECKS.get().inc(1, tags)
     if not ok:
-        _metric(metrics.Counter, "mapreduce_check_failures", "Checks a miner failed", MINER_TAGS).inc(1, tags)
+        CHECK_FAILURES.get().inc(1, tags)
 
 
-def record_scores(netuid: int, scores: dict[str, float], weights: dict[str, float]) -> None:
-    """A validator's scores of subnet `netuid`'s miners, and each one's share of its last weights, by miner name."""
-    score = _metric(metrics.Gauge, "mapreduce_miner_score", "A miner's score at the validator", MINER_TAGS)
-    for miner, value in scores.items():
-        score.set(value, {"netuid": str(netuid), "miner": miner})
-    weight = _metric(metrics.Gauge, "mapreduce_miner_weight", "A miner's share of the validator's weights", MINER_TAGS)
-    for miner, value in weights.items():
-        weight.set(value, {"netuid": str(netuid), "miner": miner})
+def record_benchmark(netuid: int, uid: int, outcome: Outcome) -> None:
+    """The validator collected a benchmark of miner `uid`."""
+    BENCHMARKS.get().inc(1, {**_miner_tags(netuid, uid), "outcome": outcome.value})
+
+
+def record_scores(netuid: int, scores: Mapping[int, float], weights: Mapping[int, float]) -> None:
+    """The validator's scores by uid, and each scored miner's share of its last weights (0 without weight)."""
+    total = sum(weights.values()) or 1.0
+    for uid, score in scores.items():
+        tags = _miner_tags(netuid, uid)
+        MINER_SCORE.get().set(score, tags)
+        MINER_WEIGHT.get().set(weights.get(uid, 0.0) / total, tags)

@@ -248,7 +248,7 @@ class Peer:
         with self._reporting(round_):
             results = self._exchange(round_, self._ship(flat, plan))
         self._write(round_, flat, plan, results)
-        record_round(round_, flat.spec.nbytes, time.monotonic() - started)
+        record_round(round_, self.rank, flat.spec.nbytes, time.monotonic() - started)
         return tensor
 
     def broadcast(self, tensor: Tensor | None = None, src: int = 1) -> Tensor:
@@ -274,7 +274,7 @@ class Peer:
                 results = self._exchange(round_, dict.fromkeys(range(len(round_.job.miners))))
         if not is_source:
             flat = self._receive(round_, flat, results)
-        record_round(round_, flat.spec.nbytes, time.monotonic() - started)
+        record_round(round_, self.rank, flat.spec.nbytes, time.monotonic() - started)
         return flat.source
 
     def _receive(self, round_: RoundSpec, flat: FlatTensor | None, results: dict[int, _Delivery]) -> FlatTensor:

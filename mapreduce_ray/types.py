@@ -31,8 +31,8 @@ class RoundKind(str, Enum):
 
 @dataclass(frozen=True)
 class MinerSlot:
-    """A miner taking part in a job (its uid and hotkey), its share of every tensor, and the throughput
-    (bytes/s) the validator measured in its latest exact benchmark (0: not told)."""
+    """A miner taking part in a job (its uid and hotkey), its share of every tensor, and the contribution
+    bytes/s it took in during its latest exact benchmark, as the validator measured (0: not told)."""
 
     uid: int
     hotkey: str
