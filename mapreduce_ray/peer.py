@@ -3,8 +3,9 @@
 A peer joins a job through a validator, then runs collectives through the job's
 miners. For each round it cuts its flat tensor into the plan's chunks and makes one
 call per miner carrying that miner's chunks (inline when small, else through the
-object store once). Miners stream back the reduced chunks; the peer copies them
-into its tensor only after every chunk has arrived, so a failed round leaves the
+object store once). Miners stream back the reduced chunks, and the peer starts
+pulling each one as soon as it is announced, so downloading overlaps uploading; it
+copies them into its tensor only after every chunk has arrived, so a failed round leaves the
 tensor untouched. All peers read the same results, so all end bitwise identical.
 
 Faults: a miner that dies, fails or misses its deadline has its segment handed
@@ -24,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import TimeoutError as FetchTimeout
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,7 +76,7 @@ from mapreduce_ray.plan import Segment, failover_order, plan_round
 from mapreduce_ray.protocol import MetagraphCache, Verifier
 from mapreduce_ray.remote import causes_raised, get
 from mapreduce_ray.shards import FlatTensor, Tensor, flatten, from_buffer, new_tensor
-from mapreduce_ray.transport import fingerprint, receive, ship
+from mapreduce_ray.transport import fingerprint, prefetch, ship
 from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, RoundSpec, TensorSpec
 from mapreduce_ray.wallets import Identity, dev_peer_wallet, identity_of
 
@@ -408,12 +410,14 @@ class Peer:
             try:
                 item = next(stream)
             except StopIteration:
-                delivery.buffers = receive(delivery.items, max(delivery.deadline - time.monotonic(), 0))
+                delivery.buffers = [
+                    f.result(timeout=max(delivery.deadline - time.monotonic(), 0)) for f in delivery.items
+                ]
                 return True
             receipt, result, batch = ray.get(item, timeout=max(delivery.deadline - time.monotonic(), 0))
         if delivery.receipt is None:
             self._check_receipt(round_, delivery, receipt)
-        delivery.items.extend(self._check_result(round_, delivery, result, batch))
+        delivery.items.extend(prefetch(s) for s in self._check_result(round_, delivery, result, batch))
         return False
 
     def _fail(self, round_: RoundSpec, delivery: _Delivery, error: MinerFaultError) -> None:
@@ -557,7 +561,7 @@ class _Delivery:
     deadline: float
     receipt: bytes | None = None
     results: list[tuple[SegmentResult, bytes]] = field(default_factory=list)  # each signed result with its wire
-    items: list = field(default_factory=list)  # the shipped result chunks
+    items: list = field(default_factory=list)  # futures of the result chunks' bytes, pulled as they stream in
     buffers: list = field(default_factory=list)  # their bytes, fetched when the stream ended
 
     @property
@@ -585,7 +589,7 @@ def _miner_faults(delivery: _Delivery) -> Iterator[None]:
         raise MinerFaultError(f"failed: {e.cause!r}"[:300]) from None
     except (RayActorError, ObjectLostError):
         raise MinerFaultError("died") from None
-    except GetTimeoutError:
+    except (GetTimeoutError, FetchTimeout):  # the builtin TimeoutError only from Python 3.11 on
         raise MinerFaultError("missed its deadline") from None
 
 
