@@ -145,13 +145,15 @@ def start_local_subnet(
     miner_resources: dict[str, float] | None = None,
     validator: dict | None = None,
     bots: int = 1,
+    home_resources: dict[str, float] | None = None,
     wait: bool = True,
 ) -> LocalSubnet:
     """Start miners, `bots` benchmark bots and a ValidatorActor; starts a local Ray if none is connected.
     With `wait`, returns once the validator has benchmarked every miner.
 
     `miners`: how many MinerActors, pinned by `miner_resources` (custom Ray resources) to
-    the nodes that offer them, or one MinerPlan per miner. Registers development wallets
+    the nodes that offer them, or one MinerPlan per miner. `home_resources` pins the validator
+    and the bots the same way (None: anywhere). Registers development wallets
     for the validator, the miners, the bots and ranks 1..`peers` on the embedded `chain`
     (default: ChainConfig()). `validator` overrides ValidatorConfig settings, e.g.
     {"benchmark": {"size_mib": 8}}.
@@ -174,7 +176,8 @@ def start_local_subnet(
         ]
         ray.get([m.status.remote() for m in miner_actors], timeout=READY_TIMEOUT_S)  # announced before jobs
         started = [
-            start_bot(chain, namespace, dev_wallet(chain.state_path, "dev-bench", f"bot-{i}")) for i in range(bots)
+            start_bot(chain, namespace, dev_wallet(chain.state_path, "dev-bench", f"bot-{i}"), home_resources)
+            for i in range(bots)
         ]
         for rank in range(1, peers + 1):
             register_dev_wallet(client, dev_peer_wallet(chain.state_path, rank))
@@ -182,7 +185,7 @@ def start_local_subnet(
         settings.update(validator or {})
         settings["benchmark"] = {**settings.get("benchmark", {}), "bots": [hotkey for _, hotkey in started]}
         config = ValidatorConfig.from_dict(settings)
-        uid, validator_actor = start_validator(chain, config, validator_wallet)
+        uid, validator_actor = start_validator(chain, config, validator_wallet, home_resources)
     except ValueError as e:
         raise RuntimeError(
             f"a subnet already runs in Ray namespace {namespace!r} ({e}); shut it down or pass another namespace"
@@ -208,14 +211,21 @@ def start_miner(chain: ChainConfig, namespace: str, wallet: WalletConfig, plan: 
     )
 
 
-def start_bot(chain: ChainConfig, namespace: str, wallet: WalletConfig):
+def start_bot(chain: ChainConfig, namespace: str, wallet: WalletConfig, resources: dict[str, float] | None = None):
     """Register a development benchmark bot wallet and start its actor; (handle, hotkey)."""
     uid = register_dev_wallet(chain.open(), wallet)
-    return _start(BenchmarkActor, benchmark_name(uid), namespace, wallet, chain), load_identity(wallet).hotkey
+    bot = _start(BenchmarkActor, benchmark_name(uid), namespace, wallet, chain, resources=resources)
+    return bot, load_identity(wallet).hotkey
 
 
-def start_validator(chain: ChainConfig, config: ValidatorConfig, wallet: WalletConfig | None = None):
-    """Register (with stake) and start a validator, the development one by default; (uid, handle)."""
+def start_validator(
+    chain: ChainConfig,
+    config: ValidatorConfig,
+    wallet: WalletConfig | None = None,
+    resources: dict[str, float] | None = None,
+):
+    """Register (with stake) and start a validator, the development one by default, on a node offering
+    `resources` (None: anywhere); (uid, handle)."""
     wallet = wallet or dev_wallet(chain.state_path, "dev-validator", "default")
     uid = register_dev_wallet(chain.open(), wallet, DEV_VALIDATOR_STAKE)
     handle = _start(
@@ -226,6 +236,7 @@ def start_validator(chain: ChainConfig, config: ValidatorConfig, wallet: WalletC
         chain,
         config,
         max_concurrency=VALIDATOR_CONCURRENCY,
+        resources=resources,
     )
     ray.get(handle.status.remote(), timeout=READY_TIMEOUT_S)
     return uid, handle

@@ -15,18 +15,16 @@ algbw = bytes / time; busbw = algbw * 2(P-1)/P (NCCL's definition).
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import socket
 import statistics
-import sys
 import time
 
 import numpy as np
 import ray
 import torch
 import torch.distributed as dist
+from report import append_run, markdown_table
 
 from actors import init_local_ray, start_local_subnet
 from mapreduce_ray import Peer
@@ -45,9 +43,9 @@ def tensor_for(cache: dict[int, torch.Tensor], nbytes: int, rank: int) -> torch.
 class BenchPeer:
     """A peer process holding both a relay Peer and a gloo process group."""
 
-    def __init__(self, rank: int, peers: int, port: int, peer_options: dict):
+    def __init__(self, rank: int, peers: int, rendezvous: str, peer_options: dict):
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank - 1, world_size=peers)
+        dist.init_process_group("gloo", init_method=f"tcp://{rendezvous}", rank=rank - 1, world_size=peers)
         self.peer = Peer(rank, peers, job="bench", **peer_options)
         self.peer.init_process_group()
         self.tensors: dict[int, torch.Tensor] = {}
@@ -160,7 +158,7 @@ def main() -> None:
     port = free_port()
     bench_peer = ray.remote(num_cpus=0)(BenchPeer)
     options = {**subnet.peer_options, "redundancy": args.redundancy}
-    peers = [bench_peer.remote(r, args.peers, port, options) for r in range(1, args.peers + 1)]
+    peers = [bench_peer.remote(r, args.peers, f"127.0.0.1:{port}", options) for r in range(1, args.peers + 1)]
     groups = {m: peers for m in methods if m in ("relay", "gloo")}
     if "ray.util.collective" in methods:
         collective_peer = ray.remote(num_cpus=0)(CollectivePeer)
@@ -194,21 +192,16 @@ def main() -> None:
             print(" | ".join(rows[-1]), flush=True)
 
     header = ("size", "method", "median ms", "algbw GB/s", "busbw GB/s", "gloo time / time", "floor time / time")
-    table = "\n".join(
-        ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
-    )
+    table = markdown_table(header, rows)
     print(table)
     if args.output:
-        with open(args.output, "a") as f:
-            f.write(
-                f"\n## {datetime.date.today().isoformat()}: {args.peers} peers, {args.miners} miners, "
-                f"redundancy {args.redundancy}, "
-                f"chunk {args.chunk_mib:g} MiB, float32, {args.reps} reps (median), "
-                f"validator checking {args.verify_fraction:g} of relay rounds between repetitions\n\n"
-                f"Command: `python {' '.join(sys.argv)}`  \n"
-                f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
-                f"ray {ray.__version__}, torch {torch.__version__}\n\n{table}\n"
-            )
+        append_run(
+            args.output,
+            f"{args.peers} peers, {args.miners} miners, redundancy {args.redundancy}, chunk {args.chunk_mib:g} MiB, "
+            f"float32, {args.reps} reps (median), validator checking {args.verify_fraction:g} of relay rounds "
+            "between repetitions",
+            table,
+        )
     subnet.shutdown()
     ray.shutdown()
 

@@ -13,17 +13,14 @@ two sets' parameters are compared.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
 import socket
 import statistics
-import sys
 import time
 
 import ray
 import torch
 import torch.distributed as dist
+from report import append_run, markdown_table
 
 from actors import init_local_ray, start_local_subnet
 from actors.trainer import TrainerActor, TrainSettings
@@ -120,19 +117,16 @@ def main() -> None:
         )
         for m, (_, acc) in zip(("relay", "gloo"), accuracy, strict=True)
     ]
-    table = "\n".join(["| " + " | ".join(row) + " |" for row in [header, ("---",) * len(header), *rows]])
+    table = markdown_table(header, rows)
     print(table)
     if args.output:
-        with open(args.output, "a") as f:
-            f.write(
-                f"\n## {datetime.date.today().isoformat()}: training through miners vs gloo, {p} trainers, "
-                f"{args.miners} miners, a {nbytes / 1024:.1f} KiB float32 gradient, median of {args.steps} steps "
-                f"after {WARMUP_STEPS} of warm-up\n\n"
-                f"Command: `python {' '.join(sys.argv)}`  \n"
-                f"Machine: {os.cpu_count()} CPUs, {platform.machine()}, Python {platform.python_version()}, "
-                f"ray {ray.__version__}, torch {torch.__version__}  \n"
-                f"Largest difference between the two sets' parameters: {difference:.2e}\n\n{table}\n"
-            )
+        append_run(
+            args.output,
+            f"training through miners vs gloo, {p} trainers, {args.miners} miners, a {nbytes / 1024:.1f} KiB "
+            f"float32 gradient, median of {args.steps} steps after {WARMUP_STEPS} of warm-up",
+            table,
+            f"Largest difference between the two sets' parameters: {difference:.2e}",
+        )
     ray.shutdown()
 
 
