@@ -57,9 +57,21 @@ def train_rank(rank: int, port: int, peer_options: dict | None) -> tuple[torch.T
         dist.destroy_process_group()
 
 
+class Rank:
+    """A process of its own for one rank: the ranks wait for each other, so two of them must never
+    queue on one worker, as tasks may."""
+
+    def train(self, rank: int, port: int, peer_options: dict | None) -> tuple[torch.Tensor, int]:
+        return train_rank(rank, port, peer_options)
+
+
 def train(peer_options: dict | None) -> list[tuple[torch.Tensor, int]]:
-    port, task = free_port(), ray.remote(num_cpus=0)(train_rank)
-    return ray.get([task.remote(rank, port, peer_options) for rank in range(WORLD)], timeout=TIMEOUT_S)
+    port, ranks = free_port(), [ray.remote(num_cpus=0)(Rank).remote() for _ in range(WORLD)]
+    try:
+        return ray.get([r.train.remote(i, port, peer_options) for i, r in enumerate(ranks)], timeout=TIMEOUT_S)
+    finally:
+        for r in ranks:
+            ray.kill(r)
 
 
 def rounds_done(subnet) -> int:
