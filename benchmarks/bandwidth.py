@@ -1,6 +1,6 @@
 """Relay all_reduce vs torch gloo all_reduce between emulated hosts with capped links (run as root).
 
-    python benchmarks/bandwidth.py --output benchmarks/RESULTS.md     # the full sweep, ~15 min
+    python benchmarks/bandwidth.py --output benchmarks/RESULTS.md     # the full sweep, ~8 min
     python benchmarks/bandwidth.py --configs 100/200 --size-mib 16 --reps 1 --warmup 0   # a quick look
 
 Every configuration "PEER/MINER" (Mbit/s each way of every peer's and every
@@ -44,6 +44,8 @@ from report import append_run, markdown_table
 
 from actors import MinerPlan, start_local_subnet
 from mapreduce_ray.chain import ChainConfig
+from mapreduce_ray.metrics import algbw, busbw
+from mapreduce_ray.types import RoundKind
 
 MIB = 1024 * 1024
 RAY_PORT = 6390
@@ -201,8 +203,8 @@ def summarize(config: Config, rows: list[dict], args) -> list[tuple]:
                 f"{config.miner_mbit:g}",
                 method,
                 f"{t:.2f}",
-                f"{nbytes / t / 1e6:.1f}",
-                f"{nbytes / t / 1e6 * 2 * (args.peers - 1) / args.peers:.1f}",
+                f"{algbw(nbytes, t) / 1e6:.1f}",
+                f"{busbw(algbw(nbytes, t), RoundKind.ALL_REDUCE, args.peers) / 1e6:.1f}",
                 f"{bounds[method]:.2f}",
                 f"{bounds[method] / t:.2f}",
                 f"{medians['gloo'] / t:.2f}",

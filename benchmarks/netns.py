@@ -66,16 +66,16 @@ def require_root() -> None:
 
 def ip(*args: str, netns: str | None = None) -> str:
     """Run `ip` (inside `netns` when given); its output. CalledProcessError carries ip's own message."""
-    command = ["ip", "netns", "exec", netns, "ip", *args] if netns else ["ip", *args]
-    return _run(command)
+    return _run("ip", args, netns)
 
 
 def tc(*args: str, netns: str | None = None) -> str:
-    command = ["ip", "netns", "exec", netns, "tc", *args] if netns else ["tc", *args]
-    return _run(command)
+    """Run `tc` (inside `netns` when given); its output."""
+    return _run("tc", args, netns)
 
 
-def _run(command: list[str]) -> str:
+def _run(tool: str, args: tuple[str, ...], netns: str | None) -> str:
+    command = ["ip", "netns", "exec", netns, tool, *args] if netns else [tool, *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
     if done.returncode != 0:
         raise subprocess.CalledProcessError(done.returncode, command, done.stdout, done.stderr)
