@@ -1,10 +1,10 @@
 """Miners that misbehave on purpose: the incentive simulation's cast and the validator's test subjects.
 
-Each is a MinerActor whose hooks throttle, drop, falsify or stall the reduced
-chunks it hands back; everything else (signatures, protocol) stays honest, so
-only the validator's measurements and checks, or the peers' failover, can tell.
-With `live_only=True` a cheater behaves during benchmarks (a job whose ranks all
-share one hotkey, as a benchmark bot's do) and cheats in real jobs.
+Each is a Relay (serve one with MinerActor(..., relay_class=..., relay_args=...)) whose hooks
+throttle, stall or falsify the reduced chunks it sends; everything else (signatures, protocol)
+stays honest, so only the validator's measurements and checks, or the peers' failover, can tell.
+With `live_only=True` a cheater behaves during benchmarks (a job whose ranks all share one
+hotkey, as a benchmark bot's do) and cheats in real jobs.
 """
 
 from __future__ import annotations
@@ -14,146 +14,122 @@ import time
 
 import torch
 
-from actors.miner import MinerActor
-from mapreduce_ray.transport import Shipped, ship
-from mapreduce_ray.types import RoundSpec
+from actors.relay import Relay, _Round
 
 MIB = 1024 * 1024
 
 
-class ThrottledMiner(MinerActor):
-    """Honest, but moves at most `mib_per_s` MiB/s: it waits bytes / rate before shipping each chunk."""
+class ThrottledRelay(Relay):
+    """Honest, but moves at most `mib_per_s` MiB/s: it waits bytes / rate before sending each reduced chunk."""
 
-    def __init__(self, wallet, chain, mib_per_s: float):
-        super().__init__(wallet, chain)
+    def __init__(self, *args, mib_per_s: float):
+        super().__init__(*args)
         self._bytes_per_s = mib_per_s * MIB
 
-    def _ship_result(self, spec: RoundSpec, chunk: int, reduced: torch.Tensor) -> Shipped:
-        time.sleep(reduced.nbytes / self._bytes_per_s)
-        return super()._ship_result(spec, chunk, reduced)
+    def delay(self, state: _Round, index: int) -> None:
+        a, b = state.plan.chunks[index]
+        time.sleep((b - a) * state.tensor.dtype_info.itemsize / self._bytes_per_s)
 
 
-class LazyMiner(MinerActor):
+class LazyRelay(Relay):
     """Drops every other round it serves (the first included): it answers only after the deadline."""
 
-    def __init__(self, wallet, chain):
-        super().__init__(wallet, chain)
+    def __init__(self, *args):
+        super().__init__(*args)
         self._served = 0
         self._counter = threading.Lock()
 
-    def _ship_result(self, spec: RoundSpec, chunk: int, reduced: torch.Tensor) -> Shipped:
-        if chunk == 0:
+    def delay(self, state: _Round, index: int) -> None:
+        if index == 0:
             with self._counter:
                 self._served += 1
                 drop = self._served % 2 == 1
             if drop:
-                time.sleep(2 * spec.job.timeout_s)
-        return super()._ship_result(spec, chunk, reduced)
+                time.sleep(2 * state.job.spec.timeout_s)
 
 
-class Cheater(MinerActor):
+class Cheater(Relay):
     """A miner that falsifies its results (in real jobs only, with `live_only`)."""
 
-    def __init__(self, wallet, chain, live_only: bool = False):
-        super().__init__(wallet, chain)
+    def __init__(self, *args, live_only: bool = False):
+        super().__init__(*args)
         self._live_only = live_only
 
-    def _ship_result(self, spec: RoundSpec, chunk: int, reduced: torch.Tensor) -> Shipped:
-        if not (self._live_only and _is_benchmark(self, spec)):
-            self._falsify(chunk, reduced)
-        return super()._ship_result(spec, chunk, reduced)
+    def falsify(self, state: _Round, index: int, out: torch.Tensor) -> torch.Tensor:
+        if not (self._live_only and is_benchmark(state)):
+            self._falsify(index, out)
+        return out
 
-    def _falsify(self, chunk: int, reduced: torch.Tensor) -> None:
+    def _falsify(self, index: int, out: torch.Tensor) -> None:
         """Change the reduced chunk in place."""
         raise NotImplementedError
 
 
-class OneElementOffMiner(Cheater):
+class OneElementOffRelay(Cheater):
     """Adds a small amount (1e-3) to the first element of its segment."""
 
-    def _falsify(self, chunk, reduced):
-        if chunk == 0:
-            reduced[0] += 1e-3
+    def _falsify(self, index, out):
+        if index == 0:
+            out[0] += 1e-3
 
 
-class ScalingMiner(Cheater):
+class ScalingRelay(Cheater):
     """Returns its result scaled by 1.01."""
 
-    def _falsify(self, chunk, reduced):
-        reduced.mul_(1.01)
+    def _falsify(self, index, out):
+        out.mul_(1.01)
 
 
-class ZerosMiner(Cheater):
+class ZerosRelay(Cheater):
     """Returns zeros without reducing anything it was given."""
 
-    def _falsify(self, chunk, reduced):
-        reduced.zero_()
+    def _falsify(self, index, out):
+        out.zero_()
 
 
-class ReplayingMiner(Cheater):
+class ReplayingRelay(Cheater):
     """Returns the chunks of the first round it served again in every later round of the same shape."""
 
-    def __init__(self, wallet, chain, live_only: bool = False):
-        super().__init__(wallet, chain, live_only)
-        self._stale: dict[tuple[int, int], Shipped] = {}  # (chunk, bytes) -> the chunk shipped first
+    def __init__(self, *args, live_only: bool = False):
+        super().__init__(*args, live_only=live_only)
+        self._stale: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, bytes) -> the chunk sent first
 
-    def _ship_result(self, spec, chunk, reduced):
-        if self._live_only and _is_benchmark(self, spec):
-            return MinerActor._ship_result(self, spec, chunk, reduced)
-        key = (chunk, reduced.nbytes)
-        with self._lock:
-            stale = self._stale.get(key)
-        if stale is not None:
-            return stale
-        shipped = ship(reduced, copy_inline=True)
-        with self._lock:
-            self._stale[key] = shipped
-        return shipped
+    def falsify(self, state, index, out):
+        if self._live_only and is_benchmark(state):
+            return out
+        return self._stale.setdefault((index, out.nbytes), out.clone())
 
 
-class PausingMiner(MinerActor):
+class PausingRelay(Relay):
     """Honest, but stalls at `point` of the first real round it serves, for twice the round's deadline
-    (long enough for a test to kill it there); `wait_paused` says when it got there.
+    (long enough for a test to kill it there); its status says `paused` once it got there.
 
-    Points: "received" (every contribution in, nothing reduced), "reducing" (the first chunk reduced
-    and shipped, the next not), "reduced" (every chunk shipped, the result stream not yet ended).
+    Points: "received" (the first chunk's inputs all in, nothing sent), "reducing" (the first chunk
+    sent, the next not), "reduced" (every chunk reduced, the last not sent).
     """
 
     POINTS = ("received", "reducing", "reduced")
 
-    def __init__(self, wallet, chain, point: str):
-        super().__init__(wallet, chain)
+    def __init__(self, *args, point: str):
+        super().__init__(*args)
         if point not in self.POINTS:
             raise ValueError(f"point must be one of {self.POINTS}, got {point!r}")
         self._point = point
         self._paused = threading.Event()
 
-    def wait_paused(self, timeout_s: float) -> bool:
-        return self._paused.wait(timeout_s)
+    def status(self) -> dict:
+        return {**super().status(), "paused": self._paused.is_set()}
 
-    def _reduce_segment(self, state, spec, segment, contributions):
-        self._pause(spec, "received")
-        moved = super()._reduce_segment(state, spec, segment, contributions)
-        self._pause(spec, "reduced")
-        return moved
-
-    def _ship_result(self, spec, chunk, reduced):
-        if chunk == 1:
-            self._pause(spec, "reducing")
-        return super()._ship_result(spec, chunk, reduced)
-
-    def _pause(self, spec: RoundSpec, point: str) -> None:
-        if point != self._point or _is_benchmark(self, spec):
+    def delay(self, state: _Round, index: int) -> None:
+        last = len(state.plan.chunks) - 1
+        at = {"received": 0, "reducing": 1, "reduced": last}[self._point]
+        if index != at or is_benchmark(state) or self._paused.is_set():
             return
-        with self._lock:
-            first = not self._paused.is_set()
-            self._paused.set()
-        if first:
-            time.sleep(2 * spec.job.timeout_s)
+        self._paused.set()
+        time.sleep(2 * state.job.spec.timeout_s)
 
 
-def _is_benchmark(miner: MinerActor, spec: RoundSpec) -> bool:
+def is_benchmark(state: _Round) -> bool:
     """Whether the round belongs to a benchmark: a job whose ranks all share one hotkey."""
-    with miner._lock:
-        job = miner._jobs.get(spec.job.job_id)
-        return job is not None and spec.job.peer_count > 1 and len(set(job.peers.values())) == 1
+    job = state.job
+    return job.spec.peer_count > 1 and len(set(job.peers.values())) == 1

@@ -1,11 +1,11 @@
 """BenchmarkActor: a validator's bot that measures one miner at a time with real rounds.
 
-The validator orders a benchmark (a signed BenchmarkOrder naming a one-miner job
-it has admitted this bot to, at every rank). The bot draws fresh random data from
+A bot is an actor in the validator's own Ray. The validator orders a benchmark (a one-miner
+job it has admitted this bot's hotkey to at the miner, at every rank). The bot draws fresh random data from
 the operating system's entropy for each rank, so no miner can know or cache it,
 runs one all_reduce through the miner with every rank at once, times it end to
-end, compares every rank's result bit for bit with the reference reduction, and
-answers with a signed BenchmarkResult.
+end over the miner's endpoint, compares every rank's result bit for bit with the
+reference reduction, and answers with a BenchmarkResult.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ import torch
 
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import MapReduceError, RoundMismatchError, RoundTimeoutError
-from mapreduce_ray.messages import BenchmarkOrder, BenchmarkResult, Outcome, open_body, seal_body
+from mapreduce_ray.messages import BenchmarkResult, Outcome
 from mapreduce_ray.peer import Peer
 from mapreduce_ray.protocol import MetagraphCache, Verifier
 from mapreduce_ray.reference import reference_reduce
+from mapreduce_ray.types import JobSpec
 from mapreduce_ray.wallets import WalletConfig, load_identity
+from mapreduce_ray.wire.config import WireConfig
 
 DTYPE = torch.float32
 OP = "avg"
@@ -31,8 +33,9 @@ OP = "avg"
 class BenchmarkActor:
     """Create with `ray.remote(BenchmarkActor).options(name=benchmark_name(uid), ...).remote(wallet, chain)`."""
 
-    def __init__(self, wallet: WalletConfig, chain: ChainConfig):
+    def __init__(self, wallet: WalletConfig, chain: ChainConfig, wire: WireConfig | None = None):
         torch.set_num_threads(1)
+        self._wire = wire or WireConfig()
         self._identity = load_identity(wallet)
         client = chain.open()
         self.uid = client.require_uid(self._identity.hotkey, wallet)
@@ -42,15 +45,14 @@ class BenchmarkActor:
     def status(self) -> dict:
         return {"uid": self.uid, "hotkey": self._identity.hotkey, "runs": self._runs}
 
-    def run(self, wire: bytes) -> bytes:
-        """Run a signed BenchmarkOrder; the signed BenchmarkResult for the validator that sent it."""
-        order, envelope = open_body(self._verifier, wire, BenchmarkOrder)
-        spec, miner = order.spec, order.spec.miners[0]
+    def run(self, spec: JobSpec, size_bytes: int) -> BenchmarkResult:
+        """Run one all_reduce of `size_bytes` per rank through the one miner of `spec`."""
+        miner = spec.miners[0]
         generator = torch.Generator().manual_seed(secrets.randbits(63))
-        numel = max(1, order.size_bytes // DTYPE.itemsize)
+        numel = max(1, size_bytes // DTYPE.itemsize)
         tensors = [torch.randn(numel, generator=generator, dtype=DTYPE) for _ in range(spec.peer_count)]
         expected = reference_reduce(tensors, OP)
-        peers = [Peer(rank, spec.peer_count, job=spec.name) for rank in range(1, spec.peer_count + 1)]
+        peers = [Peer(rank, spec.peer_count, job=spec.name, wire=self._wire) for rank in range(1, spec.peer_count + 1)]
         for peer in peers:
             peer.attach(spec, self._identity, self._verifier)
         start = time.perf_counter()
@@ -71,5 +73,4 @@ class BenchmarkActor:
             for peer in peers:
                 peer.destroy_process_group()
         self._runs += 1
-        result = BenchmarkResult(miner.uid, miner.hotkey, numel * DTYPE.itemsize, seconds, outcome, detail)
-        return seal_body(self._identity.keypair, result, envelope.sender)
+        return BenchmarkResult(miner.uid, miner.hotkey, numel * DTYPE.itemsize, seconds, outcome, detail)

@@ -1,188 +1,114 @@
-"""A validator's checks of a reduced segment, computed next to the objects they read.
+"""A validator's check of one chunk of a miner's segment, recomputed on the validator's own hardware.
 
-The validator moves scalars, not segments. Each segment comes with the node
-that stored it (a peer's node for a contribution, the miner's for a result);
-the node's `Checker` actor reads that node's chunks from its own store and
-returns, per chunk, its projection onto its part of z and a few sampled
-elements. Chunks that rode inline are inspected where they are. The exact check
-runs on the Checker of the node holding the result: it recomputes every chunk
-from the contributions, which travel there once more (to the miner's node, not
-to the validator), and returns a Verdict. Checkers are started on demand, one
-per node, and reused, so a check starts no worker process.
+The validator fetches the chunk by ticket from the miner that retained it: every input beside the
+`Chunk` message its peer signed, then the result beside a `Reduced` the miner signs for the
+validator. Each input must carry the signature of the peer admitted at its rank and hash to the
+digest that peer signed; the result must hash to its digest, name those inputs, and be the very
+result the peers reported receiving. The validator then reduces the inputs in rank order itself
+and compares bit for bit. A miner that fails any of these is wrong; one whose chunk cannot be
+fetched or read is unverifiable: no strike, but the round counts as missed.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import threading
-from collections import defaultdict
-from collections.abc import Sequence
 from dataclasses import dataclass
 
-import ray
-import torch
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-from mapreduce_ray.dtypes import dtype_named
 from mapreduce_ray.errors import MapReduceError
-from mapreduce_ray.evidence import Stored
-from mapreduce_ray.remote import get
+from mapreduce_ray.messages import Chunk, Reduced, Ticket, decode, encode
+from mapreduce_ray.plan import plan_round
+from mapreduce_ray.protocol import Kind, attest
 from mapreduce_ray.shards import from_buffer
-from mapreduce_ray.transport import Shipped, receive
-from mapreduce_ray.types import ReduceOp
-from mapreduce_ray.verify import (
-    Projection,
-    Reduction,
-    Verdict,
-    check_projection,
-    check_samples,
-    chunk_sample_indices,
-    chunk_seed,
-    combine,
-    project,
-    projection_vector,
-)
-
-LOCAL = "local"  # where inline chunks are inspected: in the calling process
+from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind
+from mapreduce_ray.verify import Verdict, check_exact
+from mapreduce_ray.wire.endpoint import Remote
+from mapreduce_ray.wire.frames import check_schema, digest, unframe
 
 
 @dataclass(frozen=True)
-class Inspection:
-    """A segment's projection, its sampled elements (chunk by chunk), and the node each chunk was read on."""
+class ChunkCheck:
+    """Chunk `chunk` of `segment` of round `seq` of job `spec`, reduced by its miner `miner`, which every
+    peer reported receiving with digest `sent`; `admitted` maps each rank to its peer's hotkey."""
 
-    projection: Projection
-    samples: torch.Tensor
-    nodes: list[str]
-
-
-def inspect_chunk(buffer, dtype_name: str, seed: int, chunk: int, samples: int) -> tuple[Projection, torch.Tensor]:
-    """Chunk `chunk` of a segment: its projection onto its part of z and its sampled elements."""
-    elements = from_buffer(buffer, dtype_named(dtype_name))
-    z = projection_vector(chunk_seed(seed, chunk), elements.numel(), dtype_name)
-    picked = elements[torch.from_numpy(chunk_sample_indices(seed, chunk, elements.numel(), samples))].clone()
-    return project(elements, dtype_name, z), picked
+    spec: JobSpec
+    admitted: dict[int, str]
+    seq: int
+    miner: int
+    segment: int
+    chunk: int
+    sent: str
 
 
-def inspect_here(
-    dtype_name: str, seed: int, samples: int, items: list[tuple[int, int, Shipped]], timeout_s: float
-) -> list:
-    """inspect_chunk for each (segment, chunk, shipped) item, read on this node: (segment, chunk, projection,
-    samples, node) each."""
-    node = ray.get_runtime_context().get_node_id()
-    out = []
-    for segment, chunk, shipped in items:
-        (buffer,) = receive([shipped], timeout_s)
-        out.append((segment, chunk, *inspect_chunk(buffer, dtype_name, seed, chunk, samples), node))
-    return out
+class Unverifiable(MapReduceError):
+    """A miner did not serve a chunk it should hold, or served it outside the protocol."""
 
 
-def recompute_here(dtype_name: str, op: str, result: list, contributions: list[list], timeout_s: float) -> Verdict:
-    """Recompute every chunk from the contributions (rank order), one chunk at a time, and compare it
-    with the result bit for bit; the first chunk that differs fails."""
-    dtype = dtype_named(dtype_name)
-    for index, shipped in enumerate(result):
-        buffers = receive([shipped, *(c[index] for c in contributions)], timeout_s)
-        verdict = check_samples(
-            [from_buffer(b, dtype) for b in buffers[1:]], from_buffer(buffers[0], dtype), dtype_name, op
-        )
-        if not verdict.ok:
-            return dataclasses.replace(verdict, reason=f"chunk {index}: {verdict.reason}")
-    return Verdict(True, 0.0, 0.0, "ok")
-
-
-class Checker:
-    """Runs checks on its node for the process that started it."""
-
-    def inspect(self, dtype_name: str, seed: int, samples: int, items: list, timeout_s: float) -> list:
-        return inspect_here(dtype_name, seed, samples, items, timeout_s)
-
-    def recompute(self, dtype_name: str, op: str, result: list, contributions: list[list], timeout_s: float) -> Verdict:
-        return recompute_here(dtype_name, op, result, contributions, timeout_s)
-
-
-CHECKER_CONCURRENCY = 2
-_checkers: dict[str, ray.actor.ActorHandle] = {}  # node id -> this process's Checker there
-_checkers_lock = threading.Lock()
-
-
-def checker_on(node: str) -> ray.actor.ActorHandle:
-    """This process's Checker on `node` (this node when unknown or LOCAL), started when missing."""
-    if node in ("", LOCAL):
-        node = ray.get_runtime_context().get_node_id()
-    with _checkers_lock:
-        if node not in _checkers:
-            near = NodeAffinitySchedulingStrategy(node, soft=False)  # there or nowhere: locality is the point
-            options = {"scheduling_strategy": near, "max_concurrency": CHECKER_CONCURRENCY}
-            _checkers[node] = ray.remote(num_cpus=0)(Checker).options(**options).remote()
-        return _checkers[node]
-
-
-def _checked(calls: list, timeout_s: float, what: str) -> list:
-    """The calls' results; a Checker that died is forgotten, so the next check starts a new one."""
+def check_chunk(remote: Remote, check: ChunkCheck, validator: str, timeout_s: float) -> Verdict:
+    """Fetch one chunk (inputs and result) from its miner and recompute it here; Unverifiable when the miner
+    does not serve it."""
+    spec, miner = check.spec, check.spec.miners[check.miner].hotkey
+    messages = _fetch(remote, check, timeout_s)
     try:
-        return get(calls, timeout_s, what)
-    except MapReduceError:
-        with _checkers_lock:
-            _checkers.clear()
-        raise
+        *inputs, result = messages
+        chunks = [(decode(Chunk, attest(_wire(m), Kind.CHUNK, None, miner).body, "Chunk"), m) for m in inputs]
+        senders = [attest(_wire(m), Kind.CHUNK, None, miner).sender for m in inputs]
+        reduced = decode(Reduced, attest(_wire(result), Kind.REDUCED, miner, validator).body, "Reduced")
+    except (MapReduceError, ValueError) as e:
+        raise Unverifiable(f"{remote.who} served chunk {check.chunk} outside the protocol: {e}") from None
+    if not chunks:
+        return Verdict(False, "served a result without its inputs")
+    first = chunks[0][0]
+    ranks = [first.src] if first.kind is RoundKind.BROADCAST else list(range(1, spec.peer_count + 1))
+    place = (spec.job_id, check.seq, check.segment, check.chunk)
+    for (body, _), sender in zip(chunks, senders, strict=True):
+        if (body.job_id, body.seq, body.segment, body.chunk) != place:
+            return Verdict(False, "served an input of another round or chunk")
+        if check.admitted.get(body.rank) != sender:
+            return Verdict(False, f"served an input that the peer at rank {body.rank} did not sign")
+        if (body.kind, body.op, body.src, body.tensor) != (first.kind, first.op, first.src, first.tensor):
+            return Verdict(False, "served inputs that disagree about the round")
+    if [body.rank for body, _ in chunks] != ranks:
+        return Verdict(False, f"served the inputs of ranks {[b.rank for b, _ in chunks]}, not {ranks}")
+    a, b = plan_round(spec, first.tensor)[check.segment].chunks[check.chunk]
+    nbytes = (b - a) * first.tensor.dtype_info.itemsize
+    try:
+        datas = [unframe(message.data, nbytes, remote.who) for _, message in chunks]
+        data = unframe(result.data, nbytes, remote.who)
+    except MapReduceError as e:
+        return Verdict(False, str(e))
+    for (body, _), input_data in zip(chunks, datas, strict=True):
+        if digest(input_data) != body.digest:
+            return Verdict(False, f"served bytes of rank {body.rank} other than it signed")
+    if digest(data) != reduced.digest or reduced.inputs != tuple(body.digest for body, _ in chunks):
+        return Verdict(False, "served a result its own signed digests do not match")
+    if reduced.digest != check.sent:
+        return Verdict(False, "served another result than the one it sent the peers")
+    dtype = first.tensor.dtype_info
+    op = ReduceOp.SUM if first.kind is RoundKind.BROADCAST else first.op
+    verdict = check_exact([from_buffer(d, dtype) for d in datas], from_buffer(data, dtype), dtype.name, op)
+    return verdict if verdict.ok else Verdict(False, f"chunk {check.chunk}: {verdict.reason}")
 
 
-def inspect_segments(
-    segments: Sequence[Stored], dtype_name: str, seed: int, samples: int, timeout_s: float
-) -> list[Inspection]:
-    """An Inspection of each segment; `samples` elements sampled from each chunk."""
-    by_node: dict[str, list] = defaultdict(list)
-    for i, segment in enumerate(segments):
-        for c, shipped in enumerate(segment.chunks):
-            by_node[segment.node if isinstance(shipped, ray.ObjectRef) else LOCAL].append((i, c, shipped))
-    local = inspect_here(dtype_name, seed, samples, by_node.pop(LOCAL, []), timeout_s)
-    calls = [
-        checker_on(node).inspect.remote(dtype_name, seed, samples, items, timeout_s) for node, items in by_node.items()
-    ]
-    parts = sorted(
-        [*local, *(p for done in _checked(calls, timeout_s, "inspecting chunks next to their objects") for p in done)],
-        key=lambda p: (p[0], p[1]),
-    )
-    inspections = []
-    for i in range(len(segments)):
-        mine = [p for p in parts if p[0] == i]
-        inspections.append(
-            Inspection(
-                combine([p[2] for p in mine], dtype_name),
-                torch.cat([p[3] for p in mine]) if mine else torch.empty(0),
-                [p[4] for p in mine],
-            )
-        )
-    return inspections
+def _fetch(remote: Remote, check: ChunkCheck, timeout_s: float) -> list:
+    """The ticket's messages: the inputs, then the result (at most one per peer, and one more)."""
+    ticket = Ticket(check.spec.job_id, check.seq, check.segment, check.chunk)
+    messages = []
+    try:
+        reader = remote.fetch("ticket", encode(ticket), timeout_s)
+        with remote.errors():
+            check_schema(reader.schema, remote.who)
+            while len(messages) <= check.spec.peer_count + 1:
+                try:
+                    messages.append(reader.read_chunk())
+                except StopIteration:
+                    break
+    except MapReduceError as e:
+        raise Unverifiable(f"{remote.who} did not serve chunk {check.chunk} of segment {check.segment}: {e}") from None
+    if not 2 <= len(messages) <= check.spec.peer_count + 1:
+        raise Unverifiable(f"{remote.who} served {len(messages)} messages for one chunk")
+    return messages
 
 
-def check_segment(
-    contributions: Sequence[Stored],
-    result: Stored,
-    dtype_name: str,
-    op: str | ReduceOp,
-    n: int,
-    seed: int,
-    samples: int,
-    exact: bool,
-    timeout_s: float,
-) -> Verdict:
-    """Check a miner's reduced segment against the peers' contributions (rank order).
-
-    Projection onto z from `seed` and `samples` sampled elements per chunk always;
-    with `exact`, every chunk recomputed on the result's node. The first failed check wins.
-    """
-    if any(len(c.chunks) != len(result.chunks) for c in contributions):
-        return Verdict(False, float("inf"), 0.0, "the result has another number of chunks than the contributions")
-    *inspected, outcome = inspect_segments([*contributions, result], dtype_name, seed, samples, timeout_s)
-    reduction = Reduction(dtype_name, op, len(contributions), n)
-    verdict = check_projection([i.projection for i in inspected], outcome.projection, reduction)
-    if verdict.ok:
-        verdict = check_samples([i.samples for i in inspected], outcome.samples, dtype_name, op)
-    if verdict.ok and exact:
-        chunks = [list(c.chunks) for c in contributions]
-        call = checker_on(result.node).recompute.remote(
-            dtype_name, ReduceOp.parse(op).value, list(result.chunks), chunks, timeout_s
-        )
-        (verdict,) = _checked([call], timeout_s, "recomputing the result next to it")
-    return verdict
+def _wire(message) -> bytes:
+    if message.app_metadata is None:
+        raise ValueError("a frame without its signed message")
+    return message.app_metadata.to_pybytes()

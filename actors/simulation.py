@@ -1,7 +1,8 @@
 """The incentive simulation: a real validator scores a cast of honest, slow, lazy, cheating and Sybil miners.
 
-Three emulated hosts (Ray nodes offering the custom resources host-a, host-b and
-host-c): host-a runs the honest-fast miner, the lazy one and the cheaters (who
+Three emulated hosts, each a loopback address of its own that miners serve on
+(127.0.0.2, .3 and .4; the validator tells hosts apart by the address a miner
+announces): host-a runs the honest-fast miner, the lazy one and the cheaters (who
 earn nothing, so they share no score with it); host-b the honest-slow miner;
 host-c a Sybil group of three uids throttled like honest-fast. The validator
 benchmarks every miner through its bot until each has had `benchmarks`
@@ -12,24 +13,23 @@ epoch and sets weights.
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import ray
 
 from actors.behaviours import (
-    LazyMiner,
-    OneElementOffMiner,
-    ReplayingMiner,
-    ScalingMiner,
-    ThrottledMiner,
-    ZerosMiner,
+    LazyRelay,
+    OneElementOffRelay,
+    ReplayingRelay,
+    ScalingRelay,
+    ThrottledRelay,
+    ZerosRelay,
 )
 from actors.subnet import MinerPlan, start_local_subnet
 from mapreduce_ray.chain import ChainConfig
 
 MIB = 1024 * 1024
-HOSTS = ("host-a", "host-b", "host-c")
+HOSTS = {"host-a": "127.0.0.2", "host-b": "127.0.0.3", "host-c": "127.0.0.4"}
 POLL_S = 0.5
 
 
@@ -45,39 +45,18 @@ class Row:
     weight: float
 
 
-@contextmanager
-def emulated_hosts(object_store_mib: int = 400):
-    """A Ray cluster on this machine with one node per emulated host; connects this process to it."""
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 2, "object_store_memory": object_store_mib * MIB, "resources": {HOSTS[0]: 100}},
-    )
-    for host in HOSTS[1:]:
-        cluster.add_node(num_cpus=0, object_store_memory=object_store_mib * MIB, resources={host: 100})
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address, log_to_driver=False)
-    try:
-        yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-
-
 def cast(fast_mib_s: float, slow_mib_s: float) -> list[tuple[str, MinerPlan]]:
     """(role, plan) of every miner in the simulation."""
-    on = {host: {host: 1} for host in HOSTS}
+    on = {host: f"{address}:0" for host, address in HOSTS.items()}
     return [
-        ("honest-fast", MinerPlan(ThrottledMiner, (fast_mib_s,), on["host-a"])),
-        ("honest-slow", MinerPlan(ThrottledMiner, (slow_mib_s,), on["host-b"])),
-        ("lazy", MinerPlan(LazyMiner, (), on["host-a"])),
-        ("one-element-off", MinerPlan(OneElementOffMiner, (), on["host-a"])),
-        ("scaled", MinerPlan(ScalingMiner, (), on["host-a"])),
-        ("stale-replay", MinerPlan(ReplayingMiner, (), on["host-a"])),
-        ("zeros", MinerPlan(ZerosMiner, (), on["host-a"])),
-        *((f"sybil-{i}", MinerPlan(ThrottledMiner, (fast_mib_s,), on["host-c"])) for i in (1, 2, 3)),
+        ("honest-fast", MinerPlan(ThrottledRelay, {"mib_per_s": fast_mib_s}, listen=on["host-a"])),
+        ("honest-slow", MinerPlan(ThrottledRelay, {"mib_per_s": slow_mib_s}, listen=on["host-b"])),
+        ("lazy", MinerPlan(LazyRelay, listen=on["host-a"])),
+        ("one-element-off", MinerPlan(OneElementOffRelay, listen=on["host-a"])),
+        ("scaled", MinerPlan(ScalingRelay, listen=on["host-a"])),
+        ("stale-replay", MinerPlan(ReplayingRelay, listen=on["host-a"])),
+        ("zeros", MinerPlan(ZerosRelay, listen=on["host-a"])),
+        *((f"sybil-{i}", MinerPlan(ThrottledRelay, {"mib_per_s": fast_mib_s}, listen=on["host-c"])) for i in (1, 2, 3)),
     ]
 
 
@@ -91,7 +70,7 @@ def simulate(
     timeout_s: float = 10,
     deadline_s: float = 600,
 ) -> list[Row]:
-    """Run the simulation on the connected cluster (see `emulated_hosts`); one Row per miner."""
+    """Run the simulation on this process's Ray (started when none is connected); one Row per miner."""
     roles = cast(fast_mib_s, slow_mib_s)
     subnet = start_local_subnet(
         [plan for _, plan in roles],
@@ -103,7 +82,6 @@ def simulate(
         bots=1,  # one benchmark at a time: parallel ones would share the cores and blur the speeds
         wait=False,
         validator={
-            "host_key": "node",
             "epoch_blocks": 10**9,  # one epoch, run below, once every miner has been measured
             "tick_s": 0.2,
             "benchmark": {"size_mib": size_mib, "interval_s": 0, "timeout_s": timeout_s},
@@ -128,7 +106,7 @@ def simulate(
             Row(
                 role_of[r["uid"]],
                 r["uid"],
-                r["host"][:8],
+                r["host"],
                 r["throughput"] / MIB,
                 r["rounds_assigned"],
                 r["rounds_on_time"],

@@ -1,14 +1,16 @@
-"""Start a whole subnet (embedded chain, miners, validator) on a local Ray, in one call.
+"""Start a whole subnet (embedded chain, miners, validator, bots) on a local Ray, in one call.
 
 from actors import start_local_subnet
 subnet = start_local_subnet(miners=2)
-...  # Peer(rank, peer_count, **subnet.peer_options).init_process_group() from any process on the cluster
+...  # Peer(rank, peer_count, **subnet.peer_options).init_process_group() from any process on this machine
 subnet.shutdown()
 
-Its parties sign with development wallets in the chain's state dir, created and
-registered on the embedded chain as needed: dev-validator (staked, so it holds a
-validator permit), dev-miner/miner-{i}, the benchmark bot dev-bench/bot-0 and
-dev-peer/rank-{r}. It is ready once the validator has benchmarked every miner.
+For convenience every party's actors share the one local Ray, but they talk to each
+other only through their endpoints on loopback, as parties on separate machines do.
+They sign with development wallets in the chain's state dir, created and registered
+on the embedded chain as needed: dev-validator (staked, so it holds a validator
+permit), dev-miner/miner-{i}, the benchmark bot dev-bench/bot-0 and dev-peer/rank-{r}.
+It is ready once the validator has benchmarked every miner.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import ray
 
 from actors.benchmark import BenchmarkActor
 from actors.miner import MAX_CONCURRENCY, MinerActor
+from actors.relay import Relay
 from actors.validator import MAX_CONCURRENCY as VALIDATOR_CONCURRENCY
 from actors.validator import ValidatorActor
 from mapreduce_ray.chain import Chain, ChainConfig
@@ -34,12 +37,14 @@ from mapreduce_ray.wallets import (
     ensure_dev_wallet,
     load_identity,
 )
+from mapreduce_ray.wire.config import WireConfig
 
 MIB = 1024 * 1024
 READY_TIMEOUT_S = 120.0
 PROBE_TIMEOUT_S = 5.0
 POLL_S = 0.2
 DEV_VALIDATOR_STAKE = 1000.0  # TAO on the embedded chain, enough for a validator permit
+LOOPBACK = "127.0.0.1:0"  # where a local subnet's endpoints listen: loopback, a free port each
 
 
 @dataclass
@@ -61,7 +66,6 @@ class LocalSubnet:
             "validator_uid": self.validator_uid,
             "netuid": self.chain.netuid,
             "state_dir": str(self.chain.state_path),
-            "namespace": self.namespace,
         }
 
     def shutdown(self) -> None:
@@ -126,19 +130,21 @@ def init_local_ray(object_store_mib: int = 2048, num_cpus: int | None = None, pr
 
 @dataclass(frozen=True)
 class MinerPlan:
-    """A miner to start: its actor class, extra constructor arguments, and the custom Ray resources
-    that pin it to a node (None: anywhere)."""
+    """A miner to start: the endpoint it serves (Relay, or a misbehaving one of actors.behaviours) with its
+    keyword arguments, where it listens (host:port), and the custom Ray resources that pin it to a node
+    (None: anywhere)."""
 
-    actor_class: type = MinerActor
-    args: tuple = ()
+    relay_class: type = Relay
+    options: dict | None = None
     resources: dict[str, float] | None = None
+    listen: str = LOOPBACK
 
 
 def start_local_subnet(
     miners: int | list[MinerPlan] = 2,
     *,
     peers: int = 8,
-    chunk_mib: float = 64,
+    chunk_mib: float = 4,
     timeout_s: float = 60.0,
     namespace: str = DEFAULT_NAMESPACE,
     chain: ChainConfig | None = None,
@@ -147,6 +153,7 @@ def start_local_subnet(
     bots: int = 1,
     home_resources: dict[str, float] | None = None,
     wait: bool = True,
+    wire: WireConfig | None = None,
 ) -> LocalSubnet:
     """Start miners, `bots` benchmark bots and a ValidatorActor; starts a local Ray if none is connected.
     With `wait`, returns once the validator has benchmarked every miner.
@@ -156,7 +163,7 @@ def start_local_subnet(
     and the bots the same way (None: anywhere). Registers development wallets
     for the validator, the miners, the bots and ranks 1..`peers` on the embedded `chain`
     (default: ChainConfig()). `validator` overrides ValidatorConfig settings, e.g.
-    {"benchmark": {"size_mib": 8}}.
+    {"benchmark": {"size_mib": 8}}. `wire`: every endpoint's limits (None: WireConfig()).
     """
     chain = chain or ChainConfig()
     plans = [MinerPlan(resources=miner_resources)] * miners if isinstance(miners, int) else list(miners)
@@ -171,12 +178,12 @@ def start_local_subnet(
     register_dev_wallet(client, validator_wallet, DEV_VALIDATOR_STAKE)  # uid 0 on a fresh subnet
     try:
         miner_actors = [
-            start_miner(chain, namespace, dev_wallet(chain.state_path, "dev-miner", f"miner-{i}"), plan)
+            start_miner(chain, namespace, dev_wallet(chain.state_path, "dev-miner", f"miner-{i}"), plan, wire)
             for i, plan in enumerate(plans)
         ]
         ray.get([m.status.remote() for m in miner_actors], timeout=READY_TIMEOUT_S)  # announced before jobs
         started = [
-            start_bot(chain, namespace, dev_wallet(chain.state_path, "dev-bench", f"bot-{i}"), home_resources)
+            start_bot(chain, namespace, dev_wallet(chain.state_path, "dev-bench", f"bot-{i}"), home_resources, wire)
             for i in range(bots)
         ]
         for rank in range(1, peers + 1):
@@ -185,7 +192,7 @@ def start_local_subnet(
         settings.update(validator or {})
         settings["benchmark"] = {**settings.get("benchmark", {}), "bots": [hotkey for _, hotkey in started]}
         config = ValidatorConfig.from_dict(settings)
-        uid, validator_actor = start_validator(chain, config, validator_wallet, home_resources)
+        uid, validator_actor = start_validator(chain, config, validator_wallet, home_resources, wire)
     except ValueError as e:
         raise RuntimeError(
             f"a subnet already runs in Ray namespace {namespace!r} ({e}); shut it down or pass another namespace"
@@ -196,25 +203,36 @@ def start_local_subnet(
     return subnet
 
 
-def start_miner(chain: ChainConfig, namespace: str, wallet: WalletConfig, plan: MinerPlan):
-    """Register a development miner wallet and start the miner `plan` describes."""
+def start_miner(
+    chain: ChainConfig, namespace: str, wallet: WalletConfig, plan: MinerPlan, wire: WireConfig | None = None
+):
+    """Register a development miner wallet and start the miner `plan` describes, serving on loopback."""
     uid = register_dev_wallet(chain.open(), wallet)
     return _start(
-        plan.actor_class,
+        MinerActor,
         miner_name(uid),
         namespace,
         wallet,
         chain,
-        *plan.args,
+        plan.listen,
+        wire=wire,
+        relay_class=plan.relay_class,
+        relay_options=plan.options,
         max_concurrency=MAX_CONCURRENCY,
         resources=plan.resources,
     )
 
 
-def start_bot(chain: ChainConfig, namespace: str, wallet: WalletConfig, resources: dict[str, float] | None = None):
+def start_bot(
+    chain: ChainConfig,
+    namespace: str,
+    wallet: WalletConfig,
+    resources: dict[str, float] | None = None,
+    wire: WireConfig | None = None,
+):
     """Register a development benchmark bot wallet and start its actor; (handle, hotkey)."""
     uid = register_dev_wallet(chain.open(), wallet)
-    bot = _start(BenchmarkActor, benchmark_name(uid), namespace, wallet, chain, resources=resources)
+    bot = _start(BenchmarkActor, benchmark_name(uid), namespace, wallet, chain, wire, resources=resources)
     return bot, load_identity(wallet).hotkey
 
 
@@ -223,6 +241,7 @@ def start_validator(
     config: ValidatorConfig,
     wallet: WalletConfig | None = None,
     resources: dict[str, float] | None = None,
+    wire: WireConfig | None = None,
 ):
     """Register (with stake) and start a validator, the development one by default, on a node offering
     `resources` (None: anywhere); (uid, handle)."""
@@ -235,6 +254,8 @@ def start_validator(
         wallet,
         chain,
         config,
+        LOOPBACK,
+        wire=wire,
         max_concurrency=VALIDATOR_CONCURRENCY,
         resources=resources,
     )
@@ -248,7 +269,9 @@ def register_dev_wallet(chain: Chain, wallet: WalletConfig, stake: float = 0.0) 
     return chain.register(load_identity(wallet).hotkey, coldkey_of(wallet), stake)
 
 
-def _start(actor_class, name: str, namespace: str, *args, max_concurrency: int = 1, resources: dict | None = None):
+def _start(
+    actor_class, name: str, namespace: str, *args, max_concurrency: int = 1, resources: dict | None = None, **kwargs
+):
     remote_class = ray.remote(num_cpus=0)(actor_class)
     options = {"name": name, "namespace": namespace, "max_concurrency": max_concurrency, "resources": resources or {}}
-    return remote_class.options(**options).remote(*args)
+    return remote_class.options(**options).remote(*args, **kwargs)

@@ -121,7 +121,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--miners", type=int, default=2)
-    parser.add_argument("--chunk-mib", type=float, default=64)
+    parser.add_argument("--chunk-mib", type=float, default=4)
     parser.add_argument("--redundancy", type=int, default=1, help="miners that reduce each segment of relay rounds")
     parser.add_argument("--sizes", default=",".join(SIZES), help=f"comma-separated, from {list(SIZES)}")
     parser.add_argument("--reps", type=int, default=10)

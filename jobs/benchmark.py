@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from actors.benchmark import BenchmarkActor
+from jobs.config import wire_config
 from jobs.service import serve_role
 from mapreduce_ray.naming import benchmark_name
 
@@ -23,7 +24,7 @@ def show(status: dict) -> str:
 
 @hydra.main(config_path="../conf", config_name="benchmark", version_base=None)
 def main(cfg: DictConfig) -> None:
-    serve_role(cfg, BenchmarkActor, benchmark_name, lambda wallet, chain: (wallet, chain), show)
+    serve_role(cfg, BenchmarkActor, benchmark_name, lambda wallet, chain: (wallet, chain, wire_config(cfg)), show)
 
 
 if __name__ == "__main__":

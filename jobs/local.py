@@ -2,7 +2,7 @@
 
     python -m jobs.local
     python -m jobs.local topology.peers=2 topology.miners=3 size_mib=100 rounds=10 dtype=bfloat16
-    python -m jobs.local ray.address=auto      # the subnet running on this cluster, if any (see jobs.subnet)
+    python -m jobs.local subnet.validator_uid=3   # the subnet whose validator uid 3 answers (see jobs.subnet)
 
 Every peer's result is checked bit for bit against mapreduce_ray.reference, and a
 table of times, algbw and busbw is printed. Settings: conf/local.yaml.
@@ -21,7 +21,8 @@ import torch
 from omegaconf import DictConfig
 
 from actors import PeerActor
-from jobs.service import connect
+from jobs.config import wire_config
+from jobs.service import connect, describe_ray
 from jobs.subnet import subnet_for, validator_settings
 from mapreduce_ray.dtypes import dtype_named
 from mapreduce_ray.errors import MapReduceError
@@ -77,13 +78,15 @@ def run(cfg: DictConfig) -> list[dict]:
     """Run the job; return one table row per collective."""
     check_config(cfg)
     connect(cfg.ray)
+    print(describe_ray(), flush=True)
     p = cfg.topology.peers
-    with subnet_for(cfg) as subnet:
+    with subnet_for(cfg, wire_config(cfg)) as subnet:
         peer_actor = ray.remote(num_cpus=0)(PeerActor)
         options = {
             "job": "jobs.local",
             "redundancy": cfg.topology.redundancy,
             "reject_nonfinite": cfg.topology.reject_nonfinite,
+            "wire": wire_config(cfg),
             **subnet.peer_options,
         }
         peers = [peer_actor.remote(r, p, **options) for r in range(1, p + 1)]

@@ -1,10 +1,11 @@
-"""Run a miner: python -m jobs.miner +wallet=NAME
+"""Run a miner: python -m jobs.miner +wallet=NAME miner.listen=0.0.0.0:PORT miner.advertise=HOST:PORT
 
 Registers the wallet's hotkey on the embedded chain if needed (on bittensor it
-must be registered already), joins Ray (ray.address=auto by default; ray=local
-runs one in this process), starts the detached actor miner-{uid} on this node,
-which announces its endpoint on the chain, and logs its status until Ctrl-C,
-which stops the actor. Settings: conf/miner.yaml.
+must be registered already), starts this operator's own Ray in the process (or
+joins the operator's cluster with ray=cluster ray.address=...), starts the
+detached actor miner-{uid} on this node, which serves the miner's Flight
+endpoint on miner.listen and announces miner.advertise on chain, and logs its
+status until Ctrl-C, which stops the actor. Settings: conf/miner.yaml.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from actors.miner import MAX_CONCURRENCY, MinerActor
+from jobs.config import relay_settings, wire_config
 from jobs.service import serve_role
 from mapreduce_ray.naming import miner_name
 
@@ -26,7 +28,8 @@ def show(status: dict) -> str:
 
 @hydra.main(config_path="../conf", config_name="miner", version_base=None)
 def main(cfg: DictConfig) -> None:
-    serve_role(cfg, MinerActor, miner_name, lambda wallet, chain: (wallet, chain), show, MAX_CONCURRENCY)
+    settings = (cfg.miner.listen, cfg.miner.advertise, wire_config(cfg), relay_settings(cfg))
+    serve_role(cfg, MinerActor, miner_name, lambda wallet, chain: (wallet, chain, *settings), show, MAX_CONCURRENCY)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""What jobs.miner, jobs.validator and jobs.register share.
+"""What jobs.miner, jobs.validator, jobs.benchmark and jobs.register share.
 
 A wallet and chain from config, registration (on the embedded chain) or a check
-of it (on bittensor), and a detached actor on this node served until Ctrl-C.
+of it (on bittensor), this party's own Ray, and a detached actor on this node
+served until Ctrl-C. Other parties reach it only through the endpoint it announces.
 """
 
 from __future__ import annotations
@@ -138,14 +139,19 @@ def serve_role(
         uid = registered_uid(chain, wallet, cfg.stake)
         connect(cfg.ray)
         name, namespace = name_of(uid), cfg.subnet.namespace
+        print(describe_ray(), flush=True)
         handle = start_detached(actor_class, name, namespace, *args_of(wallet, chain), max_concurrency=max_concurrency)
         hotkey = load_identity(wallet).hotkey
-        print(
-            f"{name} (hotkey {hotkey}) serving {chain.open().describe()} in Ray namespace {namespace!r}; "
-            "Ctrl-C stops it",
-            flush=True,
-        )
+        endpoint = get(handle.status.remote(), STATUS_TIMEOUT_S, f"asking {name}").get("endpoint")
+        where = f" at endpoint {endpoint}" if endpoint else ""
+        print(f"{name} (hotkey {hotkey}) serving {chain.open().describe()}{where}; Ctrl-C stops it", flush=True)
         serve_until_interrupted(handle, name, namespace, cfg.status_interval_s, show)
+
+
+def describe_ray() -> str:
+    """This party's Ray cluster: its GCS address and its nodes."""
+    nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
+    return f"Ray cluster {ray.get_runtime_context().gcs_address}: {len(nodes)} node(s) {nodes}"
 
 
 def _alive(name: str, namespace: str) -> bool:

@@ -7,8 +7,9 @@
 Trains an MLP on scikit-learn's handwritten digits with `topology.peers` TrainerActors. Each
 step every trainer takes its share of one global batch and the trainers average their
 gradients through the miners, so they step as one process on the whole batch would. The job
-joins the subnet whose validator (`subnet.validator_uid`) runs in `subnet.namespace`, or
-starts a local one (embedded chain, miners, validator, benchmark bot) and stops it at the end.
+joins the subnet whose validator (`subnet.validator_uid`) answers at the endpoint it announced
+on chain, or starts a local one in this job's Ray (embedded chain, miners, validator, benchmark
+bot; every party on its own loopback endpoint) and stops it at the end.
 Shows a progress bar, then a table of loss, accuracy and all_reduce times and bandwidths,
 the held-out accuracy, and the miners' scores and weights. Settings: conf/train.yaml.
 """
@@ -26,6 +27,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from actors.trainer import TrainerActor, TrainSettings
+from jobs.config import wire_config
 from jobs.local import format_table
 from jobs.service import connect, user_errors
 from jobs.subnet import Subnet, subnet_for
@@ -56,7 +58,7 @@ def run(cfg: DictConfig) -> TrainReport:
             f"train.batch_size={settings.batch_size} does not split evenly across topology.peers={cfg.topology.peers}"
         )
     connect(cfg.ray)
-    with subnet_for(cfg) as subnet:
+    with subnet_for(cfg, wire_config(cfg)) as subnet:
         return train(cfg, settings, subnet)
 
 
@@ -67,6 +69,7 @@ def train(cfg: DictConfig, settings: TrainSettings, subnet: Subnet) -> TrainRepo
         "job": cfg.job,
         "redundancy": cfg.topology.redundancy,
         "reject_nonfinite": cfg.topology.reject_nonfinite,
+        "wire": wire_config(cfg),
         **subnet.peer_options,
     }
     trainer = ray.remote(num_cpus=0)(TrainerActor)
@@ -89,7 +92,7 @@ def train(cfg: DictConfig, settings: TrainSettings, subnet: Subnet) -> TrainRepo
         rows=step_rows(steps, settings, nbytes, p, cfg.log_every),
         test_loss=test_loss,
         test_accuracy=test_accuracy,
-        miners=miner_rows(subnet.validator, timeout),
+        miners=miner_rows(subnet, timeout),
         parameters=parameters[0],
         in_step=all(torch.equal(parameters[0], other) for other in parameters[1:]),
     )
@@ -115,11 +118,11 @@ def step_rows(steps: list[list[dict]], settings: TrainSettings, nbytes: int, pee
     return rows
 
 
-def miner_rows(validator, timeout_s: float) -> list[dict]:
-    """The validator's miners: measured throughput, verified capacity, score, and their share of the weights
-    the validator last set on chain."""
-    status = get(validator.status.remote(), timeout_s, "asking the validator")
-    weights = {int(uid): w for uid, w in status["weights"].items()}
+def miner_rows(subnet: Subnet, timeout_s: float) -> list[dict]:
+    """The validator's miners, as its endpoint tells: measured throughput, verified capacity, score, and their
+    share of the weights the validator last set on chain."""
+    table = subnet.miners(timeout_s)
+    weights = {int(uid): w for uid, w in table["weights"].items()}
     total = sum(weights.values()) or 1.0
     return [
         {
@@ -130,7 +133,7 @@ def miner_rows(validator, timeout_s: float) -> list[dict]:
             "score": f"{row['score']:.4g}",
             "weight": f"{weights.get(row['uid'], 0.0) / total:.3f}",
         }
-        for row in get(validator.miners.remote(), timeout_s, "asking the validator")
+        for row in table["miners"]
     ]
 
 

@@ -2,11 +2,14 @@
 
 Registers the wallet's hotkey on the embedded chain if needed, with stake so it
 holds a validator permit (on bittensor it must be registered and permitted
-already), joins Ray, starts the detached actor validator-{uid} on this node and
-logs its status until Ctrl-C, which stops the actor. Peers ask it for jobs with
+already), joins this validator's Ray cluster, starts the detached actor
+validator-{uid} on this node, which serves the validator's Flight endpoint on
+endpoint.listen and announces endpoint.advertise on chain, and logs its status
+until Ctrl-C, which stops the actor. Peers ask it for jobs with
 Peer(..., validator_uid=uid); it benchmarks miners with the bots whose hotkeys
-`validator.benchmark.bots` lists (python -m jobs.benchmark), checks rounds,
-scores miners and sets weights. Settings: conf/validator.yaml.
+`validator.benchmark.bots` lists (python -m jobs.benchmark, in the same Ray
+cluster), checks rounds, scores miners and sets weights. Settings:
+conf/validator.yaml.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from actors.validator import MAX_CONCURRENCY, ValidatorActor
+from jobs.config import wire_config
 from jobs.service import serve_role
 from mapreduce_ray.naming import validator_name
 from mapreduce_ray.validation import ValidatorConfig
@@ -40,9 +44,9 @@ def validator_config(cfg: DictConfig) -> ValidatorConfig:
 
 @hydra.main(config_path="../conf", config_name="validator", version_base=None)
 def main(cfg: DictConfig) -> None:
-    config = validator_config(cfg)
+    settings = (validator_config(cfg), cfg.endpoint.listen, cfg.endpoint.advertise, wire_config(cfg))
     serve_role(
-        cfg, ValidatorActor, validator_name, lambda wallet, chain: (wallet, chain, config), show, MAX_CONCURRENCY
+        cfg, ValidatorActor, validator_name, lambda wallet, chain: (wallet, chain, *settings), show, MAX_CONCURRENCY
     )
 
 

@@ -38,10 +38,6 @@ class MinerFaultError(MapReduceError):
     peers hand its segment to the next miner."""
 
 
-class StoreFullError(MapReduceError):
-    """Ray's object store (and its spill space) had no room for a chunk."""
-
-
 class IdentityError(MapReduceError):
     """Who a party is, or what it may do, could not be established."""
 
@@ -92,3 +88,20 @@ class ExpiredMessageError(MessageRejectedError):
 
 class ReplayedMessageError(MessageRejectedError):
     """A nonce this receiver has already seen from this sender."""
+
+
+class LimitExceededError(MessageRejectedError):
+    """A caller went past one of an endpoint's limits (wire settings): refused, not queued."""
+
+
+class FrameRejectedError(MessageRejectedError):
+    """An Arrow IPC frame from another party is not one of ours: another schema, malformed, too large, or
+    its bytes do not match the digest signed for them."""
+
+
+class EndpointError(MapReduceError):
+    """Another party's endpoint could not be reached, refused a call, or answered outside the protocol."""
+
+
+# Errors a miner reports because of the peers or their job, not itself: every peer gets them as they are.
+PEER_FAULTS = (PeerLostError, RoundMismatchError, JobError, NonFiniteError, InvalidTensorError)

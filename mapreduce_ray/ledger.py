@@ -119,6 +119,16 @@ class MinerLedger:
             )
             self._log(db, uid, hotkey, "strike", evidence)
 
+    def fail(self, uid: int, reason: str) -> None:
+        """A miner that could not be reached: failed (unless banned) until its next passed benchmark."""
+        with transaction(self.path) as db:
+            hotkey = self._hotkey(db, uid)
+            db.execute(
+                "UPDATE miners SET state=CASE WHEN state=? THEN state ELSE ? END WHERE uid=?",
+                (MinerState.BANNED.value, MinerState.FAILED.value, uid),
+            )
+            self._log(db, uid, hotkey, "unreachable", {"reason": reason})
+
     def claim(self, uids: list[int], failed_too: bool = False) -> list[int]:
         """Mark busy those of `uids` that are available (or failed, for a benchmark); the ones claimed."""
         states = [MinerState.AVAILABLE.value, MinerState.FAILED.value if failed_too else MinerState.AVAILABLE.value]

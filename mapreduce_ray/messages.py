@@ -1,7 +1,11 @@
 """The typed bodies of the protocol's messages, and their strict JSON codec.
 
-wire = seal_body(keypair, JobRequest("default", 1, 4, None, 1, False), validator_hotkey)
-request, envelope = open_body(verifier, wire, JobRequest)
+Calls carry a body as plain JSON (`encode`/`decode`), signed by btauth. Answers that the caller
+must be able to show to others, and everything inside job streams, are signed messages
+(`seal_body`/`open_body`, mapreduce_ray.protocol):
+
+    wire = seal_body(keypair, Chunk(...), miner_hotkey)
+    chunk, envelope = open_body(verifier, wire, Chunk)
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from dataclasses import dataclass
 from enum import Enum
 
 from mapreduce_ray.errors import MalformedMessageError
-from mapreduce_ray.protocol import Kind, Verifier, seal
+from mapreduce_ray.protocol import Kind, Verifier, canonical, json_object, seal
 from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, TensorSpec
 
 
@@ -41,81 +45,94 @@ class JobAdmission:
 
 @dataclass(frozen=True)
 class JobLeave:
-    """A peer leaves: its rounds may be released."""
+    """A peer leaves its job, which ends it: the validator frees its miners."""
 
     job_id: str
     rank: int
 
 
 @dataclass(frozen=True)
-class Contribution:
-    """A peer's part of one segment of one round at one miner: what the round is and the fingerprints of
-    the chunks it ships. `miner` is the receiving miner's place in the job, `segment` the plan's segment."""
+class StreamOpen:
+    """The descriptor of a job stream: the peer at `rank` of job `job_id` streams to this miner."""
+
+    job_id: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Beside each frame a peer streams: chunk `chunk` of `segment` of round `seq`, with the BLAKE3
+    digest of its bytes, and what the round is (every chunk says it, so any miner can take over)."""
 
     job_id: str
     seq: int
     kind: RoundKind
     op: ReduceOp | None
     src: int | None
-    tensor: TensorSpec | None
-    miner: int
-    rank: int
-    chunks: tuple[str, ...]  # transport.fingerprint of each shipped chunk
-    segment: int
-
-
-@dataclass(frozen=True)
-class ContributionReceipt:
-    """A miner confirms it took a contribution to this round (kind, op, source) with these chunk fingerprints."""
-
-    job_id: str
-    seq: int
-    kind: RoundKind
-    op: ReduceOp | None
-    src: int | None
-    miner: int
-    rank: int
-    chunks: tuple[str, ...]
-    segment: int
-
-
-@dataclass(frozen=True)
-class SegmentResult:
-    """Reduced chunks `first_chunk`.. of `segment`, by fingerprint, from the job's miner `miner`.
-
-    `tensor` is the round's tensor spec (for a broadcast, the source's). In a job with
-    redundancy, `digests` are the BLAKE3 digests of the chunks' bytes, which peers
-    compare across the segment's miners; otherwise empty."""
-
-    job_id: str
-    seq: int
-    miner: int
-    rank: int
-    first_chunk: int
     tensor: TensorSpec
-    chunks: tuple[str, ...]
     segment: int
-    digests: tuple[str, ...]
+    rank: int
+    chunk: int
+    digest: str
+
+
+@dataclass(frozen=True)
+class Await:
+    """A broadcast receiver asks the miner for `segment` of round `seq` (it sends no frames)."""
+
+    job_id: str
+    seq: int
+    src: int
+    segment: int
+    rank: int
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """Beside each reduced chunk a miner streams to the peer at `rank`: the chunk's digest, and the digests
+    of the inputs it reduced, in rank order (for a broadcast, the source's alone): the receipt. `tensor`
+    is the round's tensor (for a broadcast, the source's). To a broadcast source it comes without a frame."""
+
+    job_id: str
+    seq: int
+    segment: int
+    rank: int
+    chunk: int
+    tensor: TensorSpec
+    digest: str
+    inputs: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RoundFailed:
+    """A miner gives up `segment` of round `seq`: `error` names one of mapreduce_ray.errors, `message` says why."""
+
+    job_id: str
+    seq: int
+    segment: int
+    error: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """What a peer got from one miner for one segment: the miner's signed Reduced message of every chunk
+    (UTF-8 wires, in chunk order)."""
+
+    miner: int
+    segment: int
+    reduced: tuple[str, ...]
 
 
 @dataclass(frozen=True)
 class RoundReport:
-    """After a round, a peer forwards each miner's signed receipt and results, for the validator to check.
-
-    `miners` lists the miner indexes that delivered a segment (a miner that took over
-    a failed miner's segment is listed once per segment), `receipts` and `results`
-    (every SegmentResult wire, in order) align with it, as UTF-8 text; `late` lists
-    the miners that died, failed or missed their deadline; `node` is the Ray node that
-    stored the peer's chunks. The shipped chunks travel beside the message.
-    """
+    """After a round, a peer tells the validator which miners delivered which segments (with their signed
+    receipts, for checks) and which died, failed or missed the deadline (`late`, indexes into the job's miners)."""
 
     job_id: str
     seq: int
     rank: int
-    node: str
-    miners: tuple[int, ...]
-    receipts: tuple[str, ...]
-    results: tuple[tuple[str, ...], ...]
+    deliveries: tuple[Delivery, ...]
     late: tuple[int, ...]
 
 
@@ -141,11 +158,14 @@ class Ruling:
 
 
 @dataclass(frozen=True)
-class BenchmarkOrder:
-    """The validator asks a benchmark bot to run one all_reduce of `size_bytes` per rank through the job's miner."""
+class Ticket:
+    """A validator asks a miner for chunk `chunk` of `segment` of a round it retained: every input, then
+    the result."""
 
-    spec: JobSpec
-    size_bytes: int
+    job_id: str
+    seq: int
+    segment: int
+    chunk: int
 
 
 class Outcome(str, Enum):
@@ -168,28 +188,36 @@ class BenchmarkResult:
 
 
 KINDS: dict[type, Kind] = {
-    JobRequest: Kind.JOB_REQUEST,
     JobAdmission: Kind.JOB_SPEC,
-    JobLeave: Kind.JOB_LEAVE,
-    Contribution: Kind.CONTRIBUTION,
-    ContributionReceipt: Kind.CONTRIBUTION_RECEIPT,
-    SegmentResult: Kind.SEGMENT_RESULT,
-    RoundReport: Kind.ROUND_REPORT,
-    Dispute: Kind.DISPUTE,
     Ruling: Kind.RULING,
-    BenchmarkOrder: Kind.BENCHMARK_ORDER,
-    BenchmarkResult: Kind.BENCHMARK_RESULT,
+    Chunk: Kind.CHUNK,
+    Await: Kind.AWAIT,
+    Reduced: Kind.REDUCED,
+    RoundFailed: Kind.ROUND_FAILED,
 }
+
+
+def encode(body) -> bytes:
+    """A call's body as canonical JSON."""
+    return canonical(dataclasses.asdict(body)).encode()
+
+
+def parse(cls: type, payload: bytes):
+    """A call's body of type `cls`; MalformedMessageError if it is not one."""
+    return decode(cls, json_object(payload, f"a {cls.__name__}"), cls.__name__)
 
 
 def seal_body(keypair, body, receiver: str) -> bytes:
     return seal(keypair, KINDS[type(body)], dataclasses.asdict(body), receiver)
 
 
-def open_body(verifier: Verifier, wire: bytes, cls: type, sender: str | None = None):
-    """(body, envelope) of a verified message of `cls`'s kind."""
-    envelope = verifier.open(wire, KINDS[cls], sender)
-    return decode(cls, envelope.body, cls.__name__), envelope
+def open_body(verifier: Verifier, wire: bytes, cls: type | tuple[type, ...], sender: str | None = None):
+    """(body, envelope) of a verified message of `cls`'s kind (or of one of several classes')."""
+    classes = cls if isinstance(cls, tuple) else (cls,)
+    by_kind = {KINDS[c]: c for c in classes}
+    envelope = verifier.open(wire, frozenset(by_kind), sender)
+    body_class = by_kind[envelope.kind]
+    return decode(body_class, envelope.body, body_class.__name__), envelope
 
 
 def decode(hint, value, where: str):
@@ -206,7 +234,10 @@ def decode(hint, value, where: str):
         fields = [f.name for f in dataclasses.fields(hint)]
         if set(value) != set(fields):
             raise MalformedMessageError(f"{where} has fields {sorted(value)}, expected {sorted(fields)}")
-        return hint(**{f: decode(hints[f], value[f], f"{where}.{f}") for f in fields})
+        try:
+            return hint(**{f: decode(hints[f], value[f], f"{where}.{f}") for f in fields})
+        except (ValueError, TypeError) as e:  # a record's own checks
+            raise MalformedMessageError(f"{where} does not hold: {e}") from None
     if isinstance(hint, type) and issubclass(hint, Enum):
         try:
             return hint(value)
@@ -216,4 +247,9 @@ def decode(hint, value, where: str):
         return float(value)
     if hint in (int, str, bool, float) and type(value) is hint:
         return value
-    raise MalformedMessageError(f"{where} is {value!r}, not {getattr(hint, '__name__', hint)}")
+    raise MalformedMessageError(f"{where} is {_short(value)}, not {getattr(hint, '__name__', hint)}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -11,6 +11,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import ray
 from ray.util import metrics
 
 from mapreduce_ray.messages import Outcome
@@ -93,7 +94,10 @@ def _add(counter: _Metric, value: int, tags: dict[str, str]) -> None:
 
 
 def record_round(round_: RoundSpec, rank: int, nbytes: int, seconds: float) -> None:
-    """A collective round that peer `rank` finished: its latency, algbw, busbw and η."""
+    """A collective round that peer `rank` finished: its latency, algbw, busbw and η (in a Ray worker or
+    driver; a peer outside Ray records nothing)."""
+    if not ray.is_initialized():
+        return
     tags = {"job": round_.job.name, "collective": round_.kind.value, "rank": str(rank)}
     ROUND_SECONDS.get().observe(seconds, tags)
     bandwidth = algbw(nbytes, seconds)

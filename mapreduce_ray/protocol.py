@@ -47,20 +47,18 @@ METAGRAPH_MISS_REFRESH_S = 1.0
 
 
 class Kind(str, Enum):
-    JOB_REQUEST = "job_request"  # peer -> validator
-    JOB_SPEC = "job_spec"  # validator -> peer and miners
-    JOB_LEAVE = "job_leave"  # peer -> validator and miners
-    CONTRIBUTION = "contribution"  # peer -> miner
-    CONTRIBUTION_RECEIPT = "contribution_receipt"  # miner -> peer
-    SEGMENT_RESULT = "segment_result"  # miner -> peer
-    ROUND_REPORT = "round_report"  # peer -> validator
-    BENCHMARK_ORDER = "benchmark_order"  # validator -> benchmark bot
-    BENCHMARK_RESULT = "benchmark_result"  # benchmark bot -> validator
-    DISPUTE = "dispute"  # peer -> validator
-    RULING = "ruling"  # validator -> peer
+    """Messages that are signed in themselves: answers, and what travels inside job streams. Calls are
+    signed with btauth (mapreduce_ray.wire.auth) instead."""
+
+    JOB_SPEC = "job_spec"  # validator -> peer, the answer to a join
+    RULING = "ruling"  # validator -> peer, the answer to a dispute
+    CHUNK = "chunk"  # peer -> miner, beside each frame of its contribution
+    AWAIT = "await"  # peer -> miner, a broadcast receiver asks for a segment
+    REDUCED = "reduced"  # miner -> peer, beside each reduced chunk (or alone, as a receipt)
+    ROUND_FAILED = "round_failed"  # miner -> peer
 
 
-VALIDATOR_ONLY = frozenset({Kind.JOB_SPEC, Kind.BENCHMARK_ORDER, Kind.RULING})
+VALIDATOR_ONLY = frozenset({Kind.JOB_SPEC, Kind.RULING})
 
 
 @dataclass(frozen=True)
@@ -159,9 +157,11 @@ class Verifier:
         self._clock = clock
         self._nonces = NonceStore(max_age_s + 2 * skew_s)
 
-    def open(self, wire: bytes, kind: Kind, sender: str | None = None) -> Envelope:
-        """The verified envelope of a `kind` message (from `sender` when given), or a MessageRejectedError."""
-        envelope = _signed(wire, kind)
+    def open(self, wire: bytes, kinds: Kind | frozenset[Kind], sender: str | None = None) -> Envelope:
+        """The verified envelope of a message of one of `kinds` (from `sender` when given), or a
+        MessageRejectedError."""
+        envelope = _signed(wire, kinds)
+        kind = envelope.kind
         if envelope.receiver != self.hotkey:
             raise WrongReceiverError(
                 f"{kind.value} message from {envelope.sender} is addressed to {envelope.receiver}, not {self.hotkey}"
@@ -190,9 +190,11 @@ class Verifier:
         return envelope
 
 
-def _signed(wire: bytes, kind: Kind) -> Envelope:
-    """The envelope of a well-formed `kind` message whose sr25519 signature matches its sender."""
-    outer = _json_object(wire, "the message")
+def _signed(wire: bytes, kinds: Kind | frozenset[Kind]) -> Envelope:
+    """The envelope of a well-formed message of one of `kinds` whose sr25519 signature matches its sender."""
+    kinds = frozenset({kinds}) if isinstance(kinds, Kind) else kinds
+    kind = min(kinds, key=lambda k: k.value)  # names the expected kind in errors before the real one is known
+    outer = json_object(wire, "the message")
     if outer.get("scheme") != SCHEME:
         raise SignatureSchemeError(
             f"{kind.value} message signed with {outer.get('scheme')!r}; only sr25519 is accepted"
@@ -201,7 +203,8 @@ def _signed(wire: bytes, kind: Kind) -> Envelope:
         signed = outer["message"].encode()
     except (KeyError, AttributeError, UnicodeEncodeError):
         raise MalformedMessageError(f"the signed part is not UTF-8 JSON of the {PROTOCOL} protocol") from None
-    envelope = _envelope(_json_object(signed, "the signed part"), kind)
+    envelope = _envelope(json_object(signed, "the signed part"), kinds)
+    kind = envelope.kind
     try:
         signature = bytes.fromhex(str(outer.get("signature", "")).removeprefix("0x"))
         valid = verify(signed, signature, envelope.sender, CRYPTO_SR25519)
@@ -212,20 +215,22 @@ def _signed(wire: bytes, kind: Kind) -> Envelope:
     return envelope
 
 
-def attest(wire: bytes, kind: Kind, sender: str, receiver: str) -> Envelope:
-    """A forwarded message's envelope, if `sender` signed it for `receiver` (evidence; no time or replay check)."""
+def attest(wire: bytes, kind: Kind, sender: str | None, receiver: str) -> Envelope:
+    """A forwarded message's envelope, if `sender` (None: whoever it names) signed it for `receiver`
+    (evidence; no time or replay check)."""
     envelope = _signed(wire, kind)
-    if (envelope.sender, envelope.receiver) != (sender, receiver):
+    if envelope.receiver != receiver or sender not in (None, envelope.sender):
         raise BadSignatureError(
             f"{kind.value} message from {envelope.sender} to {envelope.receiver}, expected {sender} to {receiver}"
         )
     return envelope
 
 
-def _json_object(data: bytes, what: str) -> dict:
+def json_object(data: bytes, what: str) -> dict:
+    """`data` parsed as a JSON object (no NaN or Infinity); MalformedMessageError naming `what` otherwise."""
     try:
         value = json.loads(data, parse_constant=_no_constants)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, RecursionError):
         raise MalformedMessageError(f"{what} is not JSON of the {PROTOCOL} protocol") from None
     if not isinstance(value, dict):
         raise MalformedMessageError(f"{what} is not a JSON object of the {PROTOCOL} protocol")
@@ -236,11 +241,13 @@ def _no_constants(name: str):
     raise ValueError(f"{name} is not a number")
 
 
-def _envelope(inner: dict, kind: Kind) -> Envelope:
+def _envelope(inner: dict, kinds: frozenset[Kind]) -> Envelope:
     if inner.get("protocol") != PROTOCOL:
         raise MalformedMessageError(f"protocol {inner.get('protocol')!r} is not {PROTOCOL}; upgrade the sender")
-    if inner.get("kind") != kind.value:
-        raise MalformedMessageError(f"expected a {kind.value} message, got {inner.get('kind')!r}")
+    kind = next((k for k in kinds if k.value == inner.get("kind")), None)
+    if kind is None:
+        expected = " or ".join(sorted(k.value for k in kinds))
+        raise MalformedMessageError(f"expected a {expected} message, got {str(inner.get('kind'))[:40]!r}")
     fields = {"sender": str, "receiver": str, "timestamp_ns": int, "nonce": str, "body": dict}
     for name, type_ in fields.items():
         if type(inner.get(name)) is not type_:

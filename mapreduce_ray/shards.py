@@ -1,10 +1,9 @@
-"""Tensors as flat runs of elements, Arrow buffers for the object store, digests.
+"""Tensors as flat runs of elements, Arrow buffers over their bytes, digests.
 
 A contiguous CPU tensor or numpy array is viewed in place (no copy); anything else
-is copied once into a private contiguous tensor. Shards put into Ray's object
-store are Arrow buffers over the raw bytes of a slice: one copy on put, none on
-get, and only the slice is stored. Tensors read back from the store share its
-memory and must never be written.
+is copied once into a private contiguous tensor. Chunks travel as Arrow buffers
+over the raw bytes of a slice (no copy); elements read back from a received buffer
+share its memory and must never be written.
 """
 
 from __future__ import annotations
@@ -84,13 +83,17 @@ def new_tensor(spec: TensorSpec) -> torch.Tensor:
 
 
 def to_buffer(elements: torch.Tensor) -> pa.Buffer:
-    """Wrap contiguous elements as an Arrow buffer for `ray.put` (no copy here)."""
+    """Wrap contiguous 1-D elements as an Arrow buffer over their bytes (no copy)."""
     return pa.py_buffer(_bytes(elements))
 
 
 def from_buffer(buffer: pa.Buffer, dtype: DType) -> torch.Tensor:
-    """The elements of a stored shard, zero-copy. Never write to the result."""
-    return read_only_tensor(np.frombuffer(buffer, np.uint8)).view(dtype.torch_dtype)
+    """The elements in a received buffer, zero-copy when the buffer is aligned for the dtype (else one copy).
+    Never write to the result."""
+    array = np.frombuffer(buffer, np.uint8)
+    if buffer.address % dtype.itemsize:
+        array = array.copy()
+    return read_only_tensor(array).view(dtype.torch_dtype)
 
 
 def read_only_tensor(array: np.ndarray) -> torch.Tensor:

@@ -9,6 +9,8 @@ from enum import Enum
 from mapreduce_ray.dtypes import DType, dtype_named
 from mapreduce_ray.naming import miner_name
 
+MAX_DIMS = 64  # torch's own limit on a tensor's dimensions
+
 
 class ReduceOp(str, Enum):
     """How contributions are combined."""
@@ -31,13 +33,17 @@ class RoundKind(str, Enum):
 
 @dataclass(frozen=True)
 class MinerSlot:
-    """A miner taking part in a job (its uid and hotkey), its share of every tensor, and the contribution
-    bytes/s it took in during its latest exact benchmark, as the validator measured (0: not told)."""
+    """A miner taking part in a job: its uid, hotkey and endpoint (host:port, as announced on chain), its
+    share of every tensor, and the contribution bytes/s it took in during its latest exact benchmark, as the
+    validator measured (0: not told). `certificate`: the PEM certificate its endpoint serves grpc+tls with,
+    checked against the fingerprint it announced ("" when it serves plain gRPC)."""
 
     uid: int
     hotkey: str
+    endpoint: str
     weight: float
     throughput: float = 0.0
+    certificate: str = ""
 
     @property
     def name(self) -> str:
@@ -50,7 +56,6 @@ class JobSpec:
 
     job_id: str
     name: str
-    namespace: str
     peer_count: int
     miners: tuple[MinerSlot, ...]
     chunk_bytes: int
@@ -80,6 +85,11 @@ class TensorSpec:
 
     dtype: str
     shape: tuple[int, ...]
+
+    def __post_init__(self):
+        dtype_named(self.dtype)
+        if len(self.shape) > MAX_DIMS or any(type(d) is not int or d < 0 for d in self.shape):
+            raise ValueError(f"a tensor shape is up to {MAX_DIMS} non-negative ints, got {self.shape!r}")
 
     @property
     def numel(self) -> int:

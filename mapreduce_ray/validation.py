@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from mapreduce_ray.naming import DEFAULT_NAMESPACE
 from mapreduce_ray.scoring import MIB, ScoringConfig
 
-HOST_KEYS = ("ip", "node")
+HOST_KEYS = ("ip", "endpoint")
 
 
 @dataclass(frozen=True)
@@ -38,20 +38,19 @@ class BenchmarkConfig:
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    """Checks of live rounds: `fraction` of reported rounds are checked, each by a projection plus
-    `samples` sampled elements per chunk and, with `exact`, a full recomputation next to the result.
-    A failed check bans the miner for `ban_s`. A round awaiting its check keeps its objects alive;
-    at most `max_pending` rounds wait, and a round chosen beyond that goes unchecked (counted)."""
+    """Checks of live rounds: `fraction` of reported rounds are checked; of each segment a miner delivered,
+    `chunks` chunks picked at random (0: every chunk) are fetched from the miner and recomputed bit for bit.
+    A failed check bans the miner for `ban_s`. At most `max_pending` rounds wait for their check; a round
+    chosen beyond that goes unchecked (counted)."""
 
     fraction: float = 0.1
-    samples: int = 16
-    exact: bool = True
+    chunks: int = 2
     ban_s: float = 3600.0
     max_pending: int = 2
 
     def __post_init__(self):
         _require(0 <= self.fraction <= 1, "verify.fraction", self.fraction, "in [0, 1]")
-        _require(self.samples >= 0, "verify.samples", self.samples, "at least 0")
+        _require(self.chunks >= 0, "verify.chunks", self.chunks, "at least 0")
         _require(self.ban_s >= 0, "verify.ban_s", self.ban_s, "at least 0")
         _require(self.max_pending >= 1, "verify.max_pending", self.max_pending, "at least 1")
 
@@ -60,15 +59,16 @@ class VerifyConfig:
 class ValidatorConfig:
     """A validator's settings.
 
-    namespace: the Ray namespace of the subnet's actors. chunk_bytes, timeout_s: its jobs' chunk
-    size and deadline. max_miners: miners per job. epoch_blocks: blocks between scoring epochs
-    (weights are set then, as the chain's rate limit allows). host_key: what makes miners one host
-    ("ip": the node's IP address; "node": the Ray node). tick_s: how often the validator's loop runs.
+    namespace: the Ray namespace of the validator's own actors (where it finds its bots). chunk_bytes,
+    timeout_s: its jobs' chunk size and deadline. max_miners: miners per job. epoch_blocks: blocks between
+    scoring epochs (weights are set then, as the chain's rate limit allows). host_key: what makes miners
+    one host ("ip": the IP of the endpoint they announce; "endpoint": the whole host:port). tick_s: how
+    often the validator's loop runs.
     job_idle_s: a job without activity this long is ended and its miners freed.
     """
 
     namespace: str = DEFAULT_NAMESPACE
-    chunk_bytes: int = 64 * MIB
+    chunk_bytes: int = 4 * MIB
     timeout_s: float = 60.0
     max_miners: int = 8
     epoch_blocks: int = 60

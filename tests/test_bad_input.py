@@ -7,15 +7,11 @@ unsigned, tampered, misaddressed, replayed and unregistered messages (test_ident
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
-from ray.exceptions import ObjectStoreFullError
 
-import mapreduce_ray.peer
 from mapreduce_ray import Peer
-from mapreduce_ray.errors import InvalidTensorError, JobError, NonFiniteError, RoundMismatchError, StoreFullError
+from mapreduce_ray.errors import InvalidTensorError, JobError, NonFiniteError, RoundMismatchError
 from mapreduce_ray.reference import reference_reduce
 
 MIB = 1024 * 1024
@@ -94,32 +90,3 @@ def test_peers_must_agree_on_redundancy_and_there_must_be_miners_for_it(subnets)
         "redundancy 3 needs 3 miners but 2 are available; pass a smaller redundancy to Peer(...) "
         "or wait for more miners"
     )
-
-
-def test_a_full_object_store_is_a_clear_error_and_the_next_round_runs(subnets, run_peers, monkeypatch):
-    ship, first_calls = mapreduce_ray.peer.ship, set()
-
-    def full_the_first_time(elements, copy_inline=False):
-        """Ray's error for each peer's first chunk (each peer runs in a thread of its own)."""
-        if threading.get_ident() not in first_calls:
-            first_calls.add(threading.get_ident())
-            raise ObjectStoreFullError("the store is full")
-        return ship(elements, copy_inline=copy_inline)
-
-    monkeypatch.setattr(mapreduce_ray.peer, "ship", full_the_first_time)
-    tensors = [torch.full((100_000,), 1.0), torch.full((100_000,), 2.0)]
-
-    def two_rounds(peer):
-        with pytest.raises(StoreFullError) as caught:
-            peer.all_reduce(tensors[peer.rank - 1], "sum")
-        assert torch.equal(tensors[peer.rank - 1], torch.full((100_000,), float(peer.rank)))
-        peer.all_reduce(tensors[peer.rank - 1], "sum")
-        return str(caught.value)
-
-    messages = run_peers(subnets[2], 2, two_rounds)
-    assert messages == [
-        f"rank {rank} could not put its 400000-byte tensor into Ray's object store: ObjectStoreFullError; "
-        "free object refs this process holds, or start Ray with more object_store_memory or spill space"
-        for rank in (1, 2)
-    ]
-    assert all(torch.equal(t, torch.full((100_000,), 3.0)) for t in tensors)

@@ -1,88 +1,102 @@
-"""Checks computed next to the objects: honest rounds pass, tampered results are caught, chunks add up."""
+"""A validator's check of a chunk, fetched by ticket from the miner and recomputed here: no Ray."""
 
-import re
+from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
+from wire_world import WireWorld, on_every_peer
 
-from actors.checks import Stored, check_segment, inspect_segments
+from actors.checks import ChunkCheck, Unverifiable, check_chunk
+from actors.relay import Relay
 from mapreduce_ray.reference import reference_reduce
-from mapreduce_ray.shards import flatten
-from mapreduce_ray.transport import ship
-from mapreduce_ray.verify import Reduction, check_projection, chunk_seed, combine, project, projection_vector
+from mapreduce_ray.wire.config import WireConfig
+from mapreduce_ray.wire.endpoint import Remote
 
-CHUNKS = [(0, 100_000), (100_000, 200_000), (200_000, 201_000)]  # the last one small enough to ride inline
-N = CHUNKS[-1][1]
-SEED = 20261122
+PEERS = 3
+NUMEL = 700  # with 1 KiB chunks: 2 segments of 350 float32, each in 2 chunks
 
 
-def shipped(tensor: torch.Tensor) -> Stored:
-    flat = flatten(tensor).flat
-    return Stored([ship(flat[a:b], copy_inline=True) for a, b in CHUNKS])
+class OneOff(Relay):
+    """Adds 1e-3 to the first element of every chunk it reduces."""
+
+    def falsify(self, state, index, out):
+        out[0] += 1e-3
+        return out
 
 
-def verdict(inputs: list[torch.Tensor], result: torch.Tensor, dtype: str, op: str):
-    *contributions, projection = inspect_segments(
-        [shipped(x) for x in [*inputs, result]], dtype, SEED, samples=0, timeout_s=60
-    )
-    return check_projection(
-        [c.projection for c in contributions], projection.projection, Reduction(dtype, op, len(inputs), N)
-    )
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    world = WireWorld.create(str(tmp_path_factory.mktemp("checks")), PEERS)
+    yield world
+    world.close()
 
 
-def checked(inputs: list[torch.Tensor], result: torch.Tensor, samples: int, exact: bool, op: str = "avg"):
-    dtype = str(inputs[0].dtype).removeprefix("torch.")
-    return check_segment(
-        [shipped(x) for x in inputs], shipped(result), dtype, op, N, SEED, samples, exact, timeout_s=60
-    )
+def run_round(world: WireWorld, relays: list[Relay]) -> tuple:
+    """One all_reduce (sum) of 3 peers over `relays`; (spec, the peers' tensors, the expected result)."""
+    spec = world.job(relays, PEERS)
+    peers = world.attached(spec)
+    tensors = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(r)) for r in range(PEERS)]
+    expected = reference_reduce([t.clone() for t in tensors], "sum")
+    try:
+        on_every_peer(peers, lambda p: p.all_reduce(tensors[p.rank - 1], "sum"))
+    finally:
+        for peer in peers:
+            peer.destroy_process_group()
+    return spec, tensors, expected
 
 
-@pytest.mark.parametrize(("dtype", "op"), [("float32", "avg"), ("float64", "sum"), ("complex64", "sum")])
-def test_an_honest_round_passes_and_a_scaled_result_is_caught(local_ray, dtype, op):
-    generator = torch.Generator().manual_seed(1)
-    inputs = [torch.randn(N, generator=generator, dtype=getattr(torch, dtype)) for _ in range(3)]
-    honest = reference_reduce([x.clone() for x in inputs], op)
-    assert verdict(inputs, honest, dtype, op).ok
-    caught = verdict(inputs, honest * 1.01, dtype, op)
-    assert not caught.ok and caught.reason.startswith("projection off by")
-
-
-def test_integer_rounds_are_checked_exactly_even_when_they_wrap(local_ray):
-    inputs = [torch.full((N,), 2**62, dtype=torch.int64), torch.full((N,), 2**62, dtype=torch.int64)]
-    honest = reference_reduce([x.clone() for x in inputs], "sum")  # wraps to -2**63
-    assert verdict(inputs, honest, "int64", "sum").ok
-    off_by_one = honest.clone()
-    off_by_one[150_000] += 1
-    caught = verdict(inputs, off_by_one, "int64", "sum")
-    assert not caught.ok and re.fullmatch(r"projection off by -?\d+ mod 2\^64", caught.reason)
-
-
-def test_chunk_projections_add_up_to_the_segments():
-    x = np.arange(-500, 500, dtype=np.int64)
-    pieces = [(0, 300), (300, 1000)]
-    parts = [
-        project(x[a:b], "int64", projection_vector(chunk_seed(7, c), b - a, "int64")) for c, (a, b) in enumerate(pieces)
-    ]
-    z = np.concatenate([projection_vector(chunk_seed(7, c), b - a, "int64") for c, (a, b) in enumerate(pieces)])
-    assert combine(parts, "int64") == project(x, "int64", z)
-
-
-def test_one_element_off_by_a_little_passes_the_projection_and_fails_the_exact_check(local_ray):
-    inputs = [torch.randn(N, generator=torch.Generator().manual_seed(r)) for r in range(4)]
-    cheat = reference_reduce([x.clone() for x in inputs], "avg")
-    cheat[123_456] += 1e-3
-    assert checked(inputs, cheat, samples=0, exact=False).ok  # within the projection's bound
-    caught = checked(inputs, cheat, samples=0, exact=True)
-    assert not caught.ok and caught.reason.startswith(
-        "chunk 1: 1 of 100000 sampled elements differ; first at sample 23456"
+def check(world: WireWorld, spec, relay: Relay, miner: int, segment: int, chunk: int, sent: str):
+    admitted = {r: k.ss58_address for r, k in enumerate(world.peers, 1)}
+    remote = Remote(relay.name, relay.address, relay.hotkey, world.validator, WireConfig())
+    return check_chunk(
+        remote, ChunkCheck(spec, admitted, 1, miner, segment, chunk, sent), world.validator.ss58_address, 10
     )
 
 
-def test_samples_are_recomputed_exactly(local_ray):
-    inputs = [torch.randn(N, generator=torch.Generator().manual_seed(r)) for r in range(2)]
-    honest = reference_reduce([x.clone() for x in inputs], "sum")
-    assert checked(inputs, honest, samples=50, exact=True, op="sum").ok
-    every_element_nudged = torch.nextafter(honest, torch.full_like(honest, torch.inf))  # one ulp each
-    caught = checked(inputs, every_element_nudged, samples=50, exact=False, op="sum")
-    assert not caught.ok and caught.reason.startswith("150 of 150 sampled elements differ")
+def sent_digest(relay: Relay, spec, segment: int, chunk: int) -> str:
+    """The digest of what `relay` reduced, as it retained it (honest relays send exactly that)."""
+    state = relay._retained.get((spec.job_id, 1, segment), 0.0)
+    return next(d for c, _, d, _ in state.results if c == chunk)
+
+
+def test_every_chunk_of_an_honest_round_passes(world):
+    relays = [world.relay("honest-a"), world.relay("honest-b")]
+    spec, tensors, expected = run_round(world, relays)
+    assert all(torch.equal(t, expected) for t in tensors)
+    for segment, relay in enumerate(relays):
+        for chunk in (0, 1):
+            verdict = check(world, spec, relay, segment, segment, chunk, sent_digest(relay, spec, segment, chunk))
+            assert verdict.ok, verdict.reason
+
+
+def test_a_miner_one_element_off_fails_its_check_naming_the_element(world):
+    relay = world.relay("one-off", OneOff)
+    spec, tensors, expected = run_round(world, [relay])
+    assert not torch.equal(tensors[0], expected)  # no check before use here: that is what the validator catches
+    verdict = check(world, spec, relay, 0, 0, 1, sent_digest(relay, spec, 0, 1))
+    assert not verdict.ok
+    assert verdict.reason.startswith("chunk 1: 1 of 256 elements differ; first at element 0")
+
+
+def test_a_result_other_than_the_one_the_peers_reported_fails(world):
+    relay = world.relay("honest-c")
+    spec, _, _ = run_round(world, [relay])
+    verdict = check(world, spec, relay, 0, 0, 0, "00" * 32)
+    assert (verdict.ok, verdict.reason) == (False, "served another result than the one it sent the peers")
+
+
+def test_a_round_the_miner_does_not_hold_is_unverifiable(world):
+    relay = world.relay("honest-d")
+    spec, _, _ = run_round(world, [relay])
+    with pytest.raises(Unverifiable, match=r"honest-d did not serve chunk 5 of segment 0: .*holds no chunk 5"):
+        check(world, spec, relay, 0, 0, 5, "00" * 32)
+
+
+def test_a_validator_without_a_permit_gets_no_ticket(world):
+    relay = world.relay("honest-e")
+    spec, _, _ = run_round(world, [relay])
+    admitted = {r: k.ss58_address for r, k in enumerate(world.peers, 1)}
+    peer = world.peers[0]
+    remote = Remote(relay.name, relay.address, relay.hotkey, peer, WireConfig())
+    with pytest.raises(Unverifiable, match=r"refused the call: ticket is for validators, and uid \d+ .* holds no"):
+        check_chunk(remote, ChunkCheck(spec, admitted, 1, 0, 0, 0, "00" * 32), peer.ss58_address, 10)

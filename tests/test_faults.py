@@ -16,7 +16,7 @@ import torch
 from conftest import CHUNK_MIB, VALIDATOR
 
 from actors import MinerPlan, PeerActor, start_local_subnet
-from actors.behaviours import OneElementOffMiner, PausingMiner
+from actors.behaviours import OneElementOffRelay, PausingRelay
 from actors.subnet import start_miner
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
@@ -76,15 +76,23 @@ def sum_on_every_peer(peers: list[Peer], tensors: list[torch.Tensor]) -> None:
         list(pool.map(lambda pt: pt[0].all_reduce(pt[1], "sum"), zip(peers, tensors, strict=True)))
 
 
+def wait_until_paused(miner) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not ray.get(miner.status.remote(), timeout=WAIT_S)["paused"]:
+        assert time.monotonic() < deadline, "the miner never got to its pause"
+        time.sleep(0.05)
+
+
 def tensors_for(peer_count: int, numel: int, seed: int) -> list[torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [torch.randn(numel, generator=generator) for _ in range(peer_count)]
 
 
-@pytest.mark.parametrize("point", ["before", *PausingMiner.POINTS, "late"])
+@pytest.mark.parametrize("point", ["before", *PausingRelay.POINTS, "late"])
 def test_a_miner_killed_or_late_in_a_round_is_replaced_and_every_peer_gets_the_exact_result(faulty, point):
     """Killed before the round, at a point of its reduce, or (late) stalled there past its deadline, alive."""
-    miner, uid = add_miner(faulty, MinerPlan(PausingMiner, (point if point in PausingMiner.POINTS else "received",)))
+    pause_at = point if point in PausingRelay.POINTS else "received"
+    miner, uid = add_miner(faulty, MinerPlan(PausingRelay, {"point": pause_at}))
     peers = joined_peers(faulty, 3)
     assert uid in [slot.uid for slot in peers[0].spec.miners]
     tensors = tensors_for(3, 1 << 20, seed=len(point))  # 4 MiB: every segment travels in several chunks
@@ -94,8 +102,8 @@ def test_a_miner_killed_or_late_in_a_round_is_replaced_and_every_peer_gets_the_e
             ray.kill(miner)
         with ThreadPoolExecutor(3) as pool:
             rounds = [pool.submit(p.all_reduce, t, "sum") for p, t in zip(peers, tensors, strict=True)]
-            if point in PausingMiner.POINTS:
-                assert ray.get(miner.wait_paused.remote(WAIT_S), timeout=WAIT_S)
+            if point in PausingRelay.POINTS:
+                wait_until_paused(miner)
                 ray.kill(miner)
             for r in rounds:
                 r.result(timeout=WAIT_S)
@@ -111,7 +119,7 @@ def test_a_miner_killed_or_late_in_a_round_is_replaced_and_every_peer_gets_the_e
 
 
 def test_with_redundancy_2_a_wrong_miner_is_outvoted_and_struck(faulty):
-    cheater, uid = add_miner(faulty, MinerPlan(OneElementOffMiner, (True,)))
+    cheater, uid = add_miner(faulty, MinerPlan(OneElementOffRelay, {"live_only": True}))
     peers = joined_peers(faulty, 2, redundancy=2)
     spec = peers[0].spec
     assert spec.redundancy == 2 and uid in [slot.uid for slot in spec.miners]

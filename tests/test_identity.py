@@ -1,19 +1,20 @@
-"""Identity through Ray: peers and miners refuse every party the chain does not vouch for."""
+"""Identity on the wire: peers and miners refuse every party the chain does not vouch for."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 import re
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
+import pyarrow.flight as fl
 import pytest
 import ray
 import torch
 from bittensor.sp_core import Keypair
-from ray.exceptions import RayTaskError
 
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
@@ -21,20 +22,34 @@ from mapreduce_ray.errors import (
     BadSignatureError,
     JobError,
     MalformedMessageError,
+    MapReduceError,
     NotRegisteredError,
     NoValidatorPermitError,
     ReplayedMessageError,
-    RoundMismatchError,
     WrongReceiverError,
 )
-from mapreduce_ray.messages import Contribution, JobLeave, seal_body
-from mapreduce_ray.protocol import canonical
-from mapreduce_ray.types import ReduceOp, RoundKind, TensorSpec
+from mapreduce_ray.messages import (
+    Chunk,
+    JobAdmission,
+    JobRequest,
+    RoundFailed,
+    StreamOpen,
+    encode,
+    open_body,
+    parse,
+    seal_body,
+)
+from mapreduce_ray.protocol import MetagraphCache, Verifier, canonical
+from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, TensorSpec
 from mapreduce_ray.wallets import dev_peer_wallet, dev_wallet, ensure_dev_wallet, load_identity
+from mapreduce_ray.wire.auth import Rule
+from mapreduce_ray.wire.config import WireConfig
+from mapreduce_ray.wire.endpoint import Endpoint, Remote
+from mapreduce_ray.wire.frames import CHUNK_SCHEMA, digest, frame_buffer
 
 TIMEOUT_S = 30.0
 IMPOSTOR_NETUID = 171  # a netuid of its own on the session's chain, so its validators stay out of other tests
-IMPOSTOR_NAMESPACE = "tests-impostor"
+WIRE = WireConfig()
 
 
 def key(name: str) -> Keypair:
@@ -89,46 +104,30 @@ def test_a_validator_uid_without_a_permit_is_refused_naming_the_permitted_uids(s
         assert peer.spec is None
 
 
-# A job spec signed by the wrong key, from an impostor answering as the validator.
+# A job spec signed by the wrong key, from an impostor endpoint answering as the validator.
 
 
-def impostor_class():
-    """An actor that answers `join` like a validator, signing as whichever key it is told to.
+class Impostor(Endpoint):
+    """Serves `join` at the validator's announced endpoint, signing its answer as whichever key it is told."""
 
-    Built inside a function so that Ray pickles the class by value: its workers cannot
-    import this test module. Its methods use only importable names.
-    """
+    def __init__(self, metagraph: MetagraphCache):
+        super().__init__("127.0.0.1:0", key("Validator"), metagraph, {"join": Rule(fl.FlightMethod.DO_ACTION)}, WIRE)
+        self.signer, self.rank_shift = key("Validator"), 0
 
-    class Impostor:
-        def __init__(self):
-            self.signer, self.rank_shift = "", 0
+    def actions(self):
+        return {"join": self._join}
 
-        def act(self, signer_uri: str, rank_shift: int = 0) -> None:
-            self.signer, self.rank_shift = signer_uri, rank_shift
-
-        def join(self, wire: bytes) -> bytes:
-            from bittensor.sp_core import Keypair
-
-            from mapreduce_ray.messages import JobAdmission, seal_body
-            from mapreduce_ray.types import JobSpec
-
-            inner = json.loads(json.loads(wire)["message"])
-            request, peer = inner["body"], inner["sender"]
-            spec = JobSpec("impostorjob01", request["job"], "nowhere", request["peer_count"], (), 1024, 30.0, 1 << 20)
-            admission = JobAdmission(spec, request["rank"] + self.rank_shift, peer)
-            return seal_body(Keypair.create_from_uri(self.signer), admission, peer)
-
-        def leave(self, wire: bytes) -> None:
-            return None
-
-    return Impostor
+    def _join(self, caller, payload: bytes) -> bytes:
+        request = parse(JobRequest, payload)
+        spec = JobSpec("impostorjob01", request.job, request.peer_count, (), 1024, 30.0, 1 << 20)
+        return seal_body(self.signer, JobAdmission(spec, request.rank + self.rank_shift, caller.hotkey), caller.hotkey)
 
 
 @dataclasses.dataclass
 class ImpostorWorld:
     chain: ChainConfig
     uids: dict[str, int]
-    actor: ray.actor.ActorHandle
+    endpoint: Impostor
 
     def peer(self) -> Peer:
         return Peer(
@@ -138,158 +137,160 @@ class ImpostorWorld:
             validator_uid=self.uids["Validator"],
             netuid=self.chain.netuid,
             state_dir=self.chain.state_path,
-            namespace=IMPOSTOR_NAMESPACE,
             job="impostor",
             connect_timeout_s=TIMEOUT_S,
         )
 
     def answer_as(self, name: str, rank_shift: int = 0) -> None:
-        ray.get(self.actor.act.remote(f"//Identity{name}", rank_shift), timeout=TIMEOUT_S)
+        self.endpoint.signer, self.endpoint.rank_shift = key(name), rank_shift
 
 
 @pytest.fixture(scope="module")
 def impostor(subnets):
     """On its own netuid: a validator (uid asked by the peer), another permitted validator, a miner, a
-    peer; the actor named after the validator's uid is an impostor that signs as it is told."""
+    peer; the endpoint the validator announced is an impostor that signs as it is told."""
     chain = ChainConfig(netuid=IMPOSTOR_NETUID, state_dir=str(subnets[1].chain.state_path))
     client, cold = chain.open(), key("Cold").ss58_address
     stakes = {"Validator": 100.0, "OtherValidator": 50.0, "Miner": 0.0, "Peer": 0.0}
     uids = {name: client.register(key(name).ss58_address, cold, stake) for name, stake in stakes.items()}
     permitted = {n.uid for n in client.metagraph().validators}
     assert {uids["Validator"], uids["OtherValidator"]} <= permitted and uids["Miner"] not in permitted
-    name = f"validator-{uids['Validator']}"
-    actor = ray.remote(num_cpus=0)(impostor_class()).options(name=name, namespace=IMPOSTOR_NAMESPACE).remote()
+    endpoint = Impostor(MetagraphCache(client))
+    client.serve(key("Validator"), endpoint.address)
     try:
-        yield ImpostorWorld(chain, uids, actor)
+        yield ImpostorWorld(chain, uids, endpoint)
     finally:
-        ray.kill(actor)
+        endpoint.shutdown()
 
 
 def test_the_impostor_harness_admits_when_it_signs_as_the_validator(impostor):
     """The control: signed by the validator's own key, the same answer is accepted."""
     impostor.answer_as("Validator")
     peer = impostor.peer()
-    try:
-        spec = peer.init_process_group()
-        assert (spec.job_id, spec.name, spec.peer_count) == ("impostorjob01", "impostor", 2)
-    finally:
-        peer.destroy_process_group()
+    spec = peer.init_process_group()
+    assert (spec.job_id, spec.name, spec.peer_count) == ("impostorjob01", "impostor", 2)
 
 
-def test_a_job_spec_signed_by_a_hotkey_without_a_permit_is_refused(impostor):
-    impostor.answer_as("Miner")
-    peer = impostor.peer()
-    try:
-        with pytest.raises(
+def refusal_of(impostor: ImpostorWorld, signer: str) -> tuple[type, str]:
+    """The error (class and message pattern) a peer refuses a job spec `signer` signed with."""
+    ss58 = {n: key(n).ss58_address for n in ("Miner", "OtherValidator", "Validator", "Stranger")}
+    where = f"netuid {IMPOSTOR_NETUID} on the embedded chain at "
+    return {
+        "Miner": (
             NoValidatorPermitError,
-            match=rf"^job_spec message from uid {impostor.uids['Miner']} \({key('Miner').ss58_address}\), "
-            rf"which has no validator permit on netuid {IMPOSTOR_NETUID} on the embedded chain at ",
-        ):
-            peer.init_process_group()
-        assert peer.spec is None
-    finally:
-        peer.destroy_process_group()
-
-
-def test_a_job_spec_signed_by_another_permitted_validator_is_refused(impostor):
-    impostor.answer_as("OtherValidator")
-    peer = impostor.peer()
-    try:
-        with pytest.raises(
+            rf"^job_spec message from uid {impostor.uids['Miner']} \({ss58['Miner']}\), "
+            f"which has no validator permit on {where}",
+        ),
+        "OtherValidator": (
             BadSignatureError,
-            match=rf"^job_spec message signed by {key('OtherValidator').ss58_address}, "
-            rf"expected {key('Validator').ss58_address}$",
-        ):
-            peer.init_process_group()
-        assert peer.spec is None
-    finally:
-        peer.destroy_process_group()
-
-
-def test_a_job_spec_signed_by_an_unregistered_hotkey_is_refused(impostor):
-    impostor.answer_as("Stranger")
-    peer = impostor.peer()
-    try:
-        with pytest.raises(
+            rf"^job_spec message signed by {ss58['OtherValidator']}, expected {ss58['Validator']}$",
+        ),
+        "Stranger": (
             NotRegisteredError,
-            match=rf"^job_spec message from {key('Stranger').ss58_address}, which is not registered on "
-            rf"netuid {IMPOSTOR_NETUID} on the embedded chain at ",
-        ):
-            peer.init_process_group()
-        assert peer.spec is None
-    finally:
-        peer.destroy_process_group()
+            rf"^job_spec message from {ss58['Stranger']}, which is not registered on {where}",
+        ),
+    }[signer]
+
+
+@pytest.mark.parametrize(
+    "signer", ["Miner", "OtherValidator", "Stranger"], ids=["no permit", "another", "unregistered"]
+)
+def test_a_job_spec_signed_by_anyone_but_the_asked_validator_is_refused(impostor, signer):
+    impostor.answer_as(signer)
+    peer = impostor.peer()
+    error, match = refusal_of(impostor, signer)
+    with pytest.raises(error, match=match):
+        peer.init_process_group()
+    assert peer.spec is None
 
 
 def test_a_job_spec_admitting_another_rank_is_refused(impostor):
     impostor.answer_as("Validator", rank_shift=1)
     peer = impostor.peer()
-    try:
-        with pytest.raises(
-            JobError,
-            match=rf"^validator uid {impostor.uids['Validator']} admitted someone else; refusing its job spec$",
-        ):
-            peer.init_process_group()
-        assert peer.spec is None
-    finally:
-        peer.destroy_process_group()
+    with pytest.raises(
+        JobError,
+        match=rf"^validator uid {impostor.uids['Validator']} admitted someone else; refusing its job spec$",
+    ):
+        peer.init_process_group()
+    assert peer.spec is None
 
 
-# What a miner refuses.
+# What a miner refuses on a job stream.
 
 
-def refusal(miner, wire: bytes, chunks: list | None = None) -> Exception:
-    """The error `miner` answers a contribution with, as the first item of its result stream."""
-    stream = miner.reduce.options(num_returns="streaming").remote(wire, chunks)
-    with pytest.raises(RayTaskError) as caught:
-        ray.get(next(stream), timeout=TIMEOUT_S)
-    return caught.value.cause
+@dataclasses.dataclass
+class Stream:
+    """A raw job stream to a miner."""
+
+    remote: Remote
+    writer: object
+    reader: object
+
+    def send(self, wire: bytes, data: bytes | None = None) -> None:
+        metadata = pa.py_buffer(wire)
+        with self.remote.errors():
+            if data is None:
+                self.writer.write_metadata(metadata)
+            else:
+                self.writer.write_with_metadata(frame_buffer(pa.py_buffer(data)), metadata)
+
+    def next_message(self) -> bytes:
+        with self.remote.errors():
+            return self.reader.read_chunk().app_metadata.to_pybytes()
 
 
-def contribution(job_id: str, rank: int = 1, miner: int = 0) -> Contribution:
-    return Contribution(
-        job_id, 1, RoundKind.ALL_REDUCE, ReduceOp.SUM, None, TensorSpec("float32", (4,)), miner, rank, (), miner
-    )
+def open_stream(status: dict, keypair: Keypair, job_id: str, rank: int) -> Stream:
+    """A job stream to the miner of `status`, opened by `keypair` as `rank` of `job_id`."""
+    remote = Remote("the miner", status["endpoint"], status["hotkey"], keypair, WIRE)
+    with remote.errors():
+        writer, reader = remote.exchange("exchange", encode(StreamOpen(job_id, rank)))
+        writer.begin(CHUNK_SCHEMA)
+    return Stream(remote, writer, reader)
+
+
+def refusal(status: dict, keypair: Keypair, job_id: str, rank: int, *messages: tuple[bytes, bytes]) -> Exception:
+    """The error the miner ends a job stream with that sends `messages` ((wire, frame bytes) each)."""
+    with pytest.raises(MapReduceError) as caught:
+        stream = open_stream(status, keypair, job_id, rank)
+        for wire, data in messages:
+            stream.send(wire, data)
+        while True:
+            stream.next_message()
+    return caught.value
+
+
+def chunk(job_id: str, data: bytes = b"\0" * 16, rank: int = 1, seq: int = 1) -> Chunk:
+    tensor = TensorSpec("float32", (len(data) // 4,))
+    return Chunk(job_id, seq, RoundKind.ALL_REDUCE, ReduceOp.SUM, None, tensor, 0, rank, 0, digest(data))
 
 
 @pytest.fixture
 def joined(subnets):
-    """Rank 1 of a 2-peer job on the 1-miner subnet: (peer, miner handle, miner hotkey)."""
+    """Rank 1 of a 2-peer job on the 1-miner subnet (which has not streamed yet): (peer, miner status)."""
     subnet = subnets[1]
     peer = Peer(1, 2, job=f"identity-{uuid.uuid4().hex}", **subnet.peer_options)
     peer.init_process_group()
     try:
-        yield peer, subnet.miners[0], peer.spec.miners[0].hotkey
+        yield peer, ray.get(subnet.miners[0].status.remote(), timeout=TIMEOUT_S)
     finally:
         peer.destroy_process_group()
 
 
 def test_a_miner_refuses_a_hotkey_not_admitted_at_that_rank(subnets, joined):
-    peer, miner, miner_hotkey = joined
+    peer, status = joined
     other = dev_peer_key(subnets[1], 2)  # registered on the subnet, but never joined this job
-    cause = refusal(miner, seal_body(other, contribution(peer.spec.job_id, rank=1), miner_hotkey))
+    cause = refusal(status, other, peer.spec.job_id, 1)
     assert type(cause) is JobError
     assert str(cause) == f"hotkey {other.ss58_address} was not admitted as rank 1 of job {peer.spec.name!r}"
     own = dev_peer_key(subnets[1], 1)  # the admitted hotkey, claiming the rank nobody joined
-    cause = refusal(miner, seal_body(own, contribution(peer.spec.job_id, rank=2), miner_hotkey))
+    cause = refusal(status, own, peer.spec.job_id, 2)
     assert type(cause) is JobError
     assert str(cause) == f"hotkey {own.ss58_address} was not admitted as rank 2 of job {peer.spec.name!r}"
 
 
-def test_a_miner_refuses_a_contribution_for_another_miners_segment(subnets, joined):
-    peer, miner, miner_hotkey = joined
-    cause = refusal(
-        miner, seal_body(dev_peer_key(subnets[1], 1), contribution(peer.spec.job_id, miner=1), miner_hotkey)
-    )
-    assert type(cause) is JobError
-    assert str(cause) == (f"contribution for miner #1 of job {peer.spec.name!r} sent to {peer.spec.miners[0].name!r}")
-
-
-def test_a_miner_refuses_a_contribution_for_an_unknown_job(subnets):
-    subnet = subnets[1]
-    status = ray.get(subnet.miners[0].status.remote(), timeout=TIMEOUT_S)
-    wire = seal_body(dev_peer_key(subnet, 1), contribution("feedbeeffeed"), status["hotkey"])
-    cause = refusal(subnet.miners[0], wire)
+def test_a_miner_refuses_a_stream_for_an_unknown_job(subnets):
+    status = ray.get(subnets[1].miners[0].status.remote(), timeout=TIMEOUT_S)
+    cause = refusal(status, dev_peer_key(subnets[1], 1), "feedbeeffeed", 1)
     assert type(cause) is JobError
     assert str(cause) == (
         f"miner {status['name']!r} knows no job feedbeeffeed: it is unknown or finished; "
@@ -297,67 +298,87 @@ def test_a_miner_refuses_a_contribution_for_an_unknown_job(subnets):
     )
 
 
-def test_a_miner_refuses_a_tampered_contribution(subnets, joined):
-    peer, miner, miner_hotkey = joined
+def test_an_unregistered_hotkey_cannot_open_a_stream(joined):
+    peer, status = joined
+    stranger = Keypair.create_from_uri(f"//Stranger{uuid.uuid4().hex}")
+    cause = refusal(status, stranger, peer.spec.job_id, 1)
+    assert type(cause) is NotRegisteredError
+    assert str(cause).startswith(f"the miner refused the call: hotkey {stranger.ss58_address} is not registered on ")
+
+
+def test_a_miner_refuses_a_tampered_chunk(subnets, joined):
+    peer, status = joined
     own = dev_peer_key(subnets[1], 1)
-    wire = seal_body(own, contribution(peer.spec.job_id), miner_hotkey)
-    outer = json.loads(wire)
+    outer = json.loads(seal_body(own, chunk(peer.spec.job_id), status["hotkey"]))
     assert outer["message"].count('"seq":1') == 1
     outer["message"] = outer["message"].replace('"seq":1', '"seq":2')
-    cause = refusal(miner, canonical(outer).encode())
+    cause = refusal(status, own, peer.spec.job_id, 1, (canonical(outer).encode(), b"\0" * 16))
     assert type(cause) is BadSignatureError
-    assert str(cause) == f"contribution message from {own.ss58_address}: the signature does not match"
-
-
-def test_a_miner_refuses_a_contribution_addressed_to_another_miner(subnets, joined):
-    peer, miner, miner_hotkey = joined
-    # dev-miner/miner-1: the second miner of the 2-miner subnet (the local subnets share dev wallets,
-    # so miner-0 there has this miner's very hotkey)
-    elsewhere = ray.get(subnets[2].miners[1].status.remote(), timeout=TIMEOUT_S)["hotkey"]
-    assert elsewhere != miner_hotkey
-    own = dev_peer_key(subnets[1], 1)
-    cause = refusal(miner, seal_body(own, contribution(peer.spec.job_id), elsewhere))
-    assert type(cause) is WrongReceiverError
-    assert str(cause) == (
-        f"contribution message from {own.ss58_address} is addressed to {elsewhere}, not {miner_hotkey}"
+    assert (
+        str(cause) == f"the miner refused the call: chunk message from {own.ss58_address}: the signature does not match"
     )
 
 
-def test_unsigned_replayed_and_unregistered_contributions_are_refused_and_leave_nothing_open(subnets, joined):
-    peer, miner, miner_hotkey = joined
-    cause = refusal(miner, b"just some bytes")
+def test_a_miner_refuses_a_chunk_addressed_to_another_miner(subnets, joined):
+    peer, status = joined
+    # dev-miner/miner-1: the second miner of the 2-miner subnet (the local subnets share dev wallets,
+    # so miner-0 there has this miner's very hotkey)
+    elsewhere = ray.get(subnets[2].miners[1].status.remote(), timeout=TIMEOUT_S)["hotkey"]
+    assert elsewhere != status["hotkey"]
+    own = dev_peer_key(subnets[1], 1)
+    cause = refusal(status, own, peer.spec.job_id, 1, (seal_body(own, chunk(peer.spec.job_id), elsewhere), b"\0" * 16))
+    assert type(cause) is WrongReceiverError
+    assert str(cause) == (
+        f"the miner refused the call: chunk message from {own.ss58_address} is addressed to {elsewhere}, "
+        f"not {status['hotkey']}"
+    )
+
+
+def test_garbage_ends_the_stream(subnets, joined):
+    peer, status = joined
+    own = dev_peer_key(subnets[1], 1)
+    cause = refusal(status, own, peer.spec.job_id, 1, (b"just some bytes", b"\0" * 16))
     assert type(cause) is MalformedMessageError
-    assert str(cause) == "the message is not JSON of the mapreduce-ray/1 protocol"
-    stranger = Keypair.create_from_uri(f"//Stranger{uuid.uuid4().hex}")
-    cause = refusal(miner, seal_body(stranger, contribution(peer.spec.job_id), miner_hotkey))
-    assert type(cause) is NotRegisteredError
-    assert str(cause).startswith(f"contribution message from {stranger.ss58_address}, which is not registered on ")
-    wire = seal_body(dev_peer_key(subnets[1], 1), contribution("feedbeeffeed"), miner_hotkey)
-    assert type(refusal(miner, wire)) is JobError  # seen once: its nonce is spent
-    cause = refusal(miner, wire)
+    assert str(cause) == "the miner refused the call: the message is not JSON of the mapreduce-ray/1 protocol"
+
+
+def test_a_replayed_chunk_ends_the_stream_and_leaves_nothing_open(subnets, joined):
+    peer, status = joined
+    own = dev_peer_key(subnets[1], 1)
+    wire = seal_body(own, chunk(peer.spec.job_id, seq=7), status["hotkey"])
+    cause = refusal(status, own, peer.spec.job_id, 1, (wire, b"\0" * 16), (wire, b"\0" * 16))
     assert type(cause) is ReplayedMessageError
-    sender = dev_peer_key(subnets[1], 1).ss58_address
-    assert re.fullmatch(rf"contribution message from {sender} replayed \(nonce [0-9a-f]+\)", str(cause))
-    assert ray.get(miner.status.remote(), timeout=TIMEOUT_S)["open_rounds"] == 0
+    assert re.fullmatch(
+        rf"the miner refused the call: chunk message from {own.ss58_address} replayed \(nonce [0-9a-f]+\)", str(cause)
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while (
+        ray.get(subnets[1].miners[0].status.remote(), timeout=TIMEOUT_S)["open_rounds"] and time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    assert ray.get(subnets[1].miners[0].status.remote(), timeout=TIMEOUT_S)["open_rounds"] == 0
+
+
+def test_a_miner_fails_the_round_of_bytes_other_than_the_signed_ones(subnets, joined):
+    peer, status = joined
+    own = dev_peer_key(subnets[1], 1)
+    stream = open_stream(status, own, peer.spec.job_id, 1)
+    stream.send(seal_body(own, chunk(peer.spec.job_id, data=b"\1" * 16), status["hotkey"]), b"\0" * 16)
+    failed, _ = open_body(
+        Verifier(own.ss58_address, MetagraphCache(subnets[1].chain.open())), stream.next_message(), RoundFailed
+    )
+    assert failed.error == "RoundMismatchError"
+    assert failed.message.endswith("rank 1 sent bytes that do not match the digest it signed")
+    stream.writer.done_writing()
 
 
 # A refused round leaves the tensor as it was.
 
 
-def test_a_miner_refuses_chunks_other_than_the_signed_ones(subnets, joined):
-    peer, miner, hotkey = joined
-    signed_for = ("blake3:" + "00" * 32,)
-    wire = seal_body(
-        peer._identity.keypair, dataclasses.replace(contribution(peer.spec.job_id), chunks=signed_for), hotkey
-    )
-    cause = refusal(miner, wire, [pa.py_buffer(b"\0" * 16)])
-    assert type(cause) is RoundMismatchError
-    assert str(cause).endswith("rank 1 shipped other chunks than it signed for")
-
-
 def test_a_round_one_miner_refuses_leaves_every_tensor_untouched(subnets):
-    """Both peers left the job at the second miner only (genuine signed JobLeaves), so it refuses the
-    round while the first miner reduces its segment: no peer may write the first segment alone."""
+    """Both ranks opened and closed their streams at the second miner (so it counts them as gone and
+    forgets the job): it refuses the job while the first miner reduces its segment, and no peer may
+    write the first segment alone."""
     subnet = subnets[2]
     job = f"identity-refused-{uuid.uuid4().hex}"
     peers = [Peer(r, 2, job=job, **subnet.peer_options) for r in (1, 2)]
@@ -365,14 +386,13 @@ def test_a_round_one_miner_refuses_leaves_every_tensor_untouched(subnets):
         for peer in peers:
             peer.init_process_group()
         spec = peers[0].spec
-        second = spec.miners[1]
-        leaves = [
-            subnet.miners[1].release_job.remote(
-                seal_body(dev_peer_key(subnet, r), JobLeave(spec.job_id, r), second.hotkey)
-            )
-            for r in (1, 2)
-        ]
-        ray.get(leaves, timeout=TIMEOUT_S)
+        second = ray.get(subnet.miners[1].status.remote(), timeout=TIMEOUT_S)
+        assert second["hotkey"] == spec.miners[1].hotkey
+        for rank in (1, 2):
+            stream = open_stream(second, dev_peer_key(subnet, rank), spec.job_id, rank)
+            stream.writer.done_writing()
+            with pytest.raises(StopIteration):
+                stream.reader.read_chunk()
         tensors = [torch.arange(1000, dtype=torch.float32) * r for r in (1, 2)]
         originals = [t.clone() for t in tensors]
         with ThreadPoolExecutor(2) as pool:
@@ -381,7 +401,7 @@ def test_a_round_one_miner_refuses_leaves_every_tensor_untouched(subnets):
         for error in errors:
             assert type(error) is JobError
             assert str(error) == (
-                f"miner {second.name!r} knows no job {spec.job_id}: it is unknown or finished; "
+                f"miner {spec.miners[1].name!r} knows no job {spec.job_id}: it is unknown or finished; "
                 "call init_process_group() again"
             )
         for tensor, original in zip(tensors, originals, strict=True):

@@ -2,20 +2,17 @@
 
 import pytest
 
-from actors.simulation import emulated_hosts, simulate, table
+from actors.simulation import simulate, table
 from mapreduce_ray.chain import ChainConfig
 
-pytestmark = pytest.mark.cluster
 
-
-def test_weights_order_honest_fast_over_slow_over_lazy_cheaters_and_sybils():
-    with emulated_hosts(object_store_mib=200):
-        rows = simulate(
-            ChainConfig(netuid=300, weights_rate_limit=0), size_mib=8, fast_mib_s=16, slow_mib_s=4, timeout_s=6
-        )
+def test_weights_order_honest_fast_over_slow_over_lazy_cheaters_and_sybils(local_ray):
+    rows = simulate(ChainConfig(netuid=300, weights_rate_limit=0), size_mib=8, fast_mib_s=16, slow_mib_s=4, timeout_s=6)
     print(table(rows))
     weight = {r.role: r.weight for r in rows}
     strikes = {r.role: r.strikes for r in rows}
+    hosts = {r.role: r.host for r in rows}
+    assert (hosts["honest-fast"], hosts["honest-slow"], hosts["sybil-1"]) == ("127.0.0.2", "127.0.0.3", "127.0.0.4")
     assert weight["honest-fast"] > weight["honest-slow"] > 0
     for role in ("lazy", "one-element-off", "scaled", "stale-replay", "zeros"):
         assert weight[role] == 0.0, role

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 import time
 
 import pytest
@@ -5,8 +7,11 @@ import ray
 import torch
 
 from actors import PeerActor, start_local_subnet
+from actors.subnet import DEV_VALIDATOR_STAKE, register_dev_wallet
 from mapreduce_ray import JobError, Peer
 from mapreduce_ray.chain import ChainConfig
+from mapreduce_ray.errors import EndpointError
+from mapreduce_ray.wallets import dev_wallet
 
 
 def test_init_process_group_returns_the_job_spec(subnets, run_peers):
@@ -25,7 +30,7 @@ def test_rounds_are_released_once_every_peer_left(subnets, run_peers):
             break
         time.sleep(0.05)
     assert [s["open_rounds"] for s in statuses] == [0, 0]
-    assert ray.get(subnet.validator.jobs.remote()) == []
+    assert ray.get(subnet.validator.job_table.remote()) == []
 
 
 def test_a_peer_keeps_only_its_latest_round_open(subnets, run_peers):
@@ -39,11 +44,12 @@ def test_a_peer_keeps_only_its_latest_round_open(subnets, run_peers):
     assert max(run_peers(subnet, 2, three_rounds)) <= 2
 
 
-def test_joining_without_a_subnet_names_the_fix(subnets):
-    with pytest.raises(
-        JobError, match=r"no validator named 'validator-0' in Ray namespace 'nowhere'; start a subnet first"
-    ):
-        Peer(1, 1, **{**subnets[1].peer_options, "namespace": "nowhere"}).init_process_group()
+def test_joining_a_validator_that_serves_no_endpoint_names_the_fix(subnets):
+    chain = subnets[1].chain
+    wallet = dev_wallet(chain.state_path, "dev-validator", "silent")
+    uid = register_dev_wallet(chain.open(), wallet, stake=DEV_VALIDATOR_STAKE)
+    with pytest.raises(EndpointError, match=rf"validator uid {uid} announced no endpoint on netuid 101 .* start it"):
+        Peer(1, 1, **{**subnets[1].peer_options, "validator_uid": uid}).init_process_group()
 
 
 def test_collectives_before_joining_name_the_fix(subnets):
@@ -88,13 +94,16 @@ def test_a_second_subnet_in_the_same_namespace_is_refused(subnets):
         start_local_subnet(1, namespace=subnets[1].namespace, chain=subnets[1].chain)
 
 
-def test_joining_before_connecting_to_ray_names_the_fix(monkeypatch):
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    with pytest.raises(
-        JobError,
-        match=r"Ray is not connected: call ray.init\(address='auto'\) on a cluster, or actors.start_local_subnet\(\)",
-    ):
-        Peer(1, 1).init_process_group()
+def test_a_peer_needs_no_ray(subnets):
+    script = (
+        "import sys, torch, ray; from mapreduce_ray import Peer; "
+        f"peer = Peer(1, 1, job='no-ray', **{subnets[1].peer_options!r}); peer.init_process_group(); "
+        "print(peer.all_reduce(torch.tensor([1.0, 2.0]), 'sum').tolist(), ray.is_initialized()); "
+        "peer.destroy_process_group()"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[1.0, 2.0] False"
 
 
 def test_a_refused_subnet_leaves_no_miner_behind(local_ray):

@@ -38,8 +38,8 @@ def test_bandwidths_and_relay_efficiency():
 
 
 def test_a_job_spec_carries_the_miners_throughput_through_the_message_codec():
-    miners = (MinerSlot(1, "5Fminer1", 0.75, 1.5e8), MinerSlot(2, "5Fminer2", 0.25, 5e7))
-    spec = JobSpec("0123456789ab", "default", "mapreduce", 2, miners, 1024, 30.0, MIB)
+    miners = (MinerSlot(1, "5Fminer1", "10.0.0.1:8091", 0.75, 1.5e8), MinerSlot(2, "5Fminer2", "[::1]:9", 0.25, 5e7))
+    spec = JobSpec("0123456789ab", "default", 2, miners, 1024, 30.0, MIB)
     admission = JobAdmission(spec, 1, "5Fpeer")
     wire_body = json.loads(canonical(dataclasses.asdict(admission)))  # what seal_body signs and open_body parses
     assert decode(JobAdmission, wire_body, "JobAdmission") == admission

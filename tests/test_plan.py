@@ -49,9 +49,8 @@ def test_plan_round_cuts_chunks_by_bytes():
     job = JobSpec(
         "j",
         "j",
-        "ns",
         2,
-        (MinerSlot(1, "a", 1.0), MinerSlot(2, "b", 1.0)),
+        (MinerSlot(1, "a", "127.0.0.1:1", 1.0), MinerSlot(2, "b", "127.0.0.1:2", 1.0)),
         chunk_bytes=1024,
         timeout_s=1,
         max_bytes=1 << 20,

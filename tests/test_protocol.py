@@ -1,4 +1,5 @@
-"""Signed messages, without Ray: every check of Verifier.open fails with its own error and says why.
+"""Signed messages (answers and what travels in job streams), and the typed bodies of calls, without Ray:
+every check of Verifier.open fails with its own error and says why.
 
 The receiver checks, in order: well-formed and of the expected kind; sr25519; the
 signature; the receiver; the timestamp window; the sender registered (with a
@@ -32,19 +33,17 @@ from mapreduce_ray.errors import (
 )
 from mapreduce_ray.messages import (
     KINDS,
-    BenchmarkOrder,
+    Await,
     BenchmarkResult,
-    Contribution,
-    ContributionReceipt,
-    Dispute,
+    Chunk,
     JobAdmission,
     JobLeave,
     JobRequest,
-    Outcome,
-    RoundReport,
+    Reduced,
+    RoundFailed,
     Ruling,
-    SegmentResult,
     open_body,
+    parse,
     seal_body,
 )
 from mapreduce_ray.protocol import Kind, MetagraphCache, NonceStore, Verifier, canonical, seal
@@ -63,15 +62,17 @@ S = 10**9  # nanoseconds per second
 SPEC = JobSpec(
     job_id="0123456789ab",
     name="default",
-    namespace="mapreduce",
     peer_count=2,
-    miners=(MinerSlot(1, MINER.ss58_address, 1.0), MinerSlot(2, OTHER_MINER.ss58_address, 0.5)),
+    miners=(
+        MinerSlot(1, MINER.ss58_address, "127.0.0.1:8091", 1.0),
+        MinerSlot(2, OTHER_MINER.ss58_address, "[::1]:8092", 0.5),
+    ),
     chunk_bytes=1024,
     timeout_s=30.0,
     max_bytes=1 << 20,
 )
 TENSOR = TensorSpec("float32", (4, 5))
-REQUEST = JobRequest("default", 1, 2, None, 1, False)
+REQUEST = Chunk(SPEC.job_id, 3, RoundKind.ALL_REDUCE, ReduceOp.AVG, None, TENSOR, 0, 1, 0, "aa" * 32)
 
 
 class FakeClock:
@@ -161,38 +162,17 @@ def inner_of(keypair: Keypair, kind: Kind, body: dict, receiver: Keypair, timest
 # Every kind round-trips.
 
 ROUND_TRIPS = {
-    "job_request": (REQUEST, PEER, VALIDATOR),
     "job_spec": (JobAdmission(SPEC, 2, PEER.ss58_address), VALIDATOR, PEER),
-    "job_leave": (JobLeave(SPEC.job_id, 2), PEER, MINER),
-    "contribution all_reduce": (
-        Contribution(SPEC.job_id, 3, RoundKind.ALL_REDUCE, ReduceOp.AVG, None, TENSOR, 0, 1, ("aa", "bb"), 0),
-        PEER,
-        MINER,
-    ),
-    "contribution broadcast receiver": (
-        Contribution(SPEC.job_id, 4, RoundKind.BROADCAST, None, 2, None, 1, 1, (), 0),
+    "ruling": (Ruling(SPEC.job_id, 3, 1, None, "miner-2: differs"), VALIDATOR, PEER),
+    "chunk": (REQUEST, PEER, MINER),
+    "chunk of a broadcast": (
+        Chunk(SPEC.job_id, 4, RoundKind.BROADCAST, None, 2, TensorSpec("int64", ()), 1, 2, 0, "bb" * 32),
         PEER,
         OTHER_MINER,
     ),
-    "contribution_receipt": (
-        ContributionReceipt(SPEC.job_id, 3, RoundKind.ALL_REDUCE, ReduceOp.AVG, None, 0, 1, ("aa", "bb"), 0),
-        MINER,
-        PEER,
-    ),
-    "segment_result": (
-        SegmentResult(SPEC.job_id, 3, 0, 1, 2, TensorSpec("int64", ()), ("blake3:cc", "object:dd"), 1, ("ee", "ff")),
-        MINER,
-        PEER,
-    ),
-    "round_report": (
-        RoundReport(SPEC.job_id, 3, 1, "node-1", (0, 1), ("receipt-0", "receipt-1"), (("r0",), ("r1a", "r1b")), ()),
-        PEER,
-        VALIDATOR,
-    ),
-    "dispute": (Dispute(SPEC.job_id, 3, 1, 2), PEER, VALIDATOR),
-    "ruling": (Ruling(SPEC.job_id, 3, 1, None, "miner-2: differs"), VALIDATOR, PEER),
-    "benchmark_order": (BenchmarkOrder(SPEC, 1 << 20), VALIDATOR, PEER),
-    "benchmark_result": (BenchmarkResult(1, MINER.ss58_address, 1 << 20, 0.25, Outcome.EXACT, ""), PEER, VALIDATOR),
+    "await": (Await(SPEC.job_id, 4, 2, 1, 1), PEER, OTHER_MINER),
+    "reduced": (Reduced(SPEC.job_id, 3, 0, 1, 2, TENSOR, "cc" * 32, ("aa" * 32, "dd" * 32)), MINER, PEER),
+    "round_failed": (RoundFailed(SPEC.job_id, 3, 0, "PeerLostError", "rank 2 left"), MINER, PEER),
 }
 
 
@@ -224,8 +204,8 @@ def test_the_expected_sender_opens(world):
 
 def test_a_tampered_body_fails_the_signature(world):
     wire = edit_message(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), '"rank":1', '"rank":2')
-    with refused(BadSignatureError, rf"^job_request message from {PEER.ss58_address}: the signature does not match$"):
-        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+    with refused(BadSignatureError, rf"^chunk message from {PEER.ss58_address}: the signature does not match$"):
+        world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
 
 
 def test_a_readdressed_message_fails_the_signature_not_the_receiver(world):
@@ -233,7 +213,7 @@ def test_a_readdressed_message_fails_the_signature_not_the_receiver(world):
     wire = seal_body(PEER, REQUEST, MINER.ss58_address)
     wire = edit_message(wire, MINER.ss58_address, VALIDATOR.ss58_address)
     with refused(BadSignatureError, "the signature does not match") as caught:
-        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+        world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
     assert not isinstance(caught.value, WrongReceiverError)
 
 
@@ -253,8 +233,8 @@ def test_a_broken_signature_does_not_verify(world, signature):
         del outer["signature"]
     else:
         outer["signature"] = signature
-    with refused(BadSignatureError, rf"job_request message from {PEER.ss58_address}: the signature does not match"):
-        world.verifier(VALIDATOR).open(canonical(outer).encode(), Kind.JOB_REQUEST)
+    with refused(BadSignatureError, rf"chunk message from {PEER.ss58_address}: the signature does not match"):
+        world.verifier(VALIDATOR).open(canonical(outer).encode(), Kind.CHUNK)
 
 
 def test_another_signer_than_the_sender_field_fails_the_signature(world):
@@ -269,15 +249,15 @@ def test_an_ed25519_signature_is_refused_by_scheme(world):
     world.chain.register(ED25519.ss58_address, COLD)  # registered, so only the scheme can refuse it
     wire = seal_body(ED25519, REQUEST, VALIDATOR.ss58_address)
     assert json.loads(wire)["scheme"] == "ed25519"
-    with refused(SignatureSchemeError, r"^job_request message signed with 'ed25519'; only sr25519 is accepted$"):
-        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+    with refused(SignatureSchemeError, r"^chunk message signed with 'ed25519'; only sr25519 is accepted$"):
+        world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
 
 
 def test_an_ed25519_signature_relabelled_sr25519_does_not_verify(world):
     world.chain.register(ED25519.ss58_address, COLD)
     wire = rewrap(seal_body(ED25519, REQUEST, VALIDATOR.ss58_address), scheme="sr25519")
-    with refused(BadSignatureError, rf"job_request message from {ED25519.ss58_address}: the signature does not match"):
-        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+    with refused(BadSignatureError, rf"chunk message from {ED25519.ss58_address}: the signature does not match"):
+        world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
 
 
 @pytest.mark.parametrize("scheme", [None, "ed25519", "SR25519"])
@@ -288,8 +268,8 @@ def test_any_other_scheme_label_is_refused(world, scheme):
         del outer["scheme"]
     else:
         outer["scheme"] = scheme
-    with refused(SignatureSchemeError, rf"^job_request message signed with {re.escape(repr(scheme))}; only sr25519"):
-        world.verifier(VALIDATOR).open(canonical(outer).encode(), Kind.JOB_REQUEST)
+    with refused(SignatureSchemeError, rf"^chunk message signed with {re.escape(repr(scheme))}; only sr25519"):
+        world.verifier(VALIDATOR).open(canonical(outer).encode(), Kind.CHUNK)
 
 
 # Receiver, time window, replays.
@@ -299,10 +279,10 @@ def test_a_message_for_another_receiver_is_refused(world):
     wire = seal_body(PEER, REQUEST, MINER.ss58_address)
     with refused(
         WrongReceiverError,
-        rf"^job_request message from {PEER.ss58_address} is addressed to {MINER.ss58_address}, "
+        rf"^chunk message from {PEER.ss58_address} is addressed to {MINER.ss58_address}, "
         rf"not {VALIDATOR.ss58_address}$",
     ):
-        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+        world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
 
 
 @pytest.mark.parametrize(
@@ -316,53 +296,49 @@ def test_a_message_for_another_receiver_is_refused(world):
     ids=["61 s old", "an hour old", "6 s ahead", "an hour ahead"],
 )
 def test_a_message_outside_the_time_window_is_expired(world, offset_s, shown):
-    wire = seal(
-        PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns + offset_s * S
-    )
+    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns + offset_s * S)
     with refused(
         ExpiredMessageError,
-        rf"^job_request message from {PEER.ss58_address} is {re.escape(shown)}; "
+        rf"^chunk message from {PEER.ss58_address} is {re.escape(shown)}; "
         r"accepted: up to 60 s old and 5 s ahead \(check the clocks\)$",
     ):
-        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+        world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
 
 
 @pytest.mark.parametrize("offset_s", [-59, 4], ids=["59 s old", "4 s ahead"])
 def test_a_message_inside_the_time_window_opens(world, offset_s):
-    wire = seal(
-        PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns + offset_s * S
-    )
-    assert world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST).body == dataclasses.asdict(REQUEST)
+    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns + offset_s * S)
+    assert world.verifier(VALIDATOR).open(wire, Kind.CHUNK).body == json.loads(canonical(dataclasses.asdict(REQUEST)))
 
 
 def test_the_window_follows_the_verifier_clock_and_settings(world):
-    wire = seal(PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns)
+    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns)
     strict = world.verifier(VALIDATOR, max_age_s=10.0, skew_s=1.0)
     world.clock.now += 11
     with refused(ExpiredMessageError, r"is 11\.0 s old; accepted: up to 10 s old and 1 s ahead"):
-        strict.open(wire, Kind.JOB_REQUEST)
+        strict.open(wire, Kind.CHUNK)
 
 
 def test_the_same_wire_twice_is_a_replay(world):
     verifier = world.verifier(VALIDATOR)
     wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address)
-    nonce = verifier.open(wire, Kind.JOB_REQUEST).nonce
-    with refused(ReplayedMessageError, rf"^job_request message from {PEER.ss58_address} replayed \(nonce {nonce}\)$"):
-        verifier.open(wire, Kind.JOB_REQUEST)
+    nonce = verifier.open(wire, Kind.CHUNK).nonce
+    with refused(ReplayedMessageError, rf"^chunk message from {PEER.ss58_address} replayed \(nonce {nonce}\)$"):
+        verifier.open(wire, Kind.CHUNK)
 
 
 def test_a_replay_is_refused_for_as_long_as_the_message_is_fresh(world):
     """Inside the window the nonce store refuses it; past the window the timestamp does."""
     verifier = world.verifier(VALIDATOR)
-    wire = seal(PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns)
-    verifier.open(wire, Kind.JOB_REQUEST)
+    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns)
+    verifier.open(wire, Kind.CHUNK)
     for step_s in (1, 30, 29):  # 1, 31 and 60 s after it was sent
         world.clock.now += step_s
         with refused(ReplayedMessageError, "replayed"):
-            verifier.open(wire, Kind.JOB_REQUEST)
+            verifier.open(wire, Kind.CHUNK)
     world.clock.now += 1
     with refused(ExpiredMessageError, r"is 61\.0 s old"):
-        verifier.open(wire, Kind.JOB_REQUEST)
+        verifier.open(wire, Kind.CHUNK)
 
 
 def test_the_nonce_store_forgets_after_its_retention_and_stays_bounded():
@@ -390,9 +366,9 @@ def test_a_message_from_an_unregistered_hotkey_is_refused(world):
     wire = seal_body(STRANGER, REQUEST, VALIDATOR.ss58_address)
     with refused(
         NotRegisteredError,
-        rf"^job_request message from {STRANGER.ss58_address}, which is not registered on {world.where}$",
+        rf"^chunk message from {STRANGER.ss58_address}, which is not registered on {world.where}$",
     ):
-        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+        world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
 
 
 def test_a_job_spec_needs_a_validator_permit(world):
@@ -408,10 +384,8 @@ def test_a_job_spec_needs_a_validator_permit(world):
 
 
 def test_other_kinds_need_no_permit(world):
-    wire = seal_body(
-        MINER, ContributionReceipt(SPEC.job_id, 1, RoundKind.BROADCAST, None, 1, 0, 1, (), 0), PEER.ss58_address
-    )
-    assert open_body(world.verifier(PEER), wire, ContributionReceipt)[1].sender == MINER.ss58_address
+    wire = seal_body(MINER, Reduced(SPEC.job_id, 1, 0, 1, 0, TENSOR, "cc" * 32, ("aa" * 32,)), PEER.ss58_address)
+    assert open_body(world.verifier(PEER), wire, Reduced)[1].sender == MINER.ss58_address
 
 
 def test_a_job_spec_from_a_non_permit_hotkey_is_refused_for_its_permit_before_its_sender(world):
@@ -422,25 +396,23 @@ def test_a_job_spec_from_a_non_permit_hotkey_is_refused_for_its_permit_before_it
 
 
 def test_another_registered_sender_than_expected_is_refused_by_name(world):
-    wire = seal_body(
-        MINER, ContributionReceipt(SPEC.job_id, 1, RoundKind.BROADCAST, None, 1, 0, 1, (), 0), PEER.ss58_address
-    )
+    wire = seal_body(MINER, Reduced(SPEC.job_id, 1, 0, 1, 0, TENSOR, "cc" * 32, ("aa" * 32,)), PEER.ss58_address)
     with refused(
         BadSignatureError,
-        rf"^contribution_receipt message signed by {MINER.ss58_address}, expected {OTHER_MINER.ss58_address}$",
+        rf"^reduced message signed by {MINER.ss58_address}, expected {OTHER_MINER.ss58_address}$",
     ):
-        open_body(world.verifier(PEER), wire, ContributionReceipt, sender=OTHER_MINER.ss58_address)
+        open_body(world.verifier(PEER), wire, Reduced, sender=OTHER_MINER.ss58_address)
 
 
 def test_an_unknown_sender_refreshes_the_metagraph_at_most_once_a_second(world):
     verifier = world.verifier(VALIDATOR)
-    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.JOB_REQUEST)  # the metagraph is now cached
+    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.CHUNK)  # the metagraph is now cached
     world.chain.register(STRANGER.ss58_address, COLD)
     wire = seal_body(STRANGER, REQUEST, VALIDATOR.ss58_address)
     with refused(NotRegisteredError, "which is not registered on"):
-        verifier.open(wire, Kind.JOB_REQUEST)  # fetched less than a second ago: not fetched again
+        verifier.open(wire, Kind.CHUNK)  # fetched less than a second ago: not fetched again
     world.clock.now += 1.5
-    envelope = verifier.open(wire, Kind.JOB_REQUEST)  # refreshed on the miss; a refused wire used no nonce
+    envelope = verifier.open(wire, Kind.CHUNK)  # refreshed on the miss; a refused wire used no nonce
     assert envelope.sender == STRANGER.ss58_address
 
 
@@ -450,11 +422,11 @@ def test_a_deregistered_sender_is_refused_once_the_metagraph_expires(tmp_path):
     chain.register(VALIDATOR.ss58_address, COLD, stake=100.0)
     chain.register(PEER.ss58_address, COLD)
     verifier = Verifier(VALIDATOR.ss58_address, MetagraphCache(chain, ttl_s=12.0, clock=clock), clock=clock)
-    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.JOB_REQUEST)
+    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.CHUNK)
     chain.register(STRANGER.ss58_address, COLD)  # the subnet is full: the stranger takes the peer's uid
     clock.now += 13
     with refused(NotRegisteredError, rf"from {PEER.ss58_address}, which is not registered"):
-        verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.JOB_REQUEST)
+        verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.CHUNK)
 
 
 # Malformed wires: refused before any signature or chain check.
@@ -466,7 +438,7 @@ MALFORMED_WIRES = {
     "a JSON string": (b'"hello"', r"^the message is not a JSON object of the mapreduce-ray/1 protocol$"),
     "no signed part": (b'{"scheme": "sr25519", "signature": "0x00"}', r"^the signed part is not UTF-8 JSON of the"),
     "a signed part that is no string": (
-        b'{"scheme": "sr25519", "signature": "0x00", "message": {"kind": "job_request"}}',
+        b'{"scheme": "sr25519", "signature": "0x00", "message": {"kind": "chunk"}}',
         r"^the signed part is not UTF-8 JSON of the mapreduce-ray/1 protocol$",
     ),
     "a lone surrogate in the signed part": (
@@ -483,88 +455,74 @@ MALFORMED_WIRES = {
 @pytest.mark.parametrize(("wire", "match"), list(MALFORMED_WIRES.values()), ids=list(MALFORMED_WIRES))
 def test_a_wire_that_is_not_our_json_is_malformed(world, wire, match):
     with refused(MalformedMessageError, match):
-        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
+        world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
 
 
 def test_another_protocol_version_is_malformed(world):
-    inner = inner_of(PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR, world.clock.ns)
+    inner = inner_of(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR, world.clock.ns)
     inner["protocol"] = "mapreduce-ray/2"
     with refused(MalformedMessageError, r"^protocol 'mapreduce-ray/2' is not mapreduce-ray/1; upgrade the sender$"):
-        world.verifier(VALIDATOR).open(sign_raw(PEER, inner), Kind.JOB_REQUEST)
+        world.verifier(VALIDATOR).open(sign_raw(PEER, inner), Kind.CHUNK)
     del inner["protocol"]
     with refused(MalformedMessageError, r"^protocol None is not mapreduce-ray/1; upgrade the sender$"):
-        world.verifier(VALIDATOR).open(sign_raw(PEER, inner), Kind.JOB_REQUEST)
+        world.verifier(VALIDATOR).open(sign_raw(PEER, inner), Kind.CHUNK)
 
 
 def test_another_kind_than_expected_is_malformed(world):
     wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address)
-    with refused(MalformedMessageError, r"^expected a job_leave message, got 'job_request'$"):
-        open_body(world.verifier(VALIDATOR), wire, JobLeave)
-    request, _ = open_body(world.verifier(VALIDATOR), wire, JobRequest)  # the refusal used no nonce
+    with refused(MalformedMessageError, r"^expected a await or reduced message, got 'chunk'$"):
+        open_body(world.verifier(VALIDATOR), wire, (Await, Reduced))
+    request, _ = open_body(world.verifier(VALIDATOR), wire, (Chunk, Await))  # the refusal used no nonce
     assert request == REQUEST
 
 
 @pytest.mark.parametrize("field", ["sender", "receiver", "timestamp_ns", "nonce", "body"])
 def test_an_envelope_without_a_field_is_malformed(world, field):
-    inner = inner_of(PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR, world.clock.ns)
+    inner = inner_of(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR, world.clock.ns)
     del inner[field]
-    with refused(MalformedMessageError, rf"^job_request message: field '{field}' missing or not (str|int|dict)$"):
-        world.verifier(VALIDATOR).open(sign_raw(PEER, inner), Kind.JOB_REQUEST)
+    with refused(MalformedMessageError, rf"^chunk message: field '{field}' missing or not (str|int|dict)$"):
+        world.verifier(VALIDATOR).open(sign_raw(PEER, inner), Kind.CHUNK)
 
 
-def contribution(**changes) -> dict:
-    body = Contribution(SPEC.job_id, 1, RoundKind.ALL_REDUCE, ReduceOp.SUM, None, TENSOR, 0, 1, ("aa",), 0)
-    return {**json.loads(canonical(dataclasses.asdict(body))), **changes}
+def chunk(**changes) -> dict:
+    return {**json.loads(canonical(dataclasses.asdict(REQUEST))), **changes}
 
 
-# (body class, body as signed, the error's message)
-MALFORMED_BODIES = {
+REQUEST_FIELDS = {"job": "default", "rank": 1, "peer_count": 2, "max_bytes": None, "redundancy": 1}
+
+# A call's body (JSON authenticated by btauth): (body class, the JSON, the error's message)
+MALFORMED_CALLS = {
     "a missing field": (
         JobRequest,
-        {"job": "default", "peer_count": 2, "max_bytes": None, "redundancy": 1, "reject_nonfinite": False},
+        {k: v for k, v in REQUEST_FIELDS.items() if k != "rank"} | {"reject_nonfinite": False},
         r"^JobRequest has fields \['job', 'max_bytes', 'peer_count', 'redundancy', 'reject_nonfinite'\], "
         r"expected \['job', 'max_bytes', 'peer_count', 'rank', 'redundancy', 'reject_nonfinite'\]$",
     ),
     "an extra field": (
         JobRequest,
-        {
-            "job": "default",
-            "rank": 1,
-            "peer_count": 2,
-            "max_bytes": None,
-            "redundancy": 1,
-            "reject_nonfinite": False,
-            "priority": 9,
-        },
+        {**REQUEST_FIELDS, "reject_nonfinite": False, "priority": 9},
         r"^JobRequest has fields \['job', 'max_bytes', 'peer_count', 'priority', 'rank', 'redundancy', "
         r"'reject_nonfinite'\], expected \['job', 'max_bytes', 'peer_count', 'rank', 'redundancy', "
         r"'reject_nonfinite'\]$",
     ),
     "a string for an int": (
         JobRequest,
-        {"job": "default", "rank": "1", "peer_count": 2, "max_bytes": None, "redundancy": 1, "reject_nonfinite": False},
+        {**REQUEST_FIELDS, "rank": "1", "reject_nonfinite": False},
         r"^JobRequest.rank is '1', not int$",
     ),
     "a bool for an int": (
         JobRequest,
-        {
-            "job": "default",
-            "rank": True,
-            "peer_count": 2,
-            "max_bytes": None,
-            "redundancy": 1,
-            "reject_nonfinite": False,
-        },
+        {**REQUEST_FIELDS, "rank": True, "reject_nonfinite": False},
         r"^JobRequest.rank is True, not int$",
     ),
     "a float for an int": (
         JobRequest,
-        {"job": "default", "rank": 1.0, "peer_count": 2, "max_bytes": None, "redundancy": 1, "reject_nonfinite": False},
+        {**REQUEST_FIELDS, "rank": 1.0, "reject_nonfinite": False},
         r"^JobRequest.rank is 1.0, not int$",
     ),
     "null for a str": (
         JobRequest,
-        {"job": None, "rank": 1, "peer_count": 2, "max_bytes": None, "redundancy": 1, "reject_nonfinite": False},
+        {**REQUEST_FIELDS, "job": None, "reject_nonfinite": False},
         r"^JobRequest.job is None, not str$",
     ),
     "an int for a str": (JobLeave, {"job_id": 7, "rank": 1}, r"^JobLeave.job_id is 7, not str$"),
@@ -578,28 +536,60 @@ MALFORMED_BODIES = {
         {"miner_uid": 1, "miner_hotkey": "x", "size_bytes": 1, "seconds": 1, "outcome": "great", "detail": ""},
         r"^BenchmarkResult.outcome is 'great', not a Outcome$",
     ),
-    "an unknown round kind": (
-        Contribution,
-        contribution(kind="all_gather"),
-        r"^Contribution.kind is 'all_gather', not a RoundKind$",
+    "a list, not an object": (JobLeave, ["job_id", 7], r"^a JobLeave is not a JSON object"),
+}
+
+
+@pytest.mark.parametrize(("cls", "body", "match"), list(MALFORMED_CALLS.values()), ids=list(MALFORMED_CALLS))
+def test_a_call_body_that_does_not_fit_its_type_is_malformed(cls, body, match):
+    with refused(MalformedMessageError, match):
+        parse(cls, json.dumps(body).encode())
+
+
+@pytest.mark.parametrize("payload", [b"", b"\xff", b"[" * 100_000, b'{"job_id": NaN, "rank": 1}'])
+def test_a_call_body_that_is_not_json_is_malformed(payload):
+    with refused(MalformedMessageError, r"^a JobLeave is not"):
+        parse(JobLeave, payload)
+
+
+# A signed body: (body class, body as signed, the error's message)
+MALFORMED_BODIES = {
+    "an unknown round kind": (Chunk, chunk(kind="all_gather"), r"^Chunk.kind is 'all_gather', not a RoundKind$"),
+    "an unknown op": (Chunk, chunk(op="max"), r"^Chunk.op is 'max', not a ReduceOp$"),
+    "a string for a tuple": (
+        Reduced,
+        {**json.loads(canonical(dataclasses.asdict(ROUND_TRIPS["reduced"][0]))), "inputs": "aa"},
+        r"^Reduced.inputs is 'aa', not tuple$",
     ),
-    "an unknown op": (Contribution, contribution(op="max"), r"^Contribution.op is 'max', not a ReduceOp$"),
-    "a string for a tuple": (Contribution, contribution(chunks="aa"), r"^Contribution.chunks is 'aa', not tuple$"),
-    "a bad tuple item": (Contribution, contribution(chunks=["aa", 3]), r"^Contribution.chunks is 3, not str$"),
+    "a bad tuple item": (
+        Reduced,
+        {**json.loads(canonical(dataclasses.asdict(ROUND_TRIPS["reduced"][0]))), "inputs": ["aa", 3]},
+        r"^Reduced.inputs is 3, not str$",
+    ),
     "a bad nested field": (
-        Contribution,
-        contribution(tensor={"dtype": "float32", "shape": ["4"]}),
-        r"^Contribution.tensor.shape is '4', not int$",
+        Chunk,
+        chunk(tensor={"dtype": "float32", "shape": ["4"]}),
+        r"^Chunk.tensor.shape is '4', not int$",
     ),
     "a nested record missing a field": (
-        Contribution,
-        contribution(tensor={"dtype": "float32"}),
-        r"^Contribution.tensor has fields \['dtype'\], expected \['dtype', 'shape'\]$",
+        Chunk,
+        chunk(tensor={"dtype": "float32"}),
+        r"^Chunk.tensor has fields \['dtype'\], expected \['dtype', 'shape'\]$",
     ),
     "a list for a nested record": (
-        Contribution,
-        contribution(tensor=["float32", [4]]),
-        r"^Contribution.tensor is \['float32', \[4\]\], not TensorSpec$",
+        Chunk,
+        chunk(tensor=["float32", [4]]),
+        r"^Chunk.tensor is \['float32', \[4\]\], not TensorSpec$",
+    ),
+    "an unsupported dtype": (
+        Chunk,
+        chunk(tensor={"dtype": "bool", "shape": [4]}),
+        r"^Chunk.tensor does not hold: dtype bool is not supported",
+    ),
+    "a negative dimension": (
+        Chunk,
+        chunk(tensor={"dtype": "float32", "shape": [4, -1]}),
+        r"^Chunk.tensor does not hold: a tensor shape is up to 64 non-negative ints",
     ),
 }
 
@@ -617,32 +607,21 @@ def test_a_job_spec_with_a_malformed_miner_slot_is_malformed(world):
     wire = seal(VALIDATOR, Kind.JOB_SPEC, body, PEER.ss58_address, world.clock.ns)
     with refused(
         MalformedMessageError,
-        r"^JobAdmission.spec.miners has fields \['hotkey', 'throughput', 'uid'\], "
-        r"expected \['hotkey', 'throughput', 'uid', 'weight'\]$",
+        r"^JobAdmission.spec.miners has fields \['certificate', 'endpoint', 'hotkey', 'throughput', 'uid'\], "
+        r"expected \['certificate', 'endpoint', 'hotkey', 'throughput', 'uid', 'weight'\]$",
     ):
         open_body(world.verifier(PEER), wire, JobAdmission)
 
 
-def test_non_numbers_and_overflowing_numbers_are_malformed(world):
-    inner = inner_of(PEER, Kind.JOB_REQUEST, dataclasses.asdict(REQUEST), VALIDATOR, world.clock.ns)
+def test_non_numbers_are_malformed(world):
+    inner = inner_of(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR, world.clock.ns)
     message = json.dumps({**inner, "timestamp_ns": float("inf")})  # JSON's Infinity extension
     wire = canonical({"scheme": "sr25519", "signature": "0x00", "message": message}).encode()
     with refused(MalformedMessageError, r"^the signed part is not JSON of the mapreduce-ray/1 protocol$"):
-        world.verifier(VALIDATOR).open(wire, Kind.JOB_REQUEST)
-    body = {
-        "miner_uid": 1,
-        "miner_hotkey": MINER.ss58_address,
-        "size_bytes": 1,
-        "seconds": 10**400,
-        "outcome": "exact",
-        "detail": "",
-    }
-    wire = seal(PEER, Kind.BENCHMARK_RESULT, body, VALIDATOR.ss58_address, world.clock.ns)
-    with refused(MalformedMessageError, r"^BenchmarkResult.seconds is 1000.*, not float$"):
-        open_body(world.verifier(VALIDATOR), wire, BenchmarkResult)
+        world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
 
 
 def test_a_body_that_is_not_an_object_is_malformed(world):
-    inner = inner_of(PEER, Kind.JOB_REQUEST, [["job", "x"]], VALIDATOR, world.clock.ns)
-    with refused(MalformedMessageError, r"^job_request message: field 'body' missing or not dict$"):
-        world.verifier(VALIDATOR).open(sign_raw(PEER, inner), Kind.JOB_REQUEST)
+    inner = inner_of(PEER, Kind.CHUNK, [["job", "x"]], VALIDATOR, world.clock.ns)
+    with refused(MalformedMessageError, r"^chunk message: field 'body' missing or not dict$"):
+        world.verifier(VALIDATOR).open(sign_raw(PEER, inner), Kind.CHUNK)

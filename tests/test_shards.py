@@ -1,6 +1,6 @@
 import numpy as np
+import pyarrow as pa
 import pytest
-import ray
 import torch
 
 from mapreduce_ray.dtypes import SUPPORTED, dtype_of
@@ -17,21 +17,29 @@ def sample(dtype: torch.dtype, shape=(3, 5)) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("name", list(SUPPORTED))
-def test_shard_round_trip_through_the_object_store(local_ray, name):
+def test_a_slice_round_trips_through_an_arrow_buffer_without_a_copy(name):
     tensor = sample(SUPPORTED[name].torch_dtype)
     flat = flatten(tensor)
-    stored = ray.get(ray.put(to_buffer(flat.flat[2:11])))
-    back = from_buffer(stored, SUPPORTED[name])
+    buffer = to_buffer(flat.flat[2:11])
+    assert buffer.address == flat.flat[2:11].data_ptr()
+    back = from_buffer(pa.py_buffer(buffer.to_pybytes()), SUPPORTED[name])
     assert back.dtype == tensor.dtype
     assert torch.equal(back, tensor.reshape(-1)[2:11])
     assert digest(back) == digest(tensor.reshape(-1)[2:11])
 
 
 @pytest.mark.parametrize("name", ["float32", "int64", "complex64", "float16"])
-def test_numpy_arrays_round_trip(local_ray, name):
+def test_numpy_arrays_round_trip(name):
     array = sample(SUPPORTED[name].torch_dtype).numpy()
-    stored = ray.get(ray.put(to_buffer(flatten(array).flat)))
-    np.testing.assert_array_equal(from_buffer(stored, SUPPORTED[name]).numpy(), array.reshape(-1))
+    buffer = pa.py_buffer(to_buffer(flatten(array).flat).to_pybytes())
+    np.testing.assert_array_equal(from_buffer(buffer, SUPPORTED[name]).numpy(), array.reshape(-1))
+
+
+def test_a_misaligned_buffer_is_read_through_a_copy():
+    values = torch.arange(5, dtype=torch.float64)
+    shifted = pa.py_buffer(b"x" + to_buffer(values).to_pybytes()).slice(1)
+    assert shifted.address % 8
+    assert torch.equal(from_buffer(shifted, SUPPORTED["float64"]), values)
 
 
 @pytest.mark.parametrize(

@@ -62,8 +62,12 @@ def test_a_batch_that_does_not_split_across_peers_is_one_line(job_config):
         run(cfg)
 
 
-def test_a_validator_uid_that_does_not_run_where_miners_do_is_one_line(subnets, job_config):
+def test_a_validator_uid_that_does_not_answer_while_another_does_is_one_line(subnets, job_config):
     cfg = job_config("train", "train.steps=1", subnet=subnets[2])
     cfg.subnet.validator_uid = 99
-    with pytest.raises(ValueError, match=r"^validator-99 does not run in Ray namespace 'tests-2-miners', but .*miner-"):
+    with pytest.raises(
+        ValueError,
+        match=rf"^validator uid 99 does not answer on netuid 102 on the embedded chain at .*, but uid\(s\) "
+        rf"\[{subnets[2].validator_uid}\] do: pass subnet.validator_uid=UID",
+    ):
         run(cfg)

@@ -11,6 +11,7 @@ the hotkey's private key.
 
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,7 +45,11 @@ class Metagraph:
     neurons: tuple[Neuron, ...]
 
     def by_hotkey(self, hotkey: str) -> Neuron | None:
-        return next((n for n in self.neurons if n.hotkey == hotkey), None)
+        return self._by_hotkey.get(hotkey)
+
+    @functools.cached_property
+    def _by_hotkey(self) -> dict[str, Neuron]:
+        return {n.hotkey: n for n in self.neurons}
 
     def neuron(self, uid: int) -> Neuron | None:
         return next((n for n in self.neurons if n.uid == uid), None)

@@ -1,0 +1,23 @@
+"""Config groups whose settings are documented dataclasses: their defaults are defined once, in the code.
+
+Importing this registers them with Hydra's ConfigStore: `wire: default` (WireConfig, every party's
+endpoint limits and deadlines) and `relay: default` (RelaySettings, a miner's retention).
+"""
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from actors.relay import RelaySettings
+from mapreduce_ray.wire.config import WireConfig
+
+_store = ConfigStore.instance()
+_store.store(group="wire", name="default", node=WireConfig)
+_store.store(group="relay", name="default", node=RelaySettings)
+
+
+def wire_config(cfg: DictConfig) -> WireConfig:
+    return WireConfig(**OmegaConf.to_container(cfg.wire, resolve=True))
+
+
+def relay_settings(cfg: DictConfig) -> RelaySettings:
+    return RelaySettings(**OmegaConf.to_container(cfg.relay, resolve=True))

@@ -1,0 +1,347 @@
+"""One collective round at one peer: what goes to which miner, what comes back, and when it is done.
+
+A `Round` hands each segment of the plan to the first miner of the segment's failover order (to
+the first `redundancy` of them), streaming this peer's chunks of it (a broadcast receiver only asks
+for it). Every reduced chunk that comes back is checked before it is kept: signed by that miner,
+for this peer, this round and segment; a receipt naming this peer's own chunk digest among the
+inputs; a frame of exactly the planned size whose bytes match the signed digest. A miner that
+fails, breaks off, sends anything else or misses its deadline loses the segment to the next miner
+of the order (every peer derives the same order, so they meet there), and its chunks go out again.
+Replicas of a segment must agree digest for digest; when they do not, the validator rules. The
+user's tensor is written once, at the end, after every segment came back: a round that fails
+leaves it as it was.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+
+from mapreduce_ray.errors import (
+    PEER_FAULTS,
+    InvalidTensorError,
+    MapReduceError,
+    MinerFaultError,
+    RoundMismatchError,
+    RoundTimeoutError,
+)
+from mapreduce_ray.links import JobLinks, MinerLink
+from mapreduce_ray.messages import Await, Chunk, Delivery, Reduced, RoundFailed, RoundReport, Ruling, seal_body
+from mapreduce_ray.plan import Segment, failover_order, plan_round
+from mapreduce_ray.shards import FlatTensor, flatten, from_buffer, new_tensor
+from mapreduce_ray.types import RoundKind, RoundSpec, TensorSpec
+from mapreduce_ray.wire.errors import KNOWN
+from mapreduce_ray.wire.frames import digest, frame, unframe
+
+log = logging.getLogger(__name__)
+
+EMPTY_DIGEST = digest(b"")
+
+
+@dataclass
+class _Attempt:
+    """One miner reducing one segment of the round for this peer."""
+
+    segment: int
+    miner: int
+    deadline: float
+    received: dict[int, tuple[pa.Buffer | None, str, bytes]] = field(default_factory=dict)  # chunk -> (bytes,
+    # digest, the signed Reduced)
+    error: MapReduceError | None = None
+    done: bool = False
+
+    @property
+    def running(self) -> bool:
+        return self.error is None and not self.done
+
+    @property
+    def digests(self) -> tuple[str, ...]:
+        return tuple(self.received[c][1] for c in sorted(self.received))
+
+
+Dispute = Callable[["Round", int], Ruling]  # (round, segment) -> the validator's ruling
+
+
+class Round:
+    """`spec` as the peer at `rank` runs it over `links`, with its flat tensor (None: a broadcast receiver
+    that handed in none). `dispute` asks the validator to rule when replicas disagree (None: no validator)."""
+
+    def __init__(
+        self, spec: RoundSpec, rank: int, links: JobLinks, flat: FlatTensor | None, dispute: Dispute | None = None
+    ):
+        self.spec, self.rank, self.links, self.flat = spec, rank, links, flat
+        self._dispute = dispute
+        job = spec.job
+        self.started = time.monotonic()
+        self.deadline = self.started + job.timeout_s
+        self.receiving = spec.kind is RoundKind.ALL_REDUCE or rank != spec.src
+        self.sending = spec.kind is RoundKind.ALL_REDUCE or rank == spec.src
+        self.tensor: TensorSpec | None = spec.tensor if self.sending else None
+        self.plan: tuple[Segment, ...] | None = plan_round(job, spec.tensor) if spec.tensor else None
+        if spec.kind is RoundKind.ALL_REDUCE:
+            self.segments = [s.miner for s in self.plan if s.chunks]
+        else:
+            self.segments = list(range(len(job.miners)))
+        self._cond = threading.Condition()
+        self._untried = {s: list(failover_order(s, len(job.miners))) for s in self.segments}
+        self._attempts: list[_Attempt] = []
+        self._digests: dict[tuple[int, int], str] = {}  # (segment, chunk) -> digest of this peer's chunk
+        self._sent_to: set[int] = set()
+        self.failed: set[int] = set()
+        self.reported = False  # the validator has this round's report
+        self._fatal: MapReduceError | None = None
+
+    def describe(self) -> str:
+        return self.spec.describe()
+
+    # ---- running --------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Send, wait for every segment (failing over, disputing), and write the result into the tensor."""
+        self.links.current = self
+        try:
+            with self._cond:
+                for segment in self.segments:
+                    for _ in range(self.spec.job.redundancy):
+                        self._launch(segment)
+                self._wait()
+            chosen = {s: self._agreed(s) for s in self.segments}
+        finally:
+            self.links.current = None
+            self.links.flush(self._sent_to, self.deadline)
+        if self.receiving:
+            self._write(chosen)
+
+    def _wait(self) -> None:
+        """Until every segment is settled, or the round cannot end well (lock held)."""
+        while self._fatal is None and not all(self._settled(s) for s in self.segments):
+            now = time.monotonic()
+            running = [a for a in self._attempts if a.running]
+            for attempt in running:
+                if now >= attempt.deadline:
+                    self._fail(attempt, MinerFaultError(f"miner {self._name(attempt)!r} missed its deadline"))
+            if self._fatal is None and not all(self._settled(s) for s in self.segments):
+                deadlines = [a.deadline for a in self._attempts if a.running]
+                self._cond.wait(timeout=max(min(deadlines, default=now) - time.monotonic(), 0.001))
+        if self._fatal is not None:
+            raise self._fatal
+        missing = sorted(s for s in self.segments if not self._complete(s))
+        if missing:
+            failed = sorted(self.spec.job.miners[m].name for m in self.failed)
+            raise RoundTimeoutError(
+                f"{self.describe()}: no miner delivered segment(s) {missing} within {self.spec.job.timeout_s:g} s; "
+                f"miners that failed: {failed}"
+            )
+
+    def _settled(self, segment: int) -> bool:
+        """No miner works on the segment any more, and none will."""
+        if any(a.running for a in self._attempts if a.segment == segment):
+            return False
+        enough = len(self._complete(segment)) >= self.spec.job.redundancy
+        return enough or not self._untried[segment] or time.monotonic() >= self.deadline
+
+    def _complete(self, segment: int) -> list[_Attempt]:
+        return [a for a in self._attempts if a.segment == segment and a.done]
+
+    def _launch(self, segment: int) -> None:
+        """Hand the segment to its next untried miner, if any and if time is left (lock held)."""
+        while self._untried[segment] and time.monotonic() < self.deadline:
+            miner = self._untried[segment].pop(0)
+            last = not self._untried[segment]
+            deadline = self.deadline if last else min(self.deadline, time.monotonic() + self.spec.job.attempt_timeout_s)
+            attempt = _Attempt(segment, miner, deadline)
+            self._attempts.append(attempt)
+            try:
+                link = self.links.get(miner)
+                self._send(link, segment)
+                self._sent_to.add(miner)
+                self._settle_if_empty(attempt)
+                return
+            except MinerFaultError as e:
+                self._fail(attempt, e, relaunch=False)
+
+    def _send(self, link: MinerLink, segment: int) -> None:
+        """Queue this peer's part of `segment` on the link: its chunks, or a receiver's request."""
+        job, r = self.spec.job, self.spec
+        hotkey, keypair = link.slot.hotkey, self.links.keypair
+        if not self.sending:
+            ask = Await(job.job_id, r.seq, r.src, segment, self.rank)
+            link.send(lambda: (seal_body(keypair, ask, hotkey), None))
+            return
+        chunks = self.plan[segment].chunks
+        if not chunks:  # a broadcast's empty segment: the miner learns the tensor, and that there is nothing
+            head = Chunk(job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, segment, self.rank, 0, EMPTY_DIGEST)
+            link.send(lambda: (seal_body(keypair, head, hotkey), None))
+        for index, (a, b) in enumerate(chunks):
+            link.send(lambda index=index, a=a, b=b: self._make_chunk(keypair, hotkey, segment, index, a, b))
+
+    def _make_chunk(self, keypair, hotkey: str, segment: int, index: int, a: int, b: int):
+        """(signed Chunk, frame) of this peer's chunk `index` of `segment`: elements [a, b)."""
+        r = self.spec
+        batch = frame(self.flat.flat[a:b])
+        key = (segment, index)
+        if key not in self._digests:
+            self._digests[key] = digest(batch.column(0).buffers()[1])
+        body = Chunk(r.job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, segment, self.rank, index, self._digests[key])
+        return seal_body(keypair, body, hotkey), batch
+
+    def _settle_if_empty(self, attempt: _Attempt) -> None:
+        """A broadcast's empty segment brings nothing back."""
+        if self.plan is not None and not self.plan[attempt.segment].chunks:
+            attempt.done = True
+
+    def _fail(self, attempt: _Attempt, error: MapReduceError, relaunch: bool = True) -> None:
+        """An attempt failed: the segment goes to the next miner of its order (lock held)."""
+        if not attempt.running:
+            return
+        attempt.error = error
+        self.failed.add(attempt.miner)
+        log.warning("%s: %s; segment %d goes to the next miner", self.describe(), error, attempt.segment)
+        if relaunch:
+            self._launch(attempt.segment)
+        self._cond.notify_all()
+
+    # ---- what miners send (called on the links' threads) ----------------------------------------
+
+    def received(self, link: MinerLink, body: Reduced | RoundFailed, wire: bytes, data: pa.RecordBatch | None):
+        """A message from miner `link.index` for this round."""
+        if body.job_id != self.spec.job.job_id or body.seq != self.spec.seq:
+            return  # a round that ended here already
+        with self._cond:
+            attempt = self._running(body.segment, link.index)
+            if attempt is None:
+                return
+            if isinstance(body, RoundFailed):
+                error = KNOWN.get(body.error)
+                if error is not None and issubclass(error, PEER_FAULTS):
+                    self._fatal = error(body.message)
+                    self._cond.notify_all()
+                else:
+                    self._fail(attempt, MinerFaultError(f"miner {self._name(attempt)!r} failed: {body.message}"))
+                return
+        try:
+            kept = self._check(attempt, body, data)
+        except MapReduceError as e:
+            with self._cond:
+                self._fail(attempt, MinerFaultError(f"miner {self._name(attempt)!r} {e}"))
+            return
+        with self._cond:
+            if not attempt.running:
+                return
+            attempt.received[body.chunk] = (kept, body.digest, wire)
+            if len(attempt.received) == len(self.plan[attempt.segment].chunks):
+                attempt.done = True
+                self._cond.notify_all()
+
+    def broken(self, link: MinerLink, error: MapReduceError) -> None:
+        """A link ended: its running attempts fail, or the round does if the miner refused this peer's job."""
+        with self._cond:
+            for attempt in [a for a in self._attempts if a.miner == link.index and a.running]:
+                if isinstance(error, PEER_FAULTS):
+                    self._fatal = error
+                    self._cond.notify_all()
+                else:
+                    self._fail(attempt, error)
+
+    def _running(self, segment: int, miner: int) -> _Attempt | None:
+        return next((a for a in self._attempts if (a.segment, a.miner) == (segment, miner) and a.running), None)
+
+    def _check(self, attempt: _Attempt, body: Reduced, data: pa.RecordBatch | None) -> pa.Buffer | None:
+        """The bytes of a reduced chunk, once the miner's message vouches for exactly them; raises why not."""
+        if body.rank != self.rank:
+            raise MinerFaultError(f"signed a result for rank {body.rank}")
+        self._learn(body.tensor)
+        chunks = self.plan[attempt.segment].chunks
+        if not 0 <= body.chunk < len(chunks) or body.chunk in attempt.received:
+            raise MinerFaultError(f"sent chunk {body.chunk} of segment {attempt.segment} twice or outside the plan")
+        mine = self._digests.get((attempt.segment, body.chunk))
+        if self.spec.kind is RoundKind.ALL_REDUCE:
+            expected = len(body.inputs) == self.spec.job.peer_count and body.inputs[self.rank - 1] == mine
+        else:
+            expected = len(body.inputs) == 1 and body.inputs[0] == (mine if self.sending else body.digest)
+        if not expected:
+            raise MinerFaultError("receipted other inputs than this peer's chunk")
+        if not self.receiving:
+            if data is not None:
+                raise MinerFaultError("sent a broadcast's source the broadcast back")
+            return None
+        a, b = chunks[body.chunk]
+        who = f"sent chunk {body.chunk} of segment {attempt.segment}, but"
+        kept = unframe(data, (b - a) * self.tensor.dtype_info.itemsize, who)
+        if digest(kept) != body.digest:
+            raise MinerFaultError(
+                f"sent chunk {body.chunk} of segment {attempt.segment} whose bytes do not match its signed digest"
+            )
+        return kept
+
+    def _learn(self, tensor: TensorSpec) -> None:
+        """The round's tensor as a miner states it: a broadcast receiver learns it from the first."""
+        with self._cond:
+            if self.tensor is None:
+                if tensor.nbytes > self.spec.job.max_bytes:
+                    self._fatal = InvalidTensorError(
+                        f"{self.describe()}: the source's tensor ({tensor.describe()}) is over the job's "
+                        f"{self.spec.job.max_bytes} bytes"
+                    )
+                    self._cond.notify_all()
+                    raise self._fatal
+                self.tensor, self.plan = tensor, plan_round(self.spec.job, tensor)
+                for segment in self.segments:
+                    for attempt in self._attempts:
+                        if attempt.segment == segment and attempt.running and not self.plan[segment].chunks:
+                            attempt.done = True
+                self._cond.notify_all()
+        if tensor != self.tensor:
+            raise RoundMismatchError(f"stated tensor {tensor.describe()}, not {self.tensor.describe()}")
+
+    # ---- agreeing and writing -------------------------------------------------------------------
+
+    def _agreed(self, segment: int) -> _Attempt:
+        """The attempt whose result this peer uses: the only one, the one replicas agree on, or the one the
+        validator rules exact."""
+        done = self._complete(segment)
+        if all(a.digests == done[0].digests for a in done):
+            return done[0]
+        if self._dispute is None:
+            raise MinerFaultError(f"{self.describe()}: miners disagree on segment {segment} and no validator rules")
+        ruling = self._dispute(self, segment)
+        winner = next((a for a in done if a.miner == ruling.miner), None)
+        if winner is None:
+            raise MinerFaultError(
+                f"{self.describe()}: the miners of segment {segment} disagree and the validator found none "
+                f"of them exact: {ruling.reason}"
+            )
+        return winner
+
+    def _write(self, chosen: dict[int, _Attempt]) -> None:
+        """The one write into the user's tensor (a new one for a receiver that handed in none)."""
+        if self.flat is None:
+            self.flat = flatten(new_tensor(self.tensor))
+        elif self.flat.spec != self.tensor:
+            raise RoundMismatchError(
+                f"{self.describe()}: rank {self.spec.src} sends {self.tensor.describe()} "
+                f"but rank {self.rank} passed {self.flat.spec.describe()}"
+            )
+        dtype = self.flat.dtype
+        for segment, attempt in chosen.items():
+            for index, (a, b) in enumerate(self.plan[segment].chunks):
+                self.flat.flat[a:b].copy_(from_buffer(attempt.received[index][0], dtype))
+        self.flat.commit()
+
+    def report(self) -> RoundReport:
+        """What this peer tells the validator about the round: who delivered what, who failed."""
+        with self._cond:
+            deliveries = tuple(
+                Delivery(a.miner, a.segment, tuple(a.received[c][2].decode() for c in sorted(a.received)))
+                for a in self._attempts
+                if a.done and a.received
+            )
+            return RoundReport(self.spec.job.job_id, self.spec.seq, self.rank, deliveries, tuple(sorted(self.failed)))
+
+    def _name(self, attempt: _Attempt) -> str:
+        return self.spec.job.miners[attempt.miner].name

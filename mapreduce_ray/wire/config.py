@@ -1,0 +1,48 @@
+"""The limits and deadlines of a party's endpoint and of its calls to others, defined once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KIB = 1024
+MIB = 1024 * KIB
+
+
+@dataclass(frozen=True)
+class WireConfig:
+    """Limits every endpoint enforces on what it receives, and deadlines of the calls it makes.
+
+    max_message_bytes: the largest message sent or accepted (a chunk frame with its metadata); a job's
+        chunks must fit. max_metadata_bytes: the largest signed message riding beside a frame.
+    streams_per_hotkey: calls one hotkey may hold open at one endpoint at once.
+    window_bytes: bytes a job stream may have at a miner that are not yet reduced; it reads no further
+        until they are (flow control by bytes in flight).
+    call_timeout_s: deadline of one request/answer call (join, admit, report, ticket).
+    auth_max_age_s, auth_skew_s: how old, and how far ahead of this clock, a call's btauth nonce may be.
+    tls_cert, tls_key: PEM files of this party's endpoint certificate; when both are set it serves
+        grpc+tls and announces the certificate's fingerprint on chain, so callers pin it.
+    """
+
+    max_message_bytes: int = 16 * MIB
+    max_metadata_bytes: int = 64 * KIB
+    streams_per_hotkey: int = 64
+    window_bytes: int = 64 * MIB
+    call_timeout_s: float = 30.0
+    auth_max_age_s: float = 10.0
+    auth_skew_s: float = 2.0
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    def __post_init__(self):
+        for name in ("max_message_bytes", "max_metadata_bytes", "streams_per_hotkey", "window_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"wire.{name} must be at least 1, got {getattr(self, name)!r}")
+        for name in ("call_timeout_s", "auth_max_age_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"wire.{name} must be positive, got {getattr(self, name)!r}")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("wire.tls_cert and wire.tls_key go together: set both (serve grpc+tls) or neither")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None

@@ -1,0 +1,153 @@
+"""A party's Flight endpoint, and its calls to another party's.
+
+`Endpoint` is the server base: btauth middleware on every call (`auth.Authenticator`),
+actions dispatched by name to methods taking the authenticated caller and the payload
+(checked against the signed digest first), our errors sent back by class name. `Remote`
+is the client: one connection to one endpoint, every call signed for that endpoint's
+hotkey, request/answer calls under a deadline, and the size limit applied to what comes
+back. Locations are `host:port`; with a certificate the scheme is grpc+tls and the
+client pins the certificate it was given.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import pyarrow.flight as fl
+
+from mapreduce_ray.errors import LimitExceededError, MapReduceError
+from mapreduce_ray.protocol import MetagraphCache
+from mapreduce_ray.wire.auth import Authenticator, Caller, Rule, call_headers
+from mapreduce_ray.wire.config import WireConfig
+from mapreduce_ray.wire.errors import refusal, translated
+
+log = logging.getLogger(__name__)
+
+Action = Callable[[Caller, bytes], bytes]
+
+
+def location(address: str, tls: bool) -> str:
+    """The Flight location of `host:port`."""
+    return f"{'grpc+tls' if tls else 'grpc'}://{address}"
+
+
+class Endpoint(fl.FlightServerBase):
+    """A Flight server speaking for `keypair`'s hotkey on `listen` (host:port; port 0 picks a free one).
+
+    Subclasses list their calls in `rules` and their actions in `actions()`; exchanges and tickets
+    override `do_exchange` / `do_get` and start with `accept(context, payload)`.
+    """
+
+    def __init__(self, listen: str, keypair, metagraph: MetagraphCache, rules: dict[str, Rule], config: WireConfig):
+        self.hotkey = keypair.ss58_address
+        self.config = config
+        self.metagraph = metagraph
+        tls = None
+        if config.tls:
+            with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
+                tls = [fl.CertKeyPair(cert.read(), key.read())]
+        auth = Authenticator(self.hotkey, metagraph, rules, config)
+        super().__init__(location(listen, config.tls), tls_certificates=tls, middleware={"auth": auth})
+        self.host = listen.rpartition(":")[0]
+
+    @property
+    def address(self) -> str:
+        """host:port this endpoint listens on."""
+        return f"{self.host}:{self.port}"
+
+    def actions(self) -> dict[str, Action]:
+        return {}
+
+    def accept(self, context: fl.ServerCallContext, payload: bytes) -> Caller:
+        """The caller of this call, once its payload is shown to be the one it signed."""
+        caller: Caller = context.get_middleware("auth")
+        with answering():
+            caller.check_payload(payload)
+        return caller
+
+    def do_action(self, context, action):
+        payload = action.body.to_pybytes()
+        if len(payload) > self.config.max_message_bytes:
+            raise refusal(LimitExceededError(f"an action of {len(payload)} bytes is over wire.max_message_bytes"))
+        caller = self.accept(context, payload)
+        handler = self.actions().get(action.type)
+        if handler is None or action.type != caller.call:
+            raise fl.FlightServerError(f"no action {action.type!r} here")
+        with answering():
+            answer = handler(caller, payload)
+        return [fl.Result(answer)]
+
+
+@contextmanager
+def answering() -> Iterator[None]:
+    """Send our errors back to the caller by class name; log anything else and say only that it failed."""
+    try:
+        yield
+    except fl.FlightError:
+        raise
+    except MapReduceError as e:
+        raise refusal(e) from None
+    except Exception:
+        log.exception("a call failed")
+        raise fl.FlightInternalError("the endpoint failed to answer; see its log") from None
+
+
+class Remote:
+    """Calls to one endpoint (`address`, speaking for `hotkey`), signed by `keypair`. `who` names it in errors.
+
+    `certificate`: the PEM certificate to pin when the endpoint serves grpc+tls (None: plain gRPC).
+    """
+
+    def __init__(
+        self, who: str, address: str, hotkey: str, keypair, config: WireConfig, certificate: bytes | None = None
+    ):
+        self.who, self.address, self.hotkey = who, address, hotkey
+        self._keypair = keypair
+        self.config = config
+        # gRPC itself cuts a message twice over the limit; anything between reaches our own checks
+        options = [("grpc.max_receive_message_length", 2 * config.max_message_bytes)]
+        tls = {"tls_root_certs": certificate, "override_hostname": "mapreduce-ray"} if certificate else {}
+        self.client = fl.FlightClient(location(address, certificate is not None), generic_options=options, **tls)
+
+    def call(self, name: str, payload: bytes, timeout_s: float | None = None) -> bytes:
+        """The answer of action `name` with `payload`."""
+        options = self._options(fl.FlightMethod.DO_ACTION, name, payload, timeout_s or self.config.call_timeout_s)
+        with self.errors():
+            results = list(self.client.do_action(fl.Action(name, payload), options))
+        if len(results) != 1:
+            raise translated(fl.FlightServerError(f"{len(results)} answers to one {name} call"), self.who)
+        answer = results[0].body
+        if answer.size > self.config.max_message_bytes:
+            raise LimitExceededError(
+                f"{self.who} answered {name} with {answer.size} bytes, over wire.max_message_bytes"
+            )
+        return answer.to_pybytes()
+
+    def exchange(self, name: str, command: bytes):
+        """(writer, reader) of a bidirectional stream opened with `command`; it has no deadline of its own."""
+        options = self._options(fl.FlightMethod.DO_EXCHANGE, name, command, None)
+        with self.errors():
+            return self.client.do_exchange(fl.FlightDescriptor.for_command(command), options)
+
+    def fetch(self, name: str, ticket: bytes, timeout_s: float):
+        """The reader of a stream the endpoint sends for `ticket`, within `timeout_s`."""
+        options = self._options(fl.FlightMethod.DO_GET, name, ticket, timeout_s)
+        with self.errors():
+            return self.client.do_get(fl.Ticket(ticket), options)
+
+    @contextmanager
+    def errors(self) -> Iterator[None]:
+        """Raise what the wire throws as our own errors, naming the endpoint."""
+        try:
+            yield
+        except fl.FlightError as e:
+            raise translated(e, self.who) from None
+
+    def close(self) -> None:
+        self.client.close()
+
+    def _options(self, method: fl.FlightMethod, name: str, payload: bytes, timeout_s: float | None):
+        headers = call_headers(self._keypair, method, name, payload, self.hotkey)
+        return fl.FlightCallOptions(headers=headers, timeout=timeout_s)

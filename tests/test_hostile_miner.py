@@ -1,0 +1,202 @@
+"""A hostile miner on the wire: nothing it sends is unpickled, and a round goes on without it.
+
+The hostile miner is a bare gRPC server speaking Flight's DoExchange by hand, so it can send what
+no Arrow library would: a pickle where the signed message belongs (whose __reduce__ would write a
+file), an IPC stream whose batch body is cut short, a stream of another schema, a frame over the
+size limit, and bytes that do not match the digest it signs. Each time the peer refuses it with
+one line naming the miner, hands its segment to the next miner of the job, and ends with the
+exact result; with no other miner, the round fails and the tensor is as it was. No Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import struct
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from wire_world import COLD, WireWorld, key, on_every_peer
+
+from mapreduce_ray.errors import NoValidatorPermitError, RoundTimeoutError
+from mapreduce_ray.messages import Chunk, JobAdmission, Reduced, decode, encode, seal_body
+from mapreduce_ray.protocol import Kind, attest
+from mapreduce_ray.reference import reference_reduce
+from mapreduce_ray.wire.config import WireConfig
+from mapreduce_ray.wire.endpoint import Remote
+from mapreduce_ray.wire.frames import CHUNK_SCHEMA, digest
+
+LIMIT = 64 * 1024  # the peers' largest message
+WIRE = WireConfig(max_message_bytes=LIMIT)
+MODES = ("pickle", "malformed ipc", "wrong dtype", "over the size limit", "wrong digest")
+REFUSALS = {
+    "pickle": "sent a message that fails its check: the message is not JSON of the mapreduce-ray/1 protocol",
+    "malformed ipc": "broke off the job stream (",
+    "wrong dtype": "sent a stream of schema (chunk: double not null), not (chunk: uint8 not null)",
+    "over the size limit": "the call was cancelled (a message over the size limit, or the stream was cut)",
+    "wrong digest": "whose bytes do not match its signed digest",
+}
+
+
+class Planted:
+    """Unpickling this writes a file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.write_text, (self.path, "unpickled"))
+
+
+def _field(number: int, data: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(data)) + data
+
+
+def _varint(n: int) -> bytes:
+    out = b""
+    while True:
+        out += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
+        n >>= 7
+        if not n:
+            return out
+
+
+def _fields(message: bytes) -> dict[int, bytes]:
+    """The length-delimited fields of a protobuf message (all FlightData's are)."""
+    fields, i = {}, 0
+    while i < len(message):
+        tag, i = _read_varint(message, i)
+        size, i = _read_varint(message, i)
+        fields[tag >> 3], i = message[i : i + size], i + size
+    return fields
+
+
+def _read_varint(data: bytes, i: int) -> tuple[int, int]:
+    n, shift = 0, 0
+    while True:
+        byte = data[i]
+        n, shift, i = n | (byte & 0x7F) << shift, shift + 7, i + 1
+        if not byte & 0x80:
+            return n, i
+
+
+def _ipc(message: pa.Buffer) -> tuple[bytes, bytes]:
+    """(flatbuffer header, body) of an encapsulated IPC message."""
+    raw = message.to_pybytes()
+    size = struct.unpack("<i", raw[4:8])[0]
+    return raw[8 : 8 + size], raw[8 + size :]
+
+
+def flight_data(header: bytes, body: bytes = b"", metadata: bytes = b"") -> bytes:
+    return _field(2, header) + (_field(3, metadata) if metadata else b"") + (_field(1000, body) if body else b"")
+
+
+class HostileMiner:
+    """A Flight DoExchange endpoint by hand: answers each chunk a peer streams with what `mode` says."""
+
+    def __init__(self, world: WireWorld, mode: str, planted: Path):
+        self.keypair, self.mode, self.planted = key("Hostile"), mode, planted
+        world.chain.register(self.keypair.ss58_address, COLD)
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        handler = grpc.method_handlers_generic_handler(
+            "arrow.flight.protocol.FlightService", {"DoExchange": grpc.stream_stream_rpc_method_handler(self._exchange)}
+        )
+        self.server.add_generic_rpc_handlers((handler,))
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+        world.chain.serve(self.keypair, self.address)
+
+    def _exchange(self, requests, context):
+        next(requests)  # the descriptor
+        schema = pa.schema([pa.field("chunk", pa.float64(), nullable=False)]) if self.mode == "wrong dtype" else None
+        yield flight_data(_ipc((schema or CHUNK_SCHEMA).serialize())[0])
+        for request in requests:
+            sent = _fields(request)
+            if 3 not in sent:
+                continue  # the peer's schema message
+            envelope = attest(sent[3], Kind.CHUNK, None, self.keypair.ss58_address)
+            yield self._answer(decode(Chunk, envelope.body, "Chunk"), envelope.sender, sent.get(1000, b""))
+
+    def _answer(self, chunk: Chunk, peer: str, data: bytes) -> bytes:
+        """A reduced chunk (the peer's own bytes sent back) as `mode` spoils it."""
+        payload = bytes(3 * LIMIT) if self.mode == "over the size limit" else data
+        header, body = _ipc(
+            pa.record_batch([pa.array(np.frombuffer(payload, np.uint8))], schema=CHUNK_SCHEMA).serialize()
+        )
+        signed = digest(payload + b"!" if self.mode == "wrong digest" else payload)
+        inputs = tuple(chunk.digest if r == chunk.rank else "00" * 32 for r in (1, 2))
+        reduced = Reduced(chunk.job_id, chunk.seq, chunk.segment, chunk.rank, chunk.chunk, chunk.tensor, signed, inputs)
+        metadata = seal_body(self.keypair, reduced, peer)
+        if self.mode == "pickle":
+            metadata = pickle.dumps(Planted(self.planted))
+        if self.mode == "malformed ipc":
+            body = body[: len(body) // 2]
+        return flight_data(header, body, metadata)
+
+    def close(self) -> None:
+        self.server.stop(grace=None)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    world = WireWorld.create(str(tmp_path_factory.mktemp("hostile")), 2)
+    yield world
+    world.close()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_what_a_hostile_miner_sends_is_refused_and_the_next_miner_takes_its_segment(world, mode, tmp_path, caplog):
+    hostile = HostileMiner(world, mode, tmp_path / "planted")
+    honest = world.relay(f"honest-{MODES.index(mode)}")
+    spec = world.job([honest], 2, first=((hostile.keypair.ss58_address, hostile.address),))
+    peers = world.attached(spec, WIRE)
+    tensors = [torch.randn(2000, generator=torch.Generator().manual_seed(r)) for r in (1, 2)]
+    expected = reference_reduce([t.clone() for t in tensors], "sum")
+    try:
+        with caplog.at_level(logging.WARNING):
+            on_every_peer(peers, lambda p: p.all_reduce(tensors[p.rank - 1], "sum"))
+    finally:
+        for peer in peers:
+            peer.destroy_process_group()
+        hostile.close()
+    assert all(torch.equal(t, expected) for t in tensors)
+    failovers = [r.getMessage() for r in caplog.records if r.name == "mapreduce_ray.rounds"]
+    assert failovers, "no peer handed the segment on"
+    for message in failovers:
+        assert message.startswith("all_reduce #1 of job 'wire': miner 'miner-1' "), message
+        assert REFUSALS[mode] in message and message.endswith("; segment 0 goes to the next miner"), message
+    assert not (tmp_path / "planted").exists()
+
+
+def test_with_no_other_miner_the_round_fails_and_the_tensor_is_as_it_was(world, tmp_path):
+    hostile = HostileMiner(world, "pickle", tmp_path / "planted")
+    spec = world.job([], 2, timeout_s=3.0, first=((hostile.keypair.ss58_address, hostile.address),))
+    peers = world.attached(spec, WIRE)
+    tensors = [torch.randn(2000, generator=torch.Generator().manual_seed(r)) for r in (1, 2)]
+    before = [t.clone() for t in tensors]
+    try:
+        errors = on_every_peer(peers, lambda p: p.all_reduce(tensors[p.rank - 1], "sum"))
+    finally:
+        for peer in peers:
+            peer.destroy_process_group()
+        hostile.close()
+    for error in errors:
+        assert isinstance(error, RoundTimeoutError)
+        assert str(error).endswith("no miner delivered segment(s) [0] within 3 s; miners that failed: ['miner-1']")
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before, strict=True))
+    assert not (tmp_path / "planted").exists()
+
+
+def test_only_a_validator_may_admit_peers_at_a_miner(world):
+    relay = world.relay("admits")
+    spec = world.job([relay], 1)
+    admission = encode(JobAdmission(spec, 1, world.peers[0].ss58_address))
+    as_peer = Remote("the miner", relay.address, relay.hotkey, world.peers[0], WireConfig())
+    with pytest.raises(NoValidatorPermitError, match=r"^the miner refused the call: admit is for validators"):
+        as_peer.call("admit", admission)

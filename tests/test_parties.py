@@ -1,0 +1,168 @@
+"""Parties as operators run them: each its own Ray (separate process groups, each its own GCS) on loopback,
+meeting only through their Flight endpoints."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from conftest import free_port, ray_head
+
+START_TIMEOUT_S = 120.0
+RAY_LINE = r"Ray cluster ([\d.]+:\d+): \d+ node\(s\) \[([^\]]*)\]"
+LIVE_ACTORS = """
+import sys, ray
+ray.init(address=sys.argv[1], log_to_driver=False)
+print("named", ray.util.list_named_actors(all_namespaces=True))
+"""
+
+
+class Output:
+    """A subprocess's merged stdout/stderr, read on a thread so waits can have deadlines."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines, self._queue = proc, [], queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self._queue.put(line)
+
+    def wait_for(self, pattern: str, timeout_s: float = START_TIMEOUT_S) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=max(deadline - time.monotonic(), 0))
+            except queue.Empty:
+                break
+            self.lines.append(line)
+            if match := re.search(pattern, line):
+                return match
+        raise AssertionError(f"no line matching {pattern!r}; output:\n{''.join(self.lines)[-3000:]}")
+
+
+def run_job(module: str, *overrides: str, env: dict, cwd) -> subprocess.Popen:
+    command = [sys.executable, "-u", "-m", module, *overrides, f"hydra.run.dir={cwd}/{module}"]
+    return subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(args: list[str], env: dict, cwd=None) -> subprocess.CompletedProcess:
+    """Run python with `args` to the end (bounded), capturing its output."""
+    command = [sys.executable, *args]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=START_TIMEOUT_S)
+
+
+def test_three_parties_each_on_its_own_ray_meet_only_through_their_endpoints(tmp_path):
+    """A miner operator (its Ray: a head and two miners), a validator (its Ray: a head, a bot, the validator)
+    and a trainer (jobs.local, a Ray of its own in its process): the seed tutorial's flow (join, broadcast,
+    all_reduce, leave) and 5 all_reduce rounds, every result checked bit for bit. Each party's Ray lists only
+    its own nodes. Then every service stops on SIGINT and leaves nothing behind."""
+    env = {**os.environ, "MAPREDUCE_STATE_DIR": str(tmp_path / "state")}
+    with ray_head(env) as operator, ray_head(env) as validating:
+        services = {}
+        try:
+            for hotkey in ("miner-0", "miner-1"):
+                services[hotkey] = serve(
+                    "jobs.miner", "+wallet=dev-miner", f"wallet.hotkey={hotkey}", *on(operator), env=env, cwd=tmp_path
+                )
+            services["bot"] = serve("jobs.benchmark", "+wallet=dev-bench", *on(validating), env=env, cwd=tmp_path)
+            rays = {name: output.wait_for(RAY_LINE) for name, (_, output) in services.items()}
+            for hotkey in ("miner-0", "miner-1"):
+                services[hotkey][1].wait_for(
+                    r"miner-\d+ \(hotkey \w+\) serving netuid 10 on the embedded chain .* at endpoint 127\.0\.0\.1:\d+"
+                )
+            bot_hotkey = services["bot"][1].wait_for(r"benchmark-\d+ \(hotkey (\w+)\) serving netuid 10")[1]
+            services["validator"] = serve(
+                "jobs.validator",
+                "+wallet=dev-validator",
+                f"validator.benchmark.bots=[{bot_hotkey}]",
+                "validator.benchmark.size_mib=4",
+                *on(validating),
+                env=env,
+                cwd=tmp_path,
+            )
+            rays["validator"] = services["validator"][1].wait_for(RAY_LINE)
+            output = services["validator"][1]
+            uid = output.wait_for(r"validator-(\d+) \(hotkey \w+\) serving netuid 10 .* at endpoint 127\.0\.0\.1:\d+")[
+                1
+            ]
+            output.wait_for(r"validator-\d+: uid \d+ \w+: 0 job\(s\) open, 2 benchmark\(s\)")
+            trainer = finish(
+                [
+                    "-m",
+                    "jobs.local",
+                    "ray=local",
+                    f"subnet.validator_uid={uid}",
+                    "topology.peers=2",
+                    "size_mib=1",
+                    "rounds=5",
+                    f"hydra.run.dir={tmp_path}/trainer",
+                ],
+                env,
+            )
+            assert trainer.returncode == 0, trainer.stderr[-3000:]
+            rays["trainer"] = re.search(RAY_LINE, trainer.stdout)
+            table = trainer.stdout.splitlines()[-3:]
+            assert table[1].split()[:2] == ["broadcast", "1"] and table[1].endswith("exact"), table
+            assert table[2].split()[:2] == ["all_reduce", "avg"] and table[2].split()[7] == "5", table
+            assert table[2].endswith("exact"), table
+            for proc, _ in services.values():
+                proc.send_signal(signal.SIGINT)
+            for name, (proc, out) in services.items():
+                out.wait_for(r"(miner|benchmark|validator)-\d+ stopped")
+                assert proc.wait(timeout=60) == 0, name
+        finally:
+            for proc, _ in services.values():
+                if proc.poll() is None:
+                    proc.kill()
+        gcs = {name: match[1] for name, match in rays.items()}
+        nodes = {name: set(filter(None, match[2].replace("'", "").split(", "))) for name, match in rays.items()}
+        assert gcs["miner-0"] == gcs["miner-1"] == operator.address and nodes["miner-0"] == nodes["miner-1"]
+        assert gcs["bot"] == gcs["validator"] == validating.address and nodes["bot"] == nodes["validator"]
+        parties = [nodes["miner-0"], nodes["validator"], nodes["trainer"]]
+        assert all(len(p) == 1 for p in parties), nodes  # each its own one-node Ray
+        assert len(set.union(*parties)) == 3, nodes  # ... and no node in two of them
+        assert len({gcs["miner-0"], gcs["validator"], gcs["trainer"]}) == 3
+        for head in (operator, validating):
+            left = finish(["-c", LIVE_ACTORS, head.address], env)
+            assert left.returncode == 0, left.stderr[-2000:]
+            assert "named []" in left.stdout
+
+
+def on(head) -> tuple[str, ...]:
+    """Overrides that join a service to a party's Ray `head`, logging its status every second."""
+    return ("ray=cluster", f"ray.address={head.address}", "status_interval_s=1")
+
+
+def serve(module: str, *overrides: str, env: dict, cwd) -> tuple[subprocess.Popen, Output]:
+    proc = run_job(module, *overrides, env=env, cwd=cwd)
+    return proc, Output(proc)
+
+
+def test_a_miner_without_a_wallet_or_a_cluster_says_what_to_do(tmp_path):
+    env = {**os.environ, "MAPREDUCE_STATE_DIR": str(tmp_path / "state"), "RAY_ADDRESS": ""}
+    no_wallet = finish(["-m", "jobs.miner", f"hydra.run.dir={tmp_path}/a"], env)
+    assert no_wallet.returncode == 2
+    assert no_wallet.stderr.strip().splitlines()[-1] == (
+        "error: choose a wallet: +wallet=NAME, where conf/wallet/NAME.yaml exists (e.g. +wallet=dev-miner)"
+    )
+    no_cluster = finish(
+        [
+            "-m",
+            "jobs.miner",
+            "+wallet=dev-miner",
+            f"ray.address=127.0.0.1:{free_port()}",
+            f"hydra.run.dir={tmp_path}/b",
+        ],
+        env,
+    )
+    assert no_cluster.returncode == 2
+    assert re.search(
+        r"error: no Ray cluster found at address '127.0.0.1:\d+': start one with `ray start --head`", no_cluster.stderr
+    )

@@ -1,0 +1,108 @@
+"""Parties on the wire without Ray: an embedded chain, miners' relays on loopback, peers attached to a job.
+
+Used by the tests of checks and of hostile miners: everything a round does between parties, in one
+process, with no Ray anywhere.
+"""
+
+from __future__ import annotations
+
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from bittensor.sp_core import Keypair
+
+from actors.relay import Relay, RelaySettings
+from mapreduce_ray.chain import ChainConfig
+from mapreduce_ray.chain.base import Chain
+from mapreduce_ray.messages import JobAdmission, encode
+from mapreduce_ray.peer import Peer
+from mapreduce_ray.protocol import MetagraphCache, Verifier
+from mapreduce_ray.types import JobSpec, MinerSlot
+from mapreduce_ray.wallets import Identity
+from mapreduce_ray.wire.config import WireConfig
+from mapreduce_ray.wire.endpoint import Remote
+
+COLD = Keypair.create_from_uri("//WireCold").ss58_address
+
+
+def key(name: str) -> Keypair:
+    return Keypair.create_from_uri(f"//Wire{name}")
+
+
+@dataclass
+class WireWorld:
+    """A chain with a validator (permit) and peers; relays started on demand; all shut down by `close`."""
+
+    chain: Chain
+    validator: Keypair
+    peers: list[Keypair]
+    relays: list[Relay] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, state_dir: str, peers: int) -> WireWorld:
+        chain = ChainConfig(state_dir=state_dir).open()
+        validator = key("Validator")
+        chain.register(validator.ss58_address, COLD, 1000.0)
+        keys = [key(f"Peer{r}") for r in range(1, peers + 1)]
+        for k in keys:
+            chain.register(k.ss58_address, COLD)
+        return cls(chain, validator, keys)
+
+    def relay(self, name: str, relay_class: type = Relay, wire: WireConfig | None = None, **options) -> Relay:
+        """A miner's endpoint on loopback, its hotkey registered and its endpoint announced."""
+        miner = key(name)
+        self.chain.register(miner.ss58_address, COLD)
+        relay = relay_class(
+            "127.0.0.1:0",
+            Identity(miner, None),
+            MetagraphCache(self.chain),
+            name,
+            wire or WireConfig(),
+            RelaySettings(),
+            lambda *_: None,
+            **options,
+        )
+        self.chain.serve(miner, relay.address)
+        self.relays.append(relay)
+        return relay
+
+    def job(
+        self,
+        relays: list[Relay],
+        peer_count: int,
+        chunk_bytes: int = 1024,
+        timeout_s: float = 10.0,
+        first: tuple[tuple[str, str], ...] = (),
+    ) -> JobSpec:
+        """A job of `peer_count` peers over `relays` (equal shares), every rank admitted at every relay; `first`
+        puts endpoints of other miners ((hotkey, host:port) each, admitting nobody) before the relays."""
+        endpoints = [*first, *((r.hotkey, r.address) for r in relays)]
+        slots = tuple(MinerSlot(i + 1, hotkey, address, 1.0) for i, (hotkey, address) in enumerate(endpoints))
+        spec = JobSpec(uuid.uuid4().hex[:12], "wire", peer_count, slots, chunk_bytes, timeout_s, 1 << 30)
+        for rank in range(1, peer_count + 1):
+            admission = encode(JobAdmission(spec, rank, self.peers[rank - 1].ss58_address))
+            for relay in relays:
+                Remote(relay.name, relay.address, relay.hotkey, self.validator, WireConfig()).call("admit", admission)
+        return spec
+
+    def attached(self, spec: JobSpec, wire: WireConfig | None = None) -> list[Peer]:
+        """Peers 1..peer_count of `spec`, attached (no validator to report to)."""
+        peers = []
+        for rank in range(1, spec.peer_count + 1):
+            peer = Peer(rank, spec.peer_count, job=spec.name, wire=wire)
+            keypair = self.peers[rank - 1]
+            peer.attach(spec, Identity(keypair, None), Verifier(keypair.ss58_address, MetagraphCache(self.chain)))
+            peers.append(peer)
+        return peers
+
+    def close(self) -> None:
+        for relay in self.relays:
+            relay.shutdown()
+
+
+def on_every_peer(peers: list[Peer], fn) -> list:
+    """fn(peer) on every peer at once, each in a thread of its own; the results (or exceptions) in rank order."""
+    with ThreadPoolExecutor(len(peers)) as pool:
+        futures = [pool.submit(fn, peer) for peer in peers]
+        return [f.exception() or f.result() for f in futures]
