@@ -74,7 +74,7 @@ class Auditor:
     def report(self, report: RoundReport, peer: str) -> None:
         """A peer's RoundReport, once the miners' signatures in it check out."""
         job = self._job_of(report.job_id, report.rank, peer)
-        results = {(d.miner, d.segment): evidence_of(job.spec, report, d, peer) for d in report.deliveries}
+        results = {(d.miner, d.segment): evidence_of(job.spec, report, d) for d in report.deliveries}
         if any(not 0 <= m < len(job.spec.miners) for m in report.late):
             raise JobError(f"the report of rank {report.rank} names miners job {job.spec.name!r} does not have")
         self.jobs.touch(job)

@@ -39,7 +39,7 @@ class BenchmarkActor:
         self._identity = load_identity(wallet)
         client = chain.open()
         self.uid = client.require_uid(self._identity.hotkey, wallet)
-        self._verifier = Verifier(self._identity.hotkey, MetagraphCache(client))
+        self._metagraph = MetagraphCache(client)
         self._runs = 0
 
     def status(self) -> dict:
@@ -53,8 +53,8 @@ class BenchmarkActor:
         tensors = [torch.randn(numel, generator=generator, dtype=DTYPE) for _ in range(spec.peer_count)]
         expected = reference_reduce(tensors, OP)
         peers = [Peer(rank, spec.peer_count, job=spec.name, wire=self._wire) for rank in range(1, spec.peer_count + 1)]
-        for peer in peers:
-            peer.attach(spec, self._identity, self._verifier)
+        for peer in peers:  # a verifier each: every rank gets the miner's messages, each sealed once for all
+            peer.attach(spec, self._identity, Verifier(self._identity.hotkey, self._metagraph))
         start = time.perf_counter()
         try:
             with ThreadPoolExecutor(len(peers)) as pool:

@@ -55,7 +55,7 @@ from mapreduce_ray.messages import (
     seal_body,
 )
 from mapreduce_ray.plan import Segment, plan_round
-from mapreduce_ray.protocol import MetagraphCache, Verifier
+from mapreduce_ray.protocol import MetagraphCache, Verifier, audience
 from mapreduce_ray.reduce import block_accumulator, reduce_chunk
 from mapreduce_ray.shards import from_buffer
 from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, TensorSpec
@@ -100,19 +100,19 @@ class _Job:
 
 
 class _Stream:
-    """The down side of one peer's job stream: signed messages (with frames) sealed and written by its own
-    thread, in the order they were put."""
+    """The down side of one peer's job stream: sealed messages (with frames) written by its own thread, in the
+    order they were put."""
 
-    def __init__(self, rank: int, hotkey: str, writer, keypair):
+    def __init__(self, rank: int, hotkey: str, writer):
         self.rank, self.hotkey = rank, hotkey
         self.pending = 0  # bytes received on this stream and not yet reduced
-        self._writer, self._keypair = writer, keypair
+        self._writer = writer
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._drain, name=f"stream-down-{rank}", daemon=True)
         self._thread.start()
 
-    def put(self, body, batch: pa.RecordBatch | None = None) -> None:
-        self._queue.put((body, batch))
+    def put(self, wire: pa.Buffer, batch: pa.RecordBatch | None = None) -> None:
+        self._queue.put((wire, batch))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -123,8 +123,7 @@ class _Stream:
         while (item := self._queue.get()) is not None:
             if broken:
                 continue
-            body, batch = item
-            wire = pa.py_buffer(seal_body(self._keypair, body, self.hotkey))
+            wire, batch = item
             try:
                 if batch is None:
                     self._writer.write_metadata(wire)
@@ -133,6 +132,17 @@ class _Stream:
             except (fl.FlightError, pa.ArrowException, OSError) as e:
                 log.info("the stream to rank %d broke: %s", self.rank, e)
                 broken = True
+
+
+@dataclass(frozen=True)
+class _Result:
+    """A reduced chunk: its frame and digest, the inputs' digests, and its Reduced sealed for the job."""
+
+    chunk: int
+    frame: pa.RecordBatch
+    digest: str
+    inputs: tuple[str, ...]
+    wire: pa.Buffer
 
 
 class _Round:
@@ -148,11 +158,12 @@ class _Round:
         self.deadline = now + job.spec.timeout_s
         self.contribution_deadline = now + job.spec.contribution_timeout_s
         self.inputs: dict[int, dict[int, tuple[pa.Buffer, bytes, str]]] = {}  # chunk -> rank -> (bytes, wire, digest)
-        self.results: list[tuple[int, pa.RecordBatch, str, tuple[str, ...]]] = []  # (chunk, frame, digest, inputs)
+        self.results: list[_Result] = []
         self.receivers: dict[int, int] = {}  # rank -> results it was sent
         self.heard: set[int] = set()  # ranks that sent anything for this round
         self.receipted = False  # a broadcast's source was sent its receipts
         self.bytes_in = 0
+        self.bytes_out = 0  # bytes of the reduced chunks (once, not per receiver)
         if tensor is not None:
             self.set_tensor(tensor)
 
@@ -212,7 +223,7 @@ class _Retained:
         self._bytes = 0
 
     def add(self, state: _Round, now: float) -> None:
-        size = state.bytes_in + sum(r[1].nbytes for r in state.results)
+        size = state.bytes_in + state.bytes_out
         self._rounds[state.key] = (now, size, state)
         self._bytes += size
         self._expire(now)
@@ -303,7 +314,7 @@ class Relay(Endpoint):
             opened = parse(StreamOpen, descriptor.command)
             job = self._open_stream(opened, caller.hotkey)
         writer.begin(CHUNK_SCHEMA)
-        stream = _Stream(opened.rank, caller.hotkey, writer, self._keypair)
+        stream = _Stream(opened.rank, caller.hotkey, writer)
         with self._lock:
             job.streams[opened.rank] = stream
         who = f"rank {opened.rank} of job {job.spec.name!r}"
@@ -507,11 +518,17 @@ class Relay(Endpoint):
                 self._fail(state, e)
             return
         self.delay(state, index)
-        result_digest = digest(result.column(0).buffers()[1])
+        is_copy = state.kind is RoundKind.BROADCAST
+        result_digest = inputs[state.src][2] if is_copy else digest(result.column(0).buffers()[1])
+        spec = state.job.spec
+        inputs_digests = tuple(inputs[r][2] for r in ranks)
+        reduced = Reduced(spec.job_id, state.seq, state.segment, index, state.tensor, result_digest, inputs_digests)
+        sealed = _Result(index, result, result_digest, inputs_digests, self._seal(reduced, spec.job_id))
         with self._lock:
             if state.key not in self._rounds:
                 return
-            state.results.append((index, result, result_digest, tuple(inputs[r][2] for r in ranks)))
+            state.results.append(sealed)
+            state.bytes_out += result.num_rows
             for rank in ranks:
                 stream = state.job.streams.get(rank)
                 if stream is not None:
@@ -537,34 +554,29 @@ class Relay(Endpoint):
     def _send_results(self, state: _Round) -> None:
         """Send every receiver the reduced chunks it has not had yet, and a broadcast's source its receipts;
         retire the round once everyone has everything (lock held)."""
-        spec = state.job.spec
         for rank, sent in list(state.receivers.items()):
             stream = state.job.streams.get(rank)
-            for index, result, result_digest, inputs in state.results[sent:]:
-                if stream is not None:
-                    body = Reduced(
-                        spec.job_id, state.seq, state.segment, rank, index, state.tensor, result_digest, inputs
-                    )
-                    stream.put(body, result)
+            for result in state.results[sent:] if stream is not None else ():
+                stream.put(result.wire, result.frame)
             state.receivers[rank] = len(state.results)
         if state.kind is RoundKind.BROADCAST and state.reduced and not state.receipted:
             source = state.job.streams.get(state.src)
-            for index, _, result_digest, inputs in state.results if source is not None else ():
-                source.put(
-                    Reduced(
-                        spec.job_id, state.seq, state.segment, state.src, index, state.tensor, result_digest, inputs
-                    )
-                )
+            for result in state.results if source is not None else ():
+                source.put(result.wire)
             state.receipted = True
         if state.complete:
             self._retire(state)
+
+    def _seal(self, body, job_id: str) -> pa.Buffer:
+        """`body` sealed once for every peer of the job."""
+        return pa.py_buffer(seal_body(self._keypair, body, audience(job_id)))
 
     def _retire(self, state: _Round) -> None:
         now = time.monotonic()
         self._rounds.pop(state.key, None)
         self._retained.add(state, now)
         self._counters["rounds_done"] += 1
-        out = sum(r[1].nbytes for r in state.results) * len(state.audience)
+        out = state.bytes_out * len(state.audience)
         self._on_round(state.bytes_in, out, now - state.opened)
 
     def _fail(self, state: _Round, error: MapReduceError) -> None:
@@ -574,7 +586,8 @@ class Relay(Endpoint):
         self._ended[state.key] = time.monotonic()
         self._counters["rounds_failed"] += 1
         log.info("%s failed: %s", state.describe(), error)
-        failed = RoundFailed(state.job.spec.job_id, state.seq, state.segment, type(error).__name__, str(error))
+        body = RoundFailed(state.job.spec.job_id, state.seq, state.segment, type(error).__name__, str(error))
+        failed = self._seal(body, state.job.spec.job_id)
         for rank in state.heard | set(state.receivers):
             stream = state.job.streams.get(rank)
             if stream is not None:
@@ -631,12 +644,12 @@ class Relay(Endpoint):
                         f"{wanted.seq} of job {wanted.job_id} (it keeps rounds for {self._settings.retention_s:g} s)"
                     )
                 inputs = state.inputs[wanted.chunk]
-                index, result, result_digest, input_digests = next(r for r in state.results if r[0] == wanted.chunk)
+                result = next(r for r in state.results if r.chunk == wanted.chunk)
         items = [(frame_buffer(inputs[rank][0]), pa.py_buffer(inputs[rank][1])) for rank in state.contributors]
         reduced = Reduced(
-            wanted.job_id, wanted.seq, wanted.segment, 0, index, state.tensor, result_digest, input_digests
+            wanted.job_id, wanted.seq, wanted.segment, result.chunk, state.tensor, result.digest, result.inputs
         )
-        items.append((result, pa.py_buffer(seal_body(self._keypair, reduced, caller.hotkey))))
+        items.append((result.frame, pa.py_buffer(seal_body(self._keypair, reduced, caller.hotkey))))
         return fl.GeneratorStream(CHUNK_SCHEMA, iter(items))
 
 

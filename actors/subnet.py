@@ -242,9 +242,10 @@ def start_validator(
     wallet: WalletConfig | None = None,
     resources: dict[str, float] | None = None,
     wire: WireConfig | None = None,
+    listen: str = LOOPBACK,
 ):
     """Register (with stake) and start a validator, the development one by default, on a node offering
-    `resources` (None: anywhere); (uid, handle)."""
+    `resources` (None: anywhere), its endpoint on `listen`; (uid, handle)."""
     wallet = wallet or dev_wallet(chain.state_path, "dev-validator", "default")
     uid = register_dev_wallet(chain.open(), wallet, DEV_VALIDATOR_STAKE)
     handle = _start(
@@ -254,7 +255,7 @@ def start_validator(
         wallet,
         chain,
         config,
-        LOOPBACK,
+        listen,
         wire=wire,
         max_concurrency=VALIDATOR_CONCURRENCY,
         resources=resources,

@@ -36,7 +36,7 @@ from mapreduce_ray.messages import (
     JobLeave,
     JobRequest,
     Outcome,
-    RoundReport,
+    Reports,
     parse,
     seal_body,
 )
@@ -90,7 +90,8 @@ class ValidatorEndpoint(Endpoint):
         return b"{}"
 
     def _report(self, caller, payload: bytes) -> bytes:
-        self._validator.audit.report(parse(RoundReport, payload), caller.hotkey)
+        for report in parse(Reports, payload).reports:
+            self._validator.audit.report(report, caller.hotkey)
         return b"{}"
 
     def _dispute(self, caller, payload: bytes) -> bytes:

@@ -100,11 +100,11 @@ def numpy_floor(peers: int, nbytes: int, reps: int) -> list[float]:
     return times
 
 
-def wait_until_validator_idle(subnet, timeout_s: float = 120.0) -> None:
-    """Wait until the validator has closed and checked every round it was told about."""
+def wait_until_validator_idle(validator, timeout_s: float = 120.0) -> None:
+    """Wait until the validator (its actor) has closed and checked every round it was told about."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        status = ray.get(subnet.validator.status.remote(), timeout=timeout_s)
+        status = ray.get(validator.status.remote(), timeout=timeout_s)
         if status["rounds_open"] == 0 and status["checks_queued"] == 0:
             return
         time.sleep(0.05)
@@ -170,7 +170,7 @@ def main() -> None:
         results: dict[str, list[float]] = {method: [] for method in groups}
         for rep in range(args.warmup + args.reps):
             for method, actors in groups.items():
-                wait_until_validator_idle(subnet)  # its checks of earlier relay rounds would skew any timing
+                wait_until_validator_idle(subnet.validator)  # its checks of earlier relay rounds would skew any timing
                 took = round_time(ray.get([a.time_round.remote(method, nbytes) for a in actors]))
                 if rep >= args.warmup:
                     results[method].append(took)

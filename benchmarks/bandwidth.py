@@ -1,24 +1,26 @@
 """Relay all_reduce vs torch gloo all_reduce between emulated hosts with capped links (run as root).
 
-    python benchmarks/bandwidth.py --output benchmarks/RESULTS.md     # the full sweep, ~8 min
+    python benchmarks/bandwidth.py --output benchmarks/RESULTS.md     # the full sweep
     python benchmarks/bandwidth.py --configs 100/200 --size-mib 16 --reps 1 --warmup 0   # a quick look
 
 Every configuration "PEER/MINER" (Mbit/s each way of every peer's and every
 miner's link) gets fresh hosts (benchmarks/netns.py): n peer hosts and m miner
-hosts on one bridge. The Ray head, the validator, its benchmark bot and this
-driver run on the bridge, uncapped; every host runs one Ray node. A local subnet
-starts with one miner pinned to each miner host (the validator benchmarks them,
-and sizes their segments by what it measured), and one peer actor per peer host
-holds both a relay Peer and a gloo process group over the hosts' links. Each
-repetition runs relay all_reduce, then gloo all_reduce, of the same float32
-tensor, each timed from the first peer's start to the last peer's end, and reads
-every host's byte counters around it.
+hosts on one bridge. No Ray spans hosts: every miner host runs `jobs.miner` with
+a Ray of its own, serving its Flight endpoint on the host's address; the
+validator and its benchmark bot run in this driver's own Ray on the bridge,
+uncapped (the validator benchmarks the miners over their endpoints and sizes
+their segments by what it measured); every peer host runs one peer process (a
+Peer needs no Ray) holding a relay Peer and a gloo process group over the hosts'
+links, told what to run by this driver over a plain TCP socket. Each repetition
+runs relay all_reduce, then gloo all_reduce, of the same float32 tensor, each
+timed from the first peer's start to the last peer's end, and reads every host's
+byte counters around it.
 
 Bounds, with B in bytes/s of the caps (the design's model, anchors section 1):
 relay: max(D/B_peer, n·D/ΣB_miner), since each peer sends D and receives D;
 ring (gloo): 2(n-1)·D/(n·B_peer), since each peer sends and receives 2(n-1)/n·D.
 η = bound / time. The validator checks no live rounds here (--verify-fraction),
-so the counters hold the all_reduce's own traffic (plus Ray's control messages).
+so the counters hold the all_reduce's own traffic (plus the peers' round reports).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import statistics
@@ -36,25 +39,26 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import allreduce
 import netns
 import ray
 from allreduce import BenchPeer, round_time, wait_until_validator_idle
 from report import append_run, markdown_table
 
-from actors import MinerPlan, start_local_subnet
+from actors import init_local_ray
+from actors.subnet import register_dev_wallet, start_bot, start_validator
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.metrics import algbw, busbw
 from mapreduce_ray.types import RoundKind
+from mapreduce_ray.validation import ValidatorConfig
+from mapreduce_ray.wallets import dev_peer_wallet, dev_wallet
 
 MIB = 1024 * 1024
-RAY_PORT = 6390
 GLOO_PORT = 29500
-NODE_TIMEOUT_S = 60.0
+NODE_TIMEOUT_S = 120.0
 ROUND_TIMEOUT_S = 300.0
-HEAD = "head"
-HOST_RESOURCE = 100
 METHODS = ("relay", "gloo")
+NAMESPACE = "bandwidth"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -96,89 +100,132 @@ def hosts_for(config: Config, peers: int, miners: int) -> list[netns.HostSpec]:
     ]
 
 
-def ray_node(address: str, resource: str, object_store_mib: int, temp_dir: str, head: bool) -> list[str]:
-    """`ray start` for one node at `address`, offering HOST_RESOURCE units of the custom resource `resource`
-    (every actor pinned there takes one)."""
-    command = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--block", "--disable-usage-stats"]
-    command += [f"--node-ip-address={address}", "--num-cpus=1", f"--object-store-memory={object_store_mib * MIB}"]
-    command += [f"--resources={json.dumps({resource: HOST_RESOURCE})}", f"--temp-dir={temp_dir}"]
-    if head:
-        return [*command, "--head", f"--port={RAY_PORT}", "--include-dashboard=false"]
-    return [*command, f"--address={netns.BRIDGE_IP}:{RAY_PORT}"]
+class Control:
+    """This driver's line of JSON commands to every peer process: which round to time next, and when to leave."""
+
+    def __init__(self, peers: int):
+        self._server = socket.create_server((netns.BRIDGE_IP, 0))
+        self.address = f"{netns.BRIDGE_IP}:{self._server.getsockname()[1]}"
+        self._peers = peers
+        self._files: dict[int, object] = {}
+
+    def accept(self, timeout_s: float) -> None:
+        """Wait until every peer joined its job and reported for duty."""
+        self._server.settimeout(timeout_s)
+        while len(self._files) < self._peers:
+            connection, _ = self._server.accept()
+            connection.settimeout(ROUND_TIMEOUT_S)
+            file = connection.makefile("rw")
+            self._files[json.loads(file.readline())["rank"]] = file
+
+    def round(self, method: str, nbytes: int) -> list[tuple[float, float]]:
+        """Every peer's (start, end) of one round."""
+        for file in self._files.values():
+            file.write(json.dumps({"method": method, "nbytes": nbytes}) + "\n")
+            file.flush()
+        return [tuple(json.loads(file.readline())) for file in self._files.values()]
+
+    def close(self) -> None:
+        for file in self._files.values():
+            with contextlib.suppress(OSError):
+                file.write(json.dumps({"method": "leave"}) + "\n")
+                file.flush()
+        self._server.close()
 
 
-def wait_for_nodes(count: int, deadline: float) -> None:
-    while len([n for n in ray.nodes() if n["Alive"]]) < count:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len([n for n in ray.nodes() if n['Alive']])} of {count} Ray nodes came up")
-        time.sleep(0.2)
+def serve_peer(args) -> None:
+    """A peer host's process: join the job and the gloo group, then time the rounds the driver asks for."""
+    options = {"validator_uid": args.validator_uid, "connect_timeout_s": NODE_TIMEOUT_S}
+    bench = BenchPeer(args.peer, args.peers, args.rendezvous, options)
+    host, port = args.control.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=NODE_TIMEOUT_S) as connection:
+        connection.settimeout(None)
+        file = connection.makefile("rw")
+        file.write(json.dumps({"rank": args.peer}) + "\n")
+        file.flush()
+        while (command := json.loads(file.readline()))["method"] != "leave":
+            file.write(json.dumps(bench.time_round(command["method"], command["nbytes"])) + "\n")
+            file.flush()
+    bench.peer.destroy_process_group()
 
 
-def start_cluster(net: netns.TestNetwork, args, temp_dir: str) -> None:
-    """The head on the bridge, this driver connected to it, then one node per host, one at a time."""
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    log = Path(temp_dir) / "nodes.log"
-    net.spawn(None, ray_node(netns.BRIDGE_IP, HEAD, args.object_store_mib, temp_dir, head=True), env, log)
+def wait_for_line(log: Path, pattern: str, proc) -> re.Match:
+    """The first match of `pattern` in a host process's log, waited for (it must not exit first)."""
     deadline = time.monotonic() + NODE_TIMEOUT_S
-    while True:
-        try:
-            socket.create_connection((netns.BRIDGE_IP, RAY_PORT), timeout=1).close()
+    while time.monotonic() < deadline:
+        if log.exists() and (match := re.search(pattern, log.read_text(errors="replace"))):
+            return match
+        if proc.poll() is not None:
             break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the Ray head did not come up within {NODE_TIMEOUT_S:g} s; see {log}") from None
-            time.sleep(0.3)
-    ray.init(address=f"{netns.BRIDGE_IP}:{RAY_PORT}", _node_ip_address=netns.BRIDGE_IP, log_to_driver=False)
-    netns.exit_on_sigterm()  # ray.init installed its own handler
-    for i, host in enumerate(net.hosts, start=2):
-        address = net.addresses[host]
-        net.spawn(host, ray_node(address, host, args.object_store_mib, temp_dir, head=False), env, log)
-        wait_for_nodes(i, time.monotonic() + NODE_TIMEOUT_S)
+        time.sleep(0.3)
+    raise RuntimeError(f"no {pattern!r} in {log} within {NODE_TIMEOUT_S:g} s")
 
 
 def run_config(config: Config, args) -> list[dict]:
     """Every repetition's time and per-host traffic for both methods, on fresh hosts."""
-    temp_dir = tempfile.mkdtemp(prefix="mrnet-")  # Ray's sockets must fit in 107 characters
+    temp_dir = tempfile.mkdtemp(prefix="mrnet-")
     rows = []
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, temp_dir, ignore_errors=True)
         net = stack.enter_context(netns.TestNetwork(hosts_for(config, args.peers, args.miners)))
-        try:
-            start_cluster(net, args, temp_dir)
-            subnet = start_local_subnet(
-                [MinerPlan(resources={f"miner-{i}": 1}) for i in range(1, args.miners + 1)],
-                peers=args.peers,
-                chunk_mib=args.chunk_mib,
-                timeout_s=ROUND_TIMEOUT_S,
-                chain=ChainConfig(state_dir=str(Path(temp_dir) / "chain")),
-                home_resources={HEAD: 1},
-                validator={"verify": {"fraction": args.verify_fraction}, "benchmark": {"interval_s": 3600}},
-            )
-            rendezvous = f"{net.addresses['peer-1']}:{GLOO_PORT}"
-            bench_peer = ray.remote(num_cpus=0)(BenchPeer)
-            peers = [
-                bench_peer.options(
-                    resources={f"peer-{r}": 1}, runtime_env={"env_vars": {"GLOO_SOCKET_IFNAME": "eth0"}}
-                ).remote(r, args.peers, rendezvous, subnet.peer_options)
-                for r in range(1, args.peers + 1)
-            ]
-            nbytes = int(args.size_mib * MIB)
-            for rep in range(args.warmup + args.reps):
-                for method in METHODS:
-                    wait_until_validator_idle(subnet)
-                    before = net.counters()
-                    spans = ray.get([p.time_round.remote(method, nbytes) for p in peers], timeout=ROUND_TIMEOUT_S)
-                    after = net.counters()
-                    if rep >= args.warmup:
-                        traffic = {h: after[h] - before[h] for h in after}
-                        rows.append({"method": method, "seconds": round_time(spans), "traffic": traffic})
-                        print(
-                            f"{config.peer_mbit:g}/{config.miner_mbit:g} {method}: {rows[-1]['seconds']:.2f} s",
-                            flush=True,
-                        )
-        finally:
-            ray.shutdown()
+        env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MAPREDUCE_STATE_DIR": str(Path(temp_dir) / "chain")}
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # a Ray in a namespace binds its host's address
+        os.environ["MAPREDUCE_STATE_DIR"] = env["MAPREDUCE_STATE_DIR"]
+        chain = ChainConfig()
+        init_local_ray(object_store_mib=args.object_store_mib)  # the validator's party, on the bridge
+        netns.exit_on_sigterm()  # ray.init installed its own handler
+        stack.callback(ray.shutdown)
+        bot, bot_hotkey = start_bot(chain, NAMESPACE, dev_wallet(chain.state_path, "dev-bench", "bot-0"))
+        for i in range(1, args.miners + 1):
+            host = f"miner-{i}"
+            command = [sys.executable, "-u", "-m", "jobs.miner", "+wallet=dev-miner", f"wallet.hotkey={host}"]
+            command += ["ray=local", f"miner.listen={net.addresses[host]}:0", f"hydra.run.dir={temp_dir}/{host}"]
+            log = Path(temp_dir) / f"{host}.log"
+            proc = net.spawn(host, command, {**env, "PYTHONPATH": str(ROOT)}, log)
+            wait_for_line(log, r"serving .* at endpoint", proc)
+        settings = {
+            "namespace": NAMESPACE,
+            "chunk_bytes": int(args.chunk_mib * MIB),
+            "timeout_s": ROUND_TIMEOUT_S,
+            "verify": {"fraction": args.verify_fraction},
+            "benchmark": {"bots": [bot_hotkey], "interval_s": 3600},
+        }
+        uid, validator = start_validator(chain, ValidatorConfig.from_dict(settings), listen=f"{netns.BRIDGE_IP}:0")
+        wait_benchmarked(validator, args.miners)
+        client = chain.open()
+        control = Control(args.peers)
+        stack.callback(control.close)
+        for r in range(1, args.peers + 1):
+            register_dev_wallet(client, dev_peer_wallet(chain.state_path, r))
+            command = [sys.executable, "-u", __file__, "--peer", str(r), "--peers", str(args.peers)]
+            command += ["--validator-uid", str(uid), "--control", control.address]
+            command += ["--rendezvous", f"{net.addresses['peer-1']}:{GLOO_PORT}"]
+            peer_env = {**env, "GLOO_SOCKET_IFNAME": "eth0", "PYTHONPATH": str(ROOT)}
+            net.spawn(f"peer-{r}", command, peer_env, Path(temp_dir) / f"peer-{r}.log")
+        control.accept(NODE_TIMEOUT_S)
+        nbytes = int(args.size_mib * MIB)
+        for rep in range(args.warmup + args.reps):
+            for method in METHODS:
+                wait_until_validator_idle(validator)
+                before = net.counters()
+                spans = control.round(method, nbytes)
+                after = net.counters()
+                if rep >= args.warmup:
+                    traffic = {h: after[h] - before[h] for h in after}
+                    rows.append({"method": method, "seconds": round_time(spans), "traffic": traffic})
+                    print(
+                        f"{config.peer_mbit:g}/{config.miner_mbit:g} {method}: {rows[-1]['seconds']:.2f} s", flush=True
+                    )
     return rows
+
+
+def wait_benchmarked(validator, miners: int) -> None:
+    """Until the validator measured every miner."""
+    deadline = time.monotonic() + NODE_TIMEOUT_S
+    while sum(row["capacity"] > 0 for row in ray.get(validator.miners.remote(), timeout=NODE_TIMEOUT_S)) < miners:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the validator did not benchmark {miners} miner(s) within {NODE_TIMEOUT_S:g} s")
+        time.sleep(0.5)
 
 
 def summarize(config: Config, rows: list[dict], args) -> list[tuple]:
@@ -246,10 +293,16 @@ def main() -> None:
     parser.add_argument("--object-store-mib", type=int, default=1024)
     parser.add_argument("--verify-fraction", type=float, default=0.0, help="share of relay rounds the validator checks")
     parser.add_argument("--output", help="also append the table as markdown to this file")
+    parser.add_argument("--peer", type=int, help=argparse.SUPPRESS)  # the rest: a peer host's process
+    parser.add_argument("--validator-uid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--control", help=argparse.SUPPRESS)
+    parser.add_argument("--rendezvous", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.peer is not None:
+        serve_peer(args)
+        return
     netns.require_root()
     configs = [Config.parse(c) for c in args.configs.split(",")]
-    ray.cloudpickle.register_pickle_by_value(allreduce)  # the peers' class travels to the hosts' workers
     table = []
     for config in configs:
         table += summarize(config, run_config(config, args), args)

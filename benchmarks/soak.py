@@ -54,7 +54,7 @@ def exact_round(peer, numel: int, k: int) -> bool:
 
 
 def snapshot(subnet) -> dict:
-    wait_until_validator_idle(subnet)
+    wait_until_validator_idle(subnet.validator)
     time.sleep(SETTLE_S)
     statuses = ray.get([m.status.remote() for m in subnet.miners], timeout=60)
     validator_pid = ray.get(subnet.validator.status.remote(), timeout=60)["pid"]

@@ -1,8 +1,8 @@
 """What a validator gathers about one round from its peers' reports: no I/O.
 
 Each peer reports, per miner and segment it got back, the miner's signed `Reduced` message of
-every chunk (`evidence_of` accepts them only if that miner signed them for that peer, for this
-round and segment, chunk by chunk), and the miners it saw die, fail or miss the deadline.
+every chunk (`evidence_of` accepts them only if that miner signed them for the job's peers, for
+this round and segment, chunk by chunk), and the miners it saw die, fail or miss the deadline.
 `RoundEvidence` says when every peer reported, which miners missed the round, which digests each
 miner sent for a segment (and convicts a miner that sent different peers different results by
 its own signatures), and so what a check of a segment must find.
@@ -15,24 +15,24 @@ from dataclasses import dataclass, field
 
 from mapreduce_ray.errors import JobError, MessageRejectedError
 from mapreduce_ray.messages import Delivery, Reduced, RoundReport, decode
-from mapreduce_ray.protocol import Kind, attest
+from mapreduce_ray.protocol import Kind, attest, audience
 from mapreduce_ray.types import JobSpec
 
 
-def evidence_of(spec: JobSpec, report: RoundReport, delivery: Delivery, peer: str) -> tuple[str, ...]:
-    """The result digests `delivery.miner` sent `peer` for a segment, chunk by chunk, if its signatures
-    vouch for them."""
+def evidence_of(spec: JobSpec, report: RoundReport, delivery: Delivery) -> tuple[str, ...]:
+    """The result digests `delivery.miner` sent the job's peers for a segment, chunk by chunk, if its
+    signatures vouch for them."""
     if not 0 <= delivery.miner < len(spec.miners) or not 0 <= delivery.segment < len(spec.miners):
         raise JobError(f"the report of rank {report.rank} names a miner or segment job {spec.name!r} does not have")
     hotkey = spec.miners[delivery.miner].hotkey
     digests = []
     for index, wire in enumerate(delivery.reduced):
         try:
-            body = decode(Reduced, attest(wire.encode(), Kind.REDUCED, hotkey, peer).body, "Reduced")
+            body = decode(Reduced, attest(wire.encode(), Kind.REDUCED, hotkey, audience(spec.job_id)).body, "Reduced")
         except MessageRejectedError as e:
             raise JobError(f"the report of rank {report.rank} forwards a message its miner did not sign: {e}") from None
-        where = (body.job_id, body.seq, body.segment, body.rank, body.chunk)
-        if where != (report.job_id, report.seq, delivery.segment, report.rank, index):
+        where = (body.job_id, body.seq, body.segment, body.chunk)
+        if where != (report.job_id, report.seq, delivery.segment, index):
             raise JobError(f"the report of rank {report.rank} forwards signatures of another round or chunk")
         digests.append(body.digest)
     return tuple(digests)

@@ -21,7 +21,7 @@ import pyarrow.flight as fl
 
 from mapreduce_ray.errors import PEER_FAULTS, FrameRejectedError, MapReduceError, MinerFaultError
 from mapreduce_ray.messages import Reduced, RoundFailed, StreamOpen, encode, open_body
-from mapreduce_ray.protocol import Verifier
+from mapreduce_ray.protocol import Verifier, audience
 from mapreduce_ray.types import MinerSlot
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
@@ -31,6 +31,7 @@ from mapreduce_ray.wire.frames import CHUNK_SCHEMA, check_schema
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT_S = 5.0
+CAUSE_GRACE_S = 1.0  # how long a failed write waits for the reading side to say why the stream broke
 
 Outgoing = Callable[[], tuple[bytes, pa.RecordBatch | None]]  # makes (signed message, frame or None)
 Incoming = Callable[["MinerLink", Reduced | RoundFailed, bytes, pa.RecordBatch | None], None]
@@ -57,10 +58,12 @@ class MinerLink:
     ):
         self.index, self.slot, self.remote = index, slot, remote
         self._verifier, self._config = verifier, config
+        self._audience = audience(opened.job_id)
         self._incoming, self._broken = incoming, broken
         self.error: MapReduceError | None = None
         self._closing = threading.Event()
         self._lock = threading.Lock()
+        self._write_lock = threading.Lock()
         try:
             with remote.errors():
                 self._writer, self._reader = remote.exchange("exchange", encode(opened))
@@ -79,9 +82,14 @@ class MinerLink:
     def alive(self) -> bool:
         return self.error is None and not self._closing.is_set()
 
-    def send(self, make: Outgoing) -> None:
-        """Queue a message (and frame) for the miner; `make` runs on the sending thread when its turn comes."""
-        self._outbox.put(make)
+    def send(self, make: Outgoing, now: bool = False) -> None:
+        """Send a message (and frame) to the miner: queued (`make` runs on the sending thread when its turn
+        comes), or `now`, on this thread (for small messages: it saves a thread's wake-up)."""
+        if not now:
+            self._outbox.put(make)
+            return
+        with self._write_lock:
+            self._write(make)
 
     def flush(self, timeout_s: float) -> bool:
         """Whether everything handed to `send` so far was written (or dropped) within `timeout_s`."""
@@ -110,22 +118,28 @@ class MinerLink:
             if isinstance(make, threading.Event):
                 make.set()
                 continue
-            if not self.alive:
-                continue
-            try:
-                wire, frame = make()
-                metadata = pa.py_buffer(wire)
-                if frame is None:
-                    self._writer.write_metadata(metadata)
-                else:
-                    self._writer.write_with_metadata(frame, metadata)
-            except Exception as e:  # a broken stream, or a failure making the message
-                self._fail(f"the stream broke while sending: {e}")
+            with self._write_lock:
+                self._write(make)
         if self.error is None:
             try:
                 self._writer.done_writing()
             except Exception as e:
                 log.debug("ending the stream to %s: %s", self.slot.name, e)
+
+    def _write(self, make: Outgoing) -> None:
+        """Make a message and write it (write lock held); a failure ends the link."""
+        if not self.alive:
+            return
+        try:
+            wire, frame = make()
+            metadata = pa.py_buffer(wire)
+            if frame is None:
+                self._writer.write_metadata(metadata)
+            else:
+                self._writer.write_with_metadata(frame, metadata)
+        except Exception as e:  # a broken stream, or a failure making the message
+            self._down.join(CAUSE_GRACE_S)  # what broke it usually reaches the reading side: let that tell
+            self._fail(f"broke off the job stream while this peer was sending ({_one_line(e)})")
 
     def _receive_loop(self) -> None:
         who = f"miner {self.slot.name!r}"
@@ -143,7 +157,7 @@ class MinerLink:
                     self._fail("sent a frame without a signed message, or with one over the size limit")
                     return
                 wire = metadata.to_pybytes()
-                body, _ = open_body(self._verifier, wire, (Reduced, RoundFailed), sender=self.slot.hotkey)
+                body, _ = open_body(self._verifier, wire, (Reduced, RoundFailed), self.slot.hotkey, self._audience)
                 self._incoming(self, body, wire, message.data)
         except FrameRejectedError as e:
             self._end(MinerFaultError(str(e)))  # it names the miner already

@@ -11,14 +11,18 @@ must be able to show to others, and everything inside job streams, are signed me
 from __future__ import annotations
 
 import dataclasses
+import functools
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
 
 from mapreduce_ray.errors import MalformedMessageError
 from mapreduce_ray.protocol import Kind, Verifier, canonical, json_object, seal
 from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, TensorSpec
+
+REPORT_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -89,14 +93,14 @@ class Await:
 
 @dataclass(frozen=True)
 class Reduced:
-    """Beside each reduced chunk a miner streams to the peer at `rank`: the chunk's digest, and the digests
-    of the inputs it reduced, in rank order (for a broadcast, the source's alone): the receipt. `tensor`
-    is the round's tensor (for a broadcast, the source's). To a broadcast source it comes without a frame."""
+    """Beside each reduced chunk a miner streams, sealed once for every peer of the job (its receiver is
+    `protocol.audience(job_id)`): the chunk's digest, and the digests of the inputs it reduced, in rank order
+    (for a broadcast, the source's alone): the receipt. `tensor` is the round's tensor (for a broadcast, the
+    source's). To a broadcast source it comes without a frame."""
 
     job_id: str
     seq: int
     segment: int
-    rank: int
     chunk: int
     tensor: TensorSpec
     digest: str
@@ -105,7 +109,8 @@ class Reduced:
 
 @dataclass(frozen=True)
 class RoundFailed:
-    """A miner gives up `segment` of round `seq`: `error` names one of mapreduce_ray.errors, `message` says why."""
+    """A miner gives up `segment` of round `seq` (sealed for every peer of the job): `error` names one of
+    mapreduce_ray.errors, `message` says why."""
 
     job_id: str
     seq: int
@@ -134,6 +139,18 @@ class RoundReport:
     rank: int
     deliveries: tuple[Delivery, ...]
     late: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Reports:
+    """Round reports a peer sends together (at most REPORT_BATCH), so the validator gets one call per while,
+    not one per round."""
+
+    reports: tuple[RoundReport, ...]
+
+    def __post_init__(self):
+        if not 1 <= len(self.reports) <= REPORT_BATCH:
+            raise ValueError(f"a call carries 1 to {REPORT_BATCH} round reports, not {len(self.reports)}")
 
 
 @dataclass(frozen=True)
@@ -199,7 +216,16 @@ KINDS: dict[type, Kind] = {
 
 def encode(body) -> bytes:
     """A call's body as canonical JSON."""
-    return canonical(dataclasses.asdict(body)).encode()
+    return canonical(plain(body)).encode()
+
+
+def plain(value):
+    """A record as JSON-ready values: records as dicts, tuples as lists (dataclasses.asdict, without its copies)."""
+    if hasattr(type(value), "__dataclass_fields__"):
+        return {name: plain(getattr(value, name)) for name in _field_names(type(value))}
+    if isinstance(value, tuple):
+        return [plain(v) for v in value]
+    return value
 
 
 def parse(cls: type, payload: bytes):
@@ -208,46 +234,93 @@ def parse(cls: type, payload: bytes):
 
 
 def seal_body(keypair, body, receiver: str) -> bytes:
-    return seal(keypair, KINDS[type(body)], dataclasses.asdict(body), receiver)
+    return seal(keypair, KINDS[type(body)], plain(body), receiver)
 
 
-def open_body(verifier: Verifier, wire: bytes, cls: type | tuple[type, ...], sender: str | None = None):
-    """(body, envelope) of a verified message of `cls`'s kind (or of one of several classes')."""
+def open_body(
+    verifier: Verifier,
+    wire: bytes,
+    cls: type | tuple[type, ...],
+    sender: str | None = None,
+    receiver: str | None = None,
+):
+    """(body, envelope) of a verified message of `cls`'s kind (or of one of several classes'), addressed to
+    `receiver` (default: the verifier's hotkey)."""
     classes = cls if isinstance(cls, tuple) else (cls,)
     by_kind = {KINDS[c]: c for c in classes}
-    envelope = verifier.open(wire, frozenset(by_kind), sender)
+    envelope = verifier.open(wire, frozenset(by_kind), sender, receiver)
     body_class = by_kind[envelope.kind]
     return decode(body_class, envelope.body, body_class.__name__), envelope
 
 
 def decode(hint, value, where: str):
     """`value` (parsed JSON) as type `hint`; MalformedMessageError naming `where` if it does not fit."""
+    return _decoder(hint)(value, where)
+
+
+@functools.cache
+def _decoder(hint) -> Callable[[object, str], object]:
+    """The function that decodes JSON values as `hint`, built once per type."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        return decode(next(a for a in args if a is not type(None)), value, where)
-    if origin is tuple and isinstance(value, list):
-        return tuple(decode(args[0], v, where) for v in value)
-    if dataclasses.is_dataclass(hint) and isinstance(value, dict):
-        hints = typing.get_type_hints(hint)
-        fields = [f.name for f in dataclasses.fields(hint)]
-        if set(value) != set(fields):
-            raise MalformedMessageError(f"{where} has fields {sorted(value)}, expected {sorted(fields)}")
+        inner, optional = _decoder(next(a for a in args if a is not type(None))), type(None) in args
+        return lambda value, where: None if value is None and optional else inner(value, where)
+    if origin is tuple:
+        item = _decoder(args[0])
+
+        def sequence(value, where):
+            if not isinstance(value, list):
+                raise _mismatch(value, "tuple", where)
+            return tuple(item(v, where) for v in value)
+
+        return sequence
+    if dataclasses.is_dataclass(hint):
+        return _record_decoder(hint)
+    if isinstance(hint, type) and issubclass(hint, Enum):
+
+        def member(value, where):
+            try:
+                return hint(value)
+            except ValueError:
+                raise MalformedMessageError(f"{where} is {value!r}, not a {hint.__name__}") from None
+
+        return member
+
+    def scalar(value, where):
+        if type(value) is hint:
+            return value
+        if hint is float and type(value) is int and abs(value) < 2**53:
+            return float(value)
+        raise _mismatch(value, getattr(hint, "__name__", str(hint)), where)
+
+    return scalar
+
+
+def _record_decoder(cls: type) -> Callable[[object, str], object]:
+    names, hints = _field_names(cls), typing.get_type_hints(cls)
+    fields = [(name, _decoder(hints[name])) for name in names]
+    expected = set(names)
+
+    def record(value, where):
+        if not isinstance(value, dict):
+            raise _mismatch(value, cls.__name__, where)
+        if value.keys() != expected:
+            raise MalformedMessageError(f"{where} has fields {sorted(value)}, expected {sorted(names)}")
         try:
-            return hint(**{f: decode(hints[f], value[f], f"{where}.{f}") for f in fields})
+            return cls(**{name: field(value[name], f"{where}.{name}") for name, field in fields})
         except (ValueError, TypeError) as e:  # a record's own checks
             raise MalformedMessageError(f"{where} does not hold: {e}") from None
-    if isinstance(hint, type) and issubclass(hint, Enum):
-        try:
-            return hint(value)
-        except ValueError:
-            raise MalformedMessageError(f"{where} is {value!r}, not a {hint.__name__}") from None
-    if hint is float and type(value) is int and abs(value) < 2**53:
-        return float(value)
-    if hint in (int, str, bool, float) and type(value) is hint:
-        return value
-    raise MalformedMessageError(f"{where} is {_short(value)}, not {getattr(hint, '__name__', hint)}")
+
+    return record
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
+def _mismatch(value, expected: str, where: str) -> MalformedMessageError:
+    return MalformedMessageError(f"{where} is {_short(value)}, not {expected}")
 
 
 def _short(value) -> str:

@@ -28,10 +28,12 @@ from mapreduce_ray.errors import (
 )
 from mapreduce_ray.links import JobLinks
 from mapreduce_ray.messages import (
+    REPORT_BATCH,
     Dispute,
     JobAdmission,
     JobLeave,
     JobRequest,
+    Reports,
     RoundReport,
     Ruling,
     encode,
@@ -48,7 +50,7 @@ from mapreduce_ray.wire.endpoint import Remote
 
 log = logging.getLogger(__name__)
 
-REPORT_BACKLOG = 64  # round reports waiting to be sent; older ones are dropped beyond this
+REPORT_INTERVAL_S = 0.5  # a peer reports its rounds to the validator at most this often
 
 
 class Peer:
@@ -267,7 +269,7 @@ class Peer:
         """Report the round, then ask the validator, by the round's deadline, which of the segment's miners is
         right."""
         if not round_.reported:
-            self._validator.call("report", encode(round_.report()))
+            self._validator.call("report", encode(Reports((round_.report(),))))
             round_.reported = True
         dispute = Dispute(self.spec.job_id, round_.spec.seq, segment, self.rank)
         answer = self._validator.call("dispute", encode(dispute), max(round_.deadline - time.monotonic(), 0.001))
@@ -285,11 +287,13 @@ class Peer:
 
 
 class _Reporter:
-    """Sends round reports to the validator on a thread of its own, so no round waits for the validator."""
+    """Sends round reports to the validator on a thread of its own, together, at most every REPORT_INTERVAL_S:
+    no round waits for the validator, and the validator gets one call per while, not one per round."""
 
     def __init__(self, validator: Remote):
         self._validator = validator
-        self._queue: queue.Queue = queue.Queue(REPORT_BACKLOG)
+        self._queue: queue.Queue = queue.Queue(REPORT_BATCH)
+        self._closing = threading.Event()
         self._thread = threading.Thread(target=self._send, name="round-reports", daemon=True)
         self._thread.start()
 
@@ -301,15 +305,24 @@ class _Reporter:
 
     def close(self, timeout_s: float) -> None:
         """Send what is queued, within `timeout_s`."""
+        self._closing.set()
         self._queue.put(None)
         self._thread.join(timeout_s)
 
     def _send(self) -> None:
-        while (report := self._queue.get()) is not None:
-            try:
-                self._validator.call("report", encode(report))
-            except MapReduceError as e:
-                log.warning("round %d of job %s went unreported: %s", report.seq, report.job_id, e)
+        while True:
+            batch = [self._queue.get()]
+            while not self._queue.empty() and len(batch) < REPORT_BATCH:
+                batch.append(self._queue.get_nowait())
+            reports = tuple(r for r in batch if r is not None)
+            if reports:
+                try:
+                    self._validator.call("report", encode(Reports(reports)))
+                except MapReduceError as e:
+                    log.warning("%d round report(s) went unsent: %s", len(reports), e)
+            if None in batch:
+                return
+            self._closing.wait(REPORT_INTERVAL_S)
 
 
 def chain_config(network: str, netuid: int, state_dir: str | Path | None) -> ChainConfig:

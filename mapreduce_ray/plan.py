@@ -5,7 +5,9 @@ divided by its throughput (its weight), and the round ends when the slowest mine
 ends. Giving miner i the contiguous share numel * w_i / sum(w) minimizes that
 maximum; shares are rounded to whole elements by largest remainder, so each is
 within one element of its ideal. Each segment is cut into chunks of at most
-`chunk_elems` elements so reduction and download overlap with upload.
+`chunk_elems` elements so reduction and download overlap with upload. A segment also
+costs every party a few messages whatever its size, so a small tensor goes to fewer
+miners: at most one per MIN_SEGMENT_BYTES, the highest weights first.
 
 Every party calls these functions with the same job spec and tensor spec, so every
 party derives the same plan without exchanging it.
@@ -13,11 +15,15 @@ party derives the same plan without exchanging it.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
 
 from mapreduce_ray.types import JobSpec, TensorSpec
+
+PLANS_KEPT = 256
+MIN_SEGMENT_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -65,10 +71,20 @@ def plan_segments(numel: int, weights: tuple[float, ...], chunk_elems: int) -> t
     return tuple(segments)
 
 
+@functools.lru_cache(maxsize=PLANS_KEPT)
 def plan_round(job: JobSpec, tensor: TensorSpec) -> tuple[Segment, ...]:
-    """The plan of one round: the job's miner weights and chunk size applied to a tensor."""
+    """The plan of one round: the job's miner weights and chunk size applied to a tensor (kept for the next
+    rounds of the same shape)."""
     chunk_elems = max(1, job.chunk_bytes // tensor.dtype_info.itemsize)
-    return plan_segments(tensor.numel, job.miner_weights, chunk_elems)
+    return plan_segments(tensor.numel, _weights_for(job.miner_weights, tensor.nbytes), chunk_elems)
+
+
+def _weights_for(weights: tuple[float, ...], nbytes: int) -> tuple[float, ...]:
+    """The miners' weights for a tensor of `nbytes`: those beyond one per MIN_SEGMENT_BYTES (the lowest
+    weights, the later miners among equals) get none."""
+    used = min(len(weights), max(1, nbytes // MIN_SEGMENT_BYTES))
+    kept = set(sorted(range(len(weights)), key=lambda i: (-weights[i], i))[:used])
+    return tuple(w if i in kept else 0.0 for i, w in enumerate(weights))
 
 
 def failover_order(segment: int, miner_count: int) -> tuple[int, ...]:

@@ -73,6 +73,11 @@ class Envelope:
     body: dict
 
 
+def audience(job_id: str) -> str:
+    """The receiver of a message sealed once for every peer of a job."""
+    return f"job:{job_id}"
+
+
 def canonical(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
@@ -157,14 +162,16 @@ class Verifier:
         self._clock = clock
         self._nonces = NonceStore(max_age_s + 2 * skew_s)
 
-    def open(self, wire: bytes, kinds: Kind | frozenset[Kind], sender: str | None = None) -> Envelope:
-        """The verified envelope of a message of one of `kinds` (from `sender` when given), or a
-        MessageRejectedError."""
+    def open(
+        self, wire: bytes, kinds: Kind | frozenset[Kind], sender: str | None = None, receiver: str | None = None
+    ) -> Envelope:
+        """The verified envelope of a message of one of `kinds` (from `sender` when given, to `receiver`: by
+        default this verifier's hotkey), or a MessageRejectedError."""
         envelope = _signed(wire, kinds)
-        kind = envelope.kind
-        if envelope.receiver != self.hotkey:
+        kind, receiver = envelope.kind, receiver or self.hotkey
+        if envelope.receiver != receiver:
             raise WrongReceiverError(
-                f"{kind.value} message from {envelope.sender} is addressed to {envelope.receiver}, not {self.hotkey}"
+                f"{kind.value} message from {envelope.sender} is addressed to {envelope.receiver}, not {receiver}"
             )
         now = self._clock()
         age = now - envelope.timestamp_ns / 1e9
@@ -229,8 +236,8 @@ def attest(wire: bytes, kind: Kind, sender: str | None, receiver: str) -> Envelo
 def json_object(data: bytes, what: str) -> dict:
     """`data` parsed as a JSON object (no NaN or Infinity); MalformedMessageError naming `what` otherwise."""
     try:
-        value = json.loads(data, parse_constant=_no_constants)
-    except (ValueError, TypeError, RecursionError):
+        value = _JSON.decode(data.decode() if isinstance(data, bytes | bytearray) else data)
+    except (ValueError, TypeError, RecursionError, UnicodeDecodeError):
         raise MalformedMessageError(f"{what} is not JSON of the {PROTOCOL} protocol") from None
     if not isinstance(value, dict):
         raise MalformedMessageError(f"{what} is not a JSON object of the {PROTOCOL} protocol")
@@ -239,6 +246,9 @@ def json_object(data: bytes, what: str) -> dict:
 
 def _no_constants(name: str):
     raise ValueError(f"{name} is not a number")
+
+
+_JSON = json.JSONDecoder(parse_constant=_no_constants)
 
 
 def _envelope(inner: dict, kinds: frozenset[Kind]) -> Envelope:

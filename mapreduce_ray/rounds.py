@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
+import torch
 
 from mapreduce_ray.errors import (
     PEER_FAULTS,
@@ -33,7 +35,7 @@ from mapreduce_ray.errors import (
 from mapreduce_ray.links import JobLinks, MinerLink
 from mapreduce_ray.messages import Await, Chunk, Delivery, Reduced, RoundFailed, RoundReport, Ruling, seal_body
 from mapreduce_ray.plan import Segment, failover_order, plan_round
-from mapreduce_ray.shards import FlatTensor, flatten, from_buffer, new_tensor
+from mapreduce_ray.shards import FlatTensor, flatten, new_tensor
 from mapreduce_ray.types import RoundKind, RoundSpec, TensorSpec
 from mapreduce_ray.wire.errors import KNOWN
 from mapreduce_ray.wire.frames import digest, frame, unframe
@@ -41,6 +43,7 @@ from mapreduce_ray.wire.frames import digest, frame, unframe
 log = logging.getLogger(__name__)
 
 EMPTY_DIGEST = digest(b"")
+SEND_NOW_BYTES = 256 * 1024  # a round this small sends its chunks on the caller's thread
 
 
 @dataclass
@@ -94,6 +97,8 @@ class Round:
         self._sent_to: set[int] = set()
         self.failed: set[int] = set()
         self.reported = False  # the validator has this round's report
+        small = self.sending and spec.tensor.nbytes <= SEND_NOW_BYTES
+        self._first: list | None = [] if small else None  # the first sends, when they go out on this thread
         self._fatal: MapReduceError | None = None
 
     def describe(self) -> str:
@@ -109,6 +114,10 @@ class Round:
                 for segment in self.segments:
                     for _ in range(self.spec.job.redundancy):
                         self._launch(segment)
+                first, self._first = self._first, None
+            for link, make in first or ():  # small: sent on this thread, outside the lock
+                link.send(make, now=True)
+            with self._cond:
                 self._wait()
             chosen = {s: self._agreed(s) for s in self.segments}
         finally:
@@ -166,19 +175,25 @@ class Round:
                 self._fail(attempt, e, relaunch=False)
 
     def _send(self, link: MinerLink, segment: int) -> None:
-        """Queue this peer's part of `segment` on the link: its chunks, or a receiver's request."""
+        """Hand the link this peer's part of `segment`: its chunks, or a receiver's request."""
         job, r = self.spec.job, self.spec
         hotkey, keypair = link.slot.hotkey, self.links.keypair
         if not self.sending:
             ask = Await(job.job_id, r.seq, r.src, segment, self.rank)
-            link.send(lambda: (seal_body(keypair, ask, hotkey), None))
-            return
-        chunks = self.plan[segment].chunks
-        if not chunks:  # a broadcast's empty segment: the miner learns the tensor, and that there is nothing
+            makes = [lambda: (seal_body(keypair, ask, hotkey), None)]
+        elif not self.plan[segment].chunks:  # a broadcast's empty segment: the miner learns there is nothing
             head = Chunk(job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, segment, self.rank, 0, EMPTY_DIGEST)
-            link.send(lambda: (seal_body(keypair, head, hotkey), None))
-        for index, (a, b) in enumerate(chunks):
-            link.send(lambda index=index, a=a, b=b: self._make_chunk(keypair, hotkey, segment, index, a, b))
+            makes = [lambda: (seal_body(keypair, head, hotkey), None)]
+        else:
+            makes = [
+                lambda index=index, a=a, b=b: self._make_chunk(keypair, hotkey, segment, index, a, b)
+                for index, (a, b) in enumerate(self.plan[segment].chunks)
+            ]
+        for make in makes:
+            if self._first is not None:
+                self._first.append((link, make))
+            else:
+                link.send(make)
 
     def _make_chunk(self, keypair, hotkey: str, segment: int, index: int, a: int, b: int):
         """(signed Chunk, frame) of this peer's chunk `index` of `segment`: elements [a, b)."""
@@ -253,8 +268,6 @@ class Round:
 
     def _check(self, attempt: _Attempt, body: Reduced, data: pa.RecordBatch | None) -> pa.Buffer | None:
         """The bytes of a reduced chunk, once the miner's message vouches for exactly them; raises why not."""
-        if body.rank != self.rank:
-            raise MinerFaultError(f"signed a result for rank {body.rank}")
         self._learn(body.tensor)
         chunks = self.plan[attempt.segment].chunks
         if not 0 <= body.chunk < len(chunks) or body.chunk in attempt.received:
@@ -327,10 +340,11 @@ class Round:
                 f"{self.describe()}: rank {self.spec.src} sends {self.tensor.describe()} "
                 f"but rank {self.rank} passed {self.flat.spec.describe()}"
             )
-        dtype = self.flat.dtype
+        target = self.flat.flat.view(torch.uint8).numpy()  # bytes: a received frame need not be aligned
+        size = self.flat.dtype.itemsize
         for segment, attempt in chosen.items():
             for index, (a, b) in enumerate(self.plan[segment].chunks):
-                self.flat.flat[a:b].copy_(from_buffer(attempt.received[index][0], dtype))
+                target[a * size : b * size] = np.frombuffer(attempt.received[index][0], np.uint8)
         self.flat.commit()
 
     def report(self) -> RoundReport:

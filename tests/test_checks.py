@@ -13,7 +13,7 @@ from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
 
 PEERS = 3
-NUMEL = 700  # with 1 KiB chunks: 2 segments of 350 float32, each in 2 chunks
+NUMEL = 2 * 16384 + 200  # over 2 x 64 KiB: 2 segments of 16484 float32, each in 17 chunks of up to 1 KiB
 
 
 class OneOff(Relay):
@@ -56,7 +56,7 @@ def check(world: WireWorld, spec, relay: Relay, miner: int, segment: int, chunk:
 def sent_digest(relay: Relay, spec, segment: int, chunk: int) -> str:
     """The digest of what `relay` reduced, as it retained it (honest relays send exactly that)."""
     state = relay._retained.get((spec.job_id, 1, segment), 0.0)
-    return next(d for c, _, d, _ in state.results if c == chunk)
+    return next(r.digest for r in state.results if r.chunk == chunk)
 
 
 def test_every_chunk_of_an_honest_round_passes(world):
@@ -64,7 +64,7 @@ def test_every_chunk_of_an_honest_round_passes(world):
     spec, tensors, expected = run_round(world, relays)
     assert all(torch.equal(t, expected) for t in tensors)
     for segment, relay in enumerate(relays):
-        for chunk in (0, 1):
+        for chunk in (0, 16):
             verdict = check(world, spec, relay, segment, segment, chunk, sent_digest(relay, spec, segment, chunk))
             assert verdict.ok, verdict.reason
 
@@ -88,8 +88,8 @@ def test_a_result_other_than_the_one_the_peers_reported_fails(world):
 def test_a_round_the_miner_does_not_hold_is_unverifiable(world):
     relay = world.relay("honest-d")
     spec, _, _ = run_round(world, [relay])
-    with pytest.raises(Unverifiable, match=r"honest-d did not serve chunk 5 of segment 0: .*holds no chunk 5"):
-        check(world, spec, relay, 0, 0, 5, "00" * 32)
+    with pytest.raises(Unverifiable, match=r"honest-d did not serve chunk 500 of segment 0: .*holds no chunk 500"):
+        check(world, spec, relay, 0, 0, 500, "00" * 32)
 
 
 def test_a_validator_without_a_permit_gets_no_ticket(world):

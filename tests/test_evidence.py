@@ -9,6 +9,7 @@ from bittensor.sp_core import Keypair
 from mapreduce_ray.errors import JobError
 from mapreduce_ray.evidence import RoundEvidence, evidence_of
 from mapreduce_ray.messages import Delivery, Reduced, RoundReport, seal_body
+from mapreduce_ray.protocol import audience
 from mapreduce_ray.types import JobSpec, MinerSlot, TensorSpec
 
 MINER, OTHER, PEER1, PEER2, PEER3 = (Keypair.create_from_uri(f"//{n}") for n in ("Miner", "Other", "P1", "P2", "P3"))
@@ -18,60 +19,59 @@ SPEC = JobSpec("job000000001", "j", 3, SLOTS, 1024, 30.0, 1 << 20)
 TENSOR = TensorSpec("float32", (4,))
 
 
-def delivery(rank: int, digests: list[str], signer: Keypair = MINER, seq: int = 1, miner: int = 0, **changes):
-    """Miner `miner`'s signed Reduced messages to `rank` for segment 0, one per digest."""
-    peer = PEERS[rank].ss58_address
+def delivery(digests: list[str], signer: Keypair = MINER, seq: int = 1, miner: int = 0, to: str = "", **changes):
+    """Miner `miner`'s signed Reduced messages for segment 0 (to the job's peers, or `to`), one per digest."""
     wires = []
     for index, d in enumerate(digests):
-        fields = {"job_id": SPEC.job_id, "seq": seq, "segment": 0, "rank": rank, "chunk": index, **changes}
+        fields = {"job_id": SPEC.job_id, "seq": seq, "segment": 0, "chunk": index, **changes}
         body = Reduced(**fields, tensor=TENSOR, digest=d, inputs=("aa",))
-        wires.append(seal_body(signer, body, peer).decode())
+        wires.append(seal_body(signer, body, to or audience(SPEC.job_id)).decode())
     return Delivery(miner, 0, tuple(wires))
 
 
 def add(round_: RoundEvidence, rank: int, deliveries: tuple[Delivery, ...], late: tuple[int, ...] = ()) -> None:
     report = RoundReport(SPEC.job_id, round_.seq, rank, deliveries, late)
-    results = {(d.miner, d.segment): evidence_of(SPEC, report, d, PEERS[rank].ss58_address) for d in deliveries}
+    results = {(d.miner, d.segment): evidence_of(SPEC, report, d) for d in deliveries}
     round_.add_report(rank, results, late)
 
 
 def test_the_evidence_is_the_digests_the_miner_signed_for_that_peer():
-    report = RoundReport(SPEC.job_id, 1, 2, (delivery(2, ["d0", "d1"]),), ())
-    assert evidence_of(SPEC, report, report.deliveries[0], PEER2.ss58_address) == ("d0", "d1")
+    report = RoundReport(SPEC.job_id, 1, 2, (delivery(["d0", "d1"]),), ())
+    assert evidence_of(SPEC, report, report.deliveries[0]) == ("d0", "d1")
 
 
 @pytest.mark.parametrize(
     ("forged", "match"),
     [
-        (delivery(2, ["d0"], signer=OTHER), "did not sign"),
-        (delivery(1, ["d0"]), "did not sign"),  # signed for another peer
-        (delivery(2, ["d0"], seq=2), "another round or chunk"),
-        (delivery(2, ["d0"], segment=1), "another round or chunk"),
-        (delivery(2, ["d0"], chunk=3), "another round or chunk"),
+        (delivery(["d0"], signer=OTHER), "did not sign"),
+        (delivery(["d0"], to=PEER1.ss58_address), "did not sign"),  # signed for one peer, not the job
+        (delivery(["d0"], seq=2), "another round or chunk"),
+        (delivery(["d0"], segment=1), "another round or chunk"),
+        (delivery(["d0"], chunk=3), "another round or chunk"),
         (Delivery(5, 0, ()), "names a miner or segment"),
     ],
-    ids=["another signer", "another peer", "another round", "another segment", "chunks out of order", "no miner"],
+    ids=["another signer", "another receiver", "another round", "another segment", "chunks out of order", "no miner"],
 )
 def test_a_report_counts_only_with_signatures_of_that_round_for_that_peer(forged, match):
     report = RoundReport(SPEC.job_id, 1, 2, (forged,), ())
     with pytest.raises(JobError, match=match):
-        evidence_of(SPEC, report, forged, PEER2.ss58_address)
+        evidence_of(SPEC, report, forged)
 
 
 def test_a_round_is_complete_once_every_peer_reported():
     round_ = RoundEvidence(SPEC, 1)
-    add(round_, 1, (delivery(1, ["d0"]),))
-    add(round_, 2, (delivery(2, ["d0"]),))
+    add(round_, 1, (delivery(["d0"]),))
+    add(round_, 2, (delivery(["d0"]),))
     assert not round_.complete and round_.heard == {(0, 0)}
-    add(round_, 3, (delivery(3, ["d0"]),))
+    add(round_, 3, (delivery(["d0"]),))
     assert round_.complete
     assert round_.delivered(0, 0) == ("d0",) and round_.delivered(1, 0) is None
 
 
 def test_a_miner_that_sent_peers_different_results_is_convicted_by_its_own_signatures():
     round_ = RoundEvidence(SPEC, 1)
-    add(round_, 1, (delivery(1, ["d0", "d1"]),))
-    add(round_, 2, (delivery(2, ["d0", "XX"]),))
+    add(round_, 1, (delivery(["d0", "d1"]),))
+    add(round_, 2, (delivery(["d0", "XX"]),))
     assert round_.delivered(0, 0) == "the miner sent different results to different peers"
 
 

@@ -25,7 +25,7 @@ from wire_world import COLD, WireWorld, key, on_every_peer
 
 from mapreduce_ray.errors import NoValidatorPermitError, RoundTimeoutError
 from mapreduce_ray.messages import Chunk, JobAdmission, Reduced, decode, encode, seal_body
-from mapreduce_ray.protocol import Kind, attest
+from mapreduce_ray.protocol import Kind, attest, audience
 from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
@@ -131,8 +131,8 @@ class HostileMiner:
         )
         signed = digest(payload + b"!" if self.mode == "wrong digest" else payload)
         inputs = tuple(chunk.digest if r == chunk.rank else "00" * 32 for r in (1, 2))
-        reduced = Reduced(chunk.job_id, chunk.seq, chunk.segment, chunk.rank, chunk.chunk, chunk.tensor, signed, inputs)
-        metadata = seal_body(self.keypair, reduced, peer)
+        reduced = Reduced(chunk.job_id, chunk.seq, chunk.segment, chunk.chunk, chunk.tensor, signed, inputs)
+        metadata = seal_body(self.keypair, reduced, audience(chunk.job_id))
         if self.mode == "pickle":
             metadata = pickle.dumps(Planted(self.planted))
         if self.mode == "malformed ipc":

@@ -39,7 +39,7 @@ from mapreduce_ray.messages import (
     parse,
     seal_body,
 )
-from mapreduce_ray.protocol import MetagraphCache, Verifier, canonical
+from mapreduce_ray.protocol import MetagraphCache, Verifier, audience, canonical
 from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, TensorSpec
 from mapreduce_ray.wallets import dev_peer_wallet, dev_wallet, ensure_dev_wallet, load_identity
 from mapreduce_ray.wire.auth import Rule
@@ -364,9 +364,8 @@ def test_a_miner_fails_the_round_of_bytes_other_than_the_signed_ones(subnets, jo
     own = dev_peer_key(subnets[1], 1)
     stream = open_stream(status, own, peer.spec.job_id, 1)
     stream.send(seal_body(own, chunk(peer.spec.job_id, data=b"\1" * 16), status["hotkey"]), b"\0" * 16)
-    failed, _ = open_body(
-        Verifier(own.ss58_address, MetagraphCache(subnets[1].chain.open())), stream.next_message(), RoundFailed
-    )
+    verifier = Verifier(own.ss58_address, MetagraphCache(subnets[1].chain.open()))
+    failed, _ = open_body(verifier, stream.next_message(), RoundFailed, receiver=audience(peer.spec.job_id))
     assert failed.error == "RoundMismatchError"
     assert failed.message.endswith("rank 1 sent bytes that do not match the digest it signed")
     stream.writer.done_writing()

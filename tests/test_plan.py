@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mapreduce_ray.plan import plan_round, plan_segments, split_by_weight
+from mapreduce_ray.plan import MIN_SEGMENT_BYTES, plan_round, plan_segments, split_by_weight
 from mapreduce_ray.types import JobSpec, MinerSlot, TensorSpec
 
 weights_st = (
@@ -55,9 +55,9 @@ def test_plan_round_cuts_chunks_by_bytes():
         timeout_s=1,
         max_bytes=1 << 20,
     )
-    segments = plan_round(job, TensorSpec("float64", (3, 100)))
-    assert [(s.start, s.stop) for s in segments] == [(0, 150), (150, 300)]
-    assert segments[0].chunks == ((0, 128), (128, 150))
+    segments = plan_round(job, TensorSpec("float64", (3, 100_000)))  # 2.4 MB: both miners
+    assert [(s.start, s.stop) for s in segments] == [(0, 150_000), (150_000, 300_000)]
+    assert segments[0].chunks[:2] == ((0, 128), (128, 256)) and segments[0].chunks[-1] == (149_888, 150_000)
 
 
 @pytest.mark.parametrize(
@@ -72,3 +72,14 @@ def test_bad_weights_are_refused(weights, message):
 def test_chunk_must_be_positive():
     with pytest.raises(ValueError, match="chunk_elems must be >= 1"):
         plan_segments(10, (1.0,), 0)
+
+
+def test_a_small_tensor_goes_to_fewer_miners_the_heaviest_first():
+    slots = tuple(MinerSlot(u, f"h{u}", f"127.0.0.1:{u}", w) for u, w in ((1, 1.0), (2, 3.0), (3, 2.0)))
+    job = JobSpec("j", "j", 2, slots, chunk_bytes=1 << 20, timeout_s=1, max_bytes=1 << 30)
+    one = plan_round(job, TensorSpec("float32", (1000,)))  # 4 KB: one miner, the heaviest
+    assert [s.numel for s in one] == [0, 1000, 0]
+    two = plan_round(job, TensorSpec("float32", (MIN_SEGMENT_BYTES // 2,)))  # 2 x 64 KiB: the two heaviest
+    assert [s.numel for s in two] == [0, 19661, 13107]
+    every = plan_round(job, TensorSpec("float32", (MIN_SEGMENT_BYTES,)))
+    assert all(s.numel for s in every)

@@ -171,7 +171,7 @@ ROUND_TRIPS = {
         OTHER_MINER,
     ),
     "await": (Await(SPEC.job_id, 4, 2, 1, 1), PEER, OTHER_MINER),
-    "reduced": (Reduced(SPEC.job_id, 3, 0, 1, 2, TENSOR, "cc" * 32, ("aa" * 32, "dd" * 32)), MINER, PEER),
+    "reduced": (Reduced(SPEC.job_id, 3, 0, 2, TENSOR, "cc" * 32, ("aa" * 32, "dd" * 32)), MINER, PEER),
     "round_failed": (RoundFailed(SPEC.job_id, 3, 0, "PeerLostError", "rank 2 left"), MINER, PEER),
 }
 
@@ -384,7 +384,7 @@ def test_a_job_spec_needs_a_validator_permit(world):
 
 
 def test_other_kinds_need_no_permit(world):
-    wire = seal_body(MINER, Reduced(SPEC.job_id, 1, 0, 1, 0, TENSOR, "cc" * 32, ("aa" * 32,)), PEER.ss58_address)
+    wire = seal_body(MINER, Reduced(SPEC.job_id, 1, 0, 0, TENSOR, "cc" * 32, ("aa" * 32,)), PEER.ss58_address)
     assert open_body(world.verifier(PEER), wire, Reduced)[1].sender == MINER.ss58_address
 
 
@@ -396,7 +396,7 @@ def test_a_job_spec_from_a_non_permit_hotkey_is_refused_for_its_permit_before_it
 
 
 def test_another_registered_sender_than_expected_is_refused_by_name(world):
-    wire = seal_body(MINER, Reduced(SPEC.job_id, 1, 0, 1, 0, TENSOR, "cc" * 32, ("aa" * 32,)), PEER.ss58_address)
+    wire = seal_body(MINER, Reduced(SPEC.job_id, 1, 0, 0, TENSOR, "cc" * 32, ("aa" * 32,)), PEER.ss58_address)
     with refused(
         BadSignatureError,
         rf"^reduced message signed by {MINER.ss58_address}, expected {OTHER_MINER.ss58_address}$",
