@@ -302,6 +302,7 @@ def main() -> None:
         serve_peer(args)
         return
     netns.require_root()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # every Ray here is local to this machine
     configs = [Config.parse(c) for c in args.configs.split(",")]
     table = []
     for config in configs:

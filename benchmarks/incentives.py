@@ -3,7 +3,7 @@
     python benchmarks/incentives.py                      # 64 MiB benchmarks
     python benchmarks/incentives.py --output benchmarks/RESULTS.md
 
-Three Ray nodes on this machine emulate three hosts (actors.simulation explains the cast).
+Three loopback addresses emulate three hosts (actors.simulation explains the cast).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import time
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from actors.simulation import emulated_hosts, simulate, table  # noqa: E402
+from actors import init_local_ray  # noqa: E402
+from actors.simulation import simulate, table  # noqa: E402
 from mapreduce_ray.chain import ChainConfig  # noqa: E402
 
 
@@ -31,7 +32,8 @@ def main() -> None:
     parser.add_argument("--output", help="append the table to this Markdown file")
     args = parser.parse_args()
     start = time.monotonic()
-    with tempfile.TemporaryDirectory() as state, emulated_hosts(object_store_mib=800):
+    init_local_ray(object_store_mib=800)
+    with tempfile.TemporaryDirectory() as state:
         rows = simulate(
             ChainConfig(netuid=10, state_dir=state, weights_rate_limit=0),
             size_mib=args.size_mib,

@@ -179,3 +179,16 @@ def _wait_until_up(proc: subprocess.Popen, head: RayHead, timeout_s: float) -> N
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"ray start --head did not come up within {timeout_s:g} s") from None
             time.sleep(0.3)
+
+
+# A trainer party's run in the multi-party tests: its own Ray (in the job), the seed tutorial's flow
+# (join, broadcast, all_reduce, leave) and 5 all_reduce rounds, every result checked bit for bit.
+TRAINER_OVERRIDES = ("ray=local", "topology.peers=2", "size_mib=1", "rounds=5")
+
+
+def assert_exact_rounds(stdout: str) -> None:
+    """jobs.local's table says the broadcast and the 5 all_reduce rounds were exact on every peer."""
+    table = stdout.splitlines()[-3:]
+    assert table[1].split()[:2] == ["broadcast", "1"] and table[1].endswith("exact"), table
+    assert table[2].split()[:2] == ["all_reduce", "avg"] and table[2].split()[7] == "5", table
+    assert table[2].endswith("exact"), table

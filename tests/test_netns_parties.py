@@ -20,6 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import netns  # noqa: E402
+from conftest import TRAINER_OVERRIDES, assert_exact_rounds  # noqa: E402
 
 START_TIMEOUT_S = 120.0
 RAY_LINE = r"Ray cluster ([\d.]+):\d+: 1 node\(s\) \['(\w+)'\]"
@@ -77,27 +78,12 @@ def test_miner_validator_and_trainer_on_three_hosts_each_with_its_own_ray(tmp_pa
             1
         ]
         wait_for(logs["validator"], r"0 job\(s\) open, 1 benchmark\(s\)")
-        trainer = job(
-            "jobs.local",
-            "ray=local",
-            f"subnet.validator_uid={uid}",
-            "topology.peers=2",
-            "size_mib=1",
-            "rounds=5",
-            run_dir=tmp_path,
-        )
-        done = subprocess.run(
-            ["ip", "netns", "exec", net.netns("trainer"), *trainer],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        trainer = job("jobs.local", f"subnet.validator_uid={uid}", *TRAINER_OVERRIDES, run_dir=tmp_path)
+        in_host = ["ip", "netns", "exec", net.netns("trainer"), *trainer]
+        done = subprocess.run(in_host, env=env, capture_output=True, text=True, timeout=300)
         logs["trainer"].write_text(done.stdout + done.stderr)
         assert done.returncode == 0, done.stderr[-3000:]
-        table = done.stdout.splitlines()[-3:]
-        assert table[1].split()[:2] == ["broadcast", "1"] and table[1].endswith("exact"), table
-        assert table[2].split()[7] == "5" and table[2].endswith("exact"), table
+        assert_exact_rounds(done.stdout)
         rays = {name: wait_for(logs[name], RAY_LINE) for name in ("miner", "bot", "validator", "trainer")}
     assert rays["bot"].groups() == rays["validator"].groups()  # the validator's party: one Ray
     parties = {name: rays[name].groups() for name in ("miner", "validator", "trainer")}

@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from conftest import free_port, ray_head
+from conftest import TRAINER_OVERRIDES, assert_exact_rounds, free_port, ray_head
 
 START_TIMEOUT_S = 120.0
 RAY_LINE = r"Ray cluster ([\d.]+:\d+): \d+ node\(s\) \[([^\]]*)\]"
@@ -94,24 +94,12 @@ def test_three_parties_each_on_its_own_ray_meet_only_through_their_endpoints(tmp
             ]
             output.wait_for(r"validator-\d+: uid \d+ \w+: 0 job\(s\) open, 2 benchmark\(s\)")
             trainer = finish(
-                [
-                    "-m",
-                    "jobs.local",
-                    "ray=local",
-                    f"subnet.validator_uid={uid}",
-                    "topology.peers=2",
-                    "size_mib=1",
-                    "rounds=5",
-                    f"hydra.run.dir={tmp_path}/trainer",
-                ],
+                ["-m", "jobs.local", f"subnet.validator_uid={uid}", *TRAINER_OVERRIDES, f"hydra.run.dir={tmp_path}/t"],
                 env,
             )
             assert trainer.returncode == 0, trainer.stderr[-3000:]
             rays["trainer"] = re.search(RAY_LINE, trainer.stdout)
-            table = trainer.stdout.splitlines()[-3:]
-            assert table[1].split()[:2] == ["broadcast", "1"] and table[1].endswith("exact"), table
-            assert table[2].split()[:2] == ["all_reduce", "avg"] and table[2].split()[7] == "5", table
-            assert table[2].endswith("exact"), table
+            assert_exact_rounds(trainer.stdout)
             for proc, _ in services.values():
                 proc.send_signal(signal.SIGINT)
             for name, (proc, out) in services.items():
