@@ -39,6 +39,7 @@ from mapreduce_ray.messages import (
     parse,
     seal_body,
 )
+from mapreduce_ray.plan import MIN_SEGMENT_BYTES
 from mapreduce_ray.protocol import MetagraphCache, Verifier, audience, canonical
 from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, TensorSpec
 from mapreduce_ray.wallets import dev_peer_wallet, dev_wallet, ensure_dev_wallet, load_identity
@@ -50,6 +51,7 @@ from mapreduce_ray.wire.frames import CHUNK_SCHEMA, digest, frame_buffer
 TIMEOUT_S = 30.0
 IMPOSTOR_NETUID = 171  # a netuid of its own on the session's chain, so its validators stay out of other tests
 WIRE = WireConfig()
+BOTH_MINERS_NUMEL = MIN_SEGMENT_BYTES  # float32: 4 x 64 KiB, enough for a segment on each of two miners
 
 
 def key(name: str) -> Keypair:
@@ -392,7 +394,7 @@ def test_a_round_one_miner_refuses_leaves_every_tensor_untouched(subnets):
             stream.writer.done_writing()
             with pytest.raises(StopIteration):
                 stream.reader.read_chunk()
-        tensors = [torch.arange(1000, dtype=torch.float32) * r for r in (1, 2)]
+        tensors = [torch.arange(BOTH_MINERS_NUMEL, dtype=torch.float32) * r for r in (1, 2)]
         originals = [t.clone() for t in tensors]
         with ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(p.all_reduce, t, "sum") for p, t in zip(peers, tensors, strict=True)]
