@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from mapreduce_ray.errors import JobError
 from mapreduce_ray.naming import miner_name
 from mapreduce_ray.protocol import MetagraphCache
+from mapreduce_ray.types import MinerSlot
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
 
@@ -17,10 +18,15 @@ class ServedMiner:
     uid: int
     hotkey: str
     endpoint: str  # host:port, as announced on chain
+    certificate: str | None  # hex SHA-256 of its endpoint's TLS key, as announced on chain (None: plain gRPC)
 
     @property
     def host(self) -> str:
         return self.endpoint.rpartition(":")[0]
+
+    def slot(self, weight: float, throughput: float = 0.0) -> MinerSlot:
+        """This miner in a job, with `weight` and `throughput` (see MinerSlot)."""
+        return MinerSlot(self.uid, self.hotkey, self.endpoint, weight, throughput, self.certificate or "")
 
 
 class MinerDirectory:
@@ -36,7 +42,7 @@ class MinerDirectory:
         """Read the metagraph (through its cache); the served miners."""
         graph = self._metagraph.get()
         served = {
-            n.uid: ServedMiner(n.uid, n.hotkey, n.endpoint)
+            n.uid: ServedMiner(n.uid, n.hotkey, n.endpoint, n.certificate)
             for n in graph.neurons
             if n.endpoint is not None and not n.validator_permit
         }
@@ -54,5 +60,7 @@ class MinerDirectory:
                 raise JobError(f"miner {miner_name(uid)!r} announces no endpoint on chain any more")
             if miner not in self._remotes:
                 who = f"miner {miner_name(uid)!r} at {miner.endpoint}"
-                self._remotes[miner] = Remote(who, miner.endpoint, miner.hotkey, self._keypair, self._wire)
+                self._remotes[miner] = Remote(
+                    who, miner.endpoint, miner.hotkey, self._keypair, self._wire, miner.certificate
+                )
             return self._remotes[miner]

@@ -24,7 +24,7 @@ from mapreduce_ray.ledger import MinerLedger
 from mapreduce_ray.matching import Candidate, choose_miners
 from mapreduce_ray.messages import JobAdmission, JobLeave, JobRequest, encode
 from mapreduce_ray.plan import miner_loads
-from mapreduce_ray.types import JobSpec, MinerSlot
+from mapreduce_ray.types import JobSpec
 from mapreduce_ray.validation import ValidatorConfig
 
 log = logging.getLogger(__name__)
@@ -148,10 +148,7 @@ class JobBook:
         # contribution bytes/s a miner took in during its benchmark: the ledger has bytes/s per benchmark rank
         throughput = {c.uid: c.throughput * self.config.benchmark.peers for c in candidates}
         loads = dict(zip(shares, miner_loads(tuple(shares.values()), request.redundancy), strict=True))
-        slots = tuple(
-            MinerSlot(uid, served[uid].hotkey, served[uid].endpoint, share, throughput[uid])
-            for uid, share in shares.items()
-        )
+        slots = tuple(served[uid].slot(share, throughput[uid]) for uid, share in shares.items())
         spec = JobSpec(
             job_id=uuid.uuid4().hex[:12],
             name=name,

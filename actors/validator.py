@@ -44,7 +44,7 @@ from mapreduce_ray.metrics import record_benchmark, record_scores
 from mapreduce_ray.naming import benchmark_name, miner_name
 from mapreduce_ray.protocol import MetagraphCache
 from mapreduce_ray.scoring import epoch_due
-from mapreduce_ray.types import JobSpec, MinerSlot
+from mapreduce_ray.types import JobSpec
 from mapreduce_ray.validation import ValidatorConfig
 from mapreduce_ray.wallets import WalletConfig, load_identity
 from mapreduce_ray.wire.auth import Rule
@@ -181,7 +181,7 @@ class ValidatorActor:
             job_id=uuid.uuid4().hex[:12],
             name=f"benchmark-of-{miner_name(uid)}",
             peer_count=settings.peers,
-            miners=(MinerSlot(uid, miner.hotkey, miner.endpoint, 1.0),),
+            miners=(miner.slot(1.0),),
             chunk_bytes=self.config.chunk_bytes,
             timeout_s=settings.timeout_s,
             max_bytes=settings.size_bytes,

@@ -10,9 +10,19 @@ from omegaconf import DictConfig, OmegaConf
 from actors.relay import RelaySettings
 from mapreduce_ray.wire.config import WireConfig
 
+
+
+def _overridable(settings: type) -> DictConfig:
+    """The typed config of a frozen settings dataclass, open to command-line overrides (Hydra keeps a frozen
+    dataclass read-only); the values are checked again when the dataclass is built from it."""
+    node = OmegaConf.structured(settings)
+    OmegaConf.set_readonly(node, False)
+    return node
+
+
 _store = ConfigStore.instance()
-_store.store(group="wire", name="default", node=WireConfig)
-_store.store(group="relay", name="default", node=RelaySettings)
+_store.store(group="wire", name="default", node=_overridable(WireConfig))
+_store.store(group="relay", name="default", node=_overridable(RelaySettings))
 
 
 def wire_config(cfg: DictConfig) -> WireConfig:

@@ -44,7 +44,7 @@ def user_errors() -> Iterator[None]:
     """Errors a user can cause end the job with one line and exit code 2."""
     try:
         yield
-    except (MapReduceError, ValueError) as e:
+    except (MapReduceError, ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
@@ -143,7 +143,8 @@ def serve_role(
         handle = start_detached(actor_class, name, namespace, *args_of(wallet, chain), max_concurrency=max_concurrency)
         hotkey = load_identity(wallet).hotkey
         endpoint = get(handle.status.remote(), STATUS_TIMEOUT_S, f"asking {name}").get("endpoint")
-        where = f" at endpoint {endpoint}" if endpoint else ""
+        tls = " over grpc+tls" if cfg.get("wire", {}).get("tls_cert") else ""
+        where = f" at endpoint {endpoint}{tls}" if endpoint else ""
         print(f"{name} (hotkey {hotkey}) serving {chain.open().describe()}{where}; Ctrl-C stops it", flush=True)
         serve_until_interrupted(handle, name, namespace, cfg.status_interval_s, show)
 

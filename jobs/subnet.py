@@ -72,15 +72,14 @@ def subnet_for(cfg: DictConfig, wire: WireConfig) -> Iterator[Subnet]:
     try:
         neuron = chain.open().metagraph().neuron(local.validator_uid)
         keypair = load_identity(dev_peer_wallet(chain.state_path, 1)).keypair
-        remote = Remote(f"validator uid {neuron.uid}", neuron.endpoint, neuron.hotkey, keypair, wire)
-        yield Subnet(local.peer_options, remote)
+        yield Subnet(local.peer_options, _validator_remote(neuron, keypair, wire))
     finally:
         local.shutdown()
 
 
 def _answering(neuron: Neuron, keypair, wire: WireConfig) -> Remote | None:
     """A client of the validator's endpoint if it answers there."""
-    remote = Remote(f"validator uid {neuron.uid}", neuron.endpoint, neuron.hotkey, keypair, wire)
+    remote = _validator_remote(neuron, keypair, wire)
     try:
         remote.call("miners", b"{}", PROBE_TIMEOUT_S)
     except MapReduceError:
@@ -92,3 +91,8 @@ def _answering(neuron: Neuron, keypair, wire: WireConfig) -> Remote | None:
 def validator_settings(cfg: DictConfig) -> dict:
     """The settings of a local validator started for the job (ValidatorConfig fields)."""
     return OmegaConf.to_container(cfg.validator, resolve=True)
+
+
+def _validator_remote(neuron: Neuron, keypair, wire: WireConfig) -> Remote:
+    """A client of the endpoint the validator `neuron` announced on chain."""
+    return Remote(f"validator uid {neuron.uid}", neuron.endpoint, neuron.hotkey, keypair, wire, neuron.certificate)

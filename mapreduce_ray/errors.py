@@ -103,5 +103,9 @@ class EndpointError(MapReduceError):
     """Another party's endpoint could not be reached, refused a call, or answered outside the protocol."""
 
 
+class CertificateMismatchError(EndpointError):
+    """An endpoint's TLS key is not the one its hotkey announced on chain."""
+
+
 # Errors a miner reports because of the peers or their job, not itself: every peer gets them as they are.
 PEER_FAULTS = (PeerLostError, RoundMismatchError, JobError, NonFiniteError, InvalidTensorError)

@@ -141,9 +141,8 @@ class Peer:
                 "running; start it (python -m jobs.validator), or pass another validator_uid"
             )
         verifier = Verifier(identity.hotkey, metagraph)
-        remote = Remote(
-            f"validator uid {self.validator_uid}", validator.endpoint, validator.hotkey, identity.keypair, self.wire
-        )
+        who = f"validator uid {self.validator_uid}"
+        remote = Remote(who, validator.endpoint, validator.hotkey, identity.keypair, self.wire, validator.certificate)
         request = JobRequest(
             self.job, self.rank, self.peer_count, self.bandwidth, self.redundancy, self.reject_nonfinite
         )
@@ -260,10 +259,8 @@ class Peer:
 
     def _miner_remote(self, index: int) -> Remote:
         slot = self.spec.miners[index]
-        certificate = slot.certificate.encode() if slot.certificate else None
-        return Remote(
-            f"miner {slot.name!r}", slot.endpoint, slot.hotkey, self._identity.keypair, self.wire, certificate
-        )
+        keypair = self._identity.keypair
+        return Remote(f"miner {slot.name!r}", slot.endpoint, slot.hotkey, keypair, self.wire, slot.certificate)
 
     def _dispute(self, round_: Round, segment: int) -> Ruling:
         """Report the round, then ask the validator, by the round's deadline, which of the segment's miners is

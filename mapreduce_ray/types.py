@@ -35,8 +35,8 @@ class RoundKind(str, Enum):
 class MinerSlot:
     """A miner taking part in a job: its uid, hotkey and endpoint (host:port, as announced on chain), its
     share of every tensor, and the contribution bytes/s it took in during its latest exact benchmark, as the
-    validator measured (0: not told). `certificate`: the PEM certificate its endpoint serves grpc+tls with,
-    checked against the fingerprint it announced ("" when it serves plain gRPC)."""
+    validator measured (0: not told). `certificate`: the hex SHA-256 of its endpoint's TLS key, as announced
+    on chain; peers pin its certificate to it ("": it serves plain gRPC)."""
 
     uid: int
     hotkey: str

@@ -1,7 +1,8 @@
 """An in-memory subtensor, so `SubtensorChain` runs the real bittensor SDK with no network.
 
 `FakeSubstrate` implements the part of the `bittensor.Substrate` protocol that the SDK's reads
-(`neurons.uid`, `subnets.metagraph`, `weights.weights`) and intents (`SetWeights`, `ServeAxon`) use, over
+(`neurons.uid`, `subnets.metagraph`, `weights.weights`, the NeuronCertificates map) and intents (`SetWeights`,
+`ServeAxon`, `ServeAxonTls`) use, over
 the state of one subnet. `submit` applies extrinsics the way the subtensor pallet does, failing with the
 pallet's dispatch errors. `SubtensorUnderTest` puts a `SubtensorChain` on top, for the chain tests.
 """
@@ -33,6 +34,7 @@ class FakeNeuron:
     registered_at: int
     last_update: int = 0  # block of the last weights; 0 (the storage default) means never
     axon: dict | None = None  # AxonInfo once served
+    certificate: dict | None = None  # NeuronCertificate once served with TLS
 
 
 class FakeSubstrate:
@@ -129,6 +131,9 @@ class FakeSubstrate:
                 return []
             case "SubtensorModule", "Weights", [netuid]:
                 return sorted(self.weights.items()) if netuid == self.netuid else []
+            case "SubtensorModule", "NeuronCertificates", [netuid]:
+                served = [(n.hotkey, n.certificate) for n in self.neurons if n.certificate]
+                return served if netuid == self.netuid else []
         raise NotImplementedError(f"the fake substrate has no storage map {module}.{storage_function}")
 
     async def runtime_call(self, api: str, method: str, params: list, block_hash=None):
@@ -181,6 +186,14 @@ class FakeSubstrate:
                 error = self._set_weights(signer, **call.params)
             case "SubtensorModule", "serve_axon":
                 error = self._serve_axon(signer, **call.params)
+            case "SubtensorModule", "serve_axon_tls":
+                error = self._serve_axon(signer, **call.params)
+                if error is None:  # the pallet stores the first byte as the algorithm, the rest as the key
+                    blob = call.params["certificate"]
+                    self.neurons[self.uid(signer)].certificate = {
+                        "public_key": "0x" + blob[1:].hex(),
+                        "algorithm": blob[0],
+                    }
             case _:
                 raise NotImplementedError(f"the fake substrate cannot dispatch {call.module}.{call.function}")
         if error is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -92,6 +93,19 @@ def test_a_served_endpoint_shows_in_the_metagraph(subnet, three):
     assert subnet.chain.metagraph().neuron(three[1]).endpoint == "10.0.0.1:8091"
 
 
+def test_a_served_tls_key_digest_shows_beside_the_endpoint_until_another_replaces_it(subnet, three):
+    first, second = "ab" * 32, "cd" * 32
+    subnet.chain.serve(key("Miner1"), "10.0.0.1:8091", first)
+    subnet.chain.serve(key("Miner2"), "10.0.0.2:8091")
+    graph = subnet.chain.metagraph()
+    assert (graph.neuron(three[1]).endpoint, graph.neuron(three[1]).certificate) == ("10.0.0.1:8091", first)
+    assert (graph.neuron(three[2]).endpoint, graph.neuron(three[2]).certificate) == ("10.0.0.2:8091", None)
+    subnet.chain.serve(key("Miner1"), "10.0.0.3:8091")  # the address only: the chain keeps the digest
+    assert subnet.chain.metagraph().neuron(three[1]).certificate == first
+    subnet.chain.serve(key("Miner1"), "10.0.0.3:8091", second)
+    assert subnet.chain.metagraph().neuron(three[1]).certificate == second
+
+
 def test_weights_are_stored_as_the_chain_quantizes_them(subnet, three):
     validator, m1, m2 = three
     subnet.chain.set_weights(key("Validator"), {m1: 1.0, m2: 0.5})
@@ -164,6 +178,23 @@ def test_replacing_a_uid_forgets_its_endpoint_and_weights(tmp_path):
     neuron = under.chain.metagraph().neuron(old)
     assert (neuron.hotkey, neuron.endpoint) == (key("New").ss58_address, None)
     assert under.chain.weights() == {} and validator != old
+
+
+def test_a_chain_file_of_the_first_release_gains_the_certificate_column(tmp_path):
+    path = tmp_path / "chain.sqlite"
+    first_release = """
+    CREATE TABLE neurons (
+        netuid INTEGER NOT NULL, uid INTEGER NOT NULL, hotkey TEXT NOT NULL, coldkey TEXT NOT NULL,
+        stake REAL NOT NULL, endpoint TEXT, registered_at INTEGER NOT NULL, last_update INTEGER NOT NULL,
+        weights_set_at INTEGER, PRIMARY KEY (netuid, uid), UNIQUE (netuid, hotkey));
+    INSERT INTO neurons VALUES (10, 0, '{hotkey}', '{cold}', 0.0, '10.0.0.1:1', 0, 0, NULL);
+    """.format(hotkey=key("Old").ss58_address, cold=COLD)
+    with sqlite3.connect(path) as db:
+        db.executescript(first_release)
+    chain = EmbeddedChain(path, ChainConfig(netuid=10))
+    assert chain.metagraph().neuron(0).endpoint == "10.0.0.1:1"
+    chain.serve(key("Old"), "10.0.0.1:2", "ef" * 32)
+    assert chain.metagraph().neuron(0).certificate == "ef" * 32
 
 
 def test_permits_follow_stake(tmp_path):

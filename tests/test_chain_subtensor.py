@@ -117,6 +117,24 @@ def test_serve_publishes_the_endpoint(sut, endpoint):
     assert sut.chain.metagraph().neuron(1).endpoint == endpoint
 
 
+def test_serve_with_a_tls_key_digest_publishes_it_as_the_neuron_certificate(sut):
+    digest = bytes(range(32))
+    sut.chain.serve(BOB, "10.0.0.1:8091", digest.hex())
+    call = bt.calls.SubtensorModule.serve_axon_tls(
+        netuid=10,
+        version=1,
+        ip=int(ipaddress.ip_address("10.0.0.1")),
+        port=8091,
+        ip_type=4,
+        protocol=4,
+        placeholder1=0,
+        placeholder2=0,
+        certificate=b"\x01" + digest,  # the algorithm byte of a key digest, then the digest
+    )
+    assert sut.substrate.submitted == [(BOB.ss58_address, call)]
+    assert sut.chain.metagraph().neuron(1).certificate == digest.hex()
+
+
 @pytest.mark.parametrize("endpoint", ["10.0.0.1", "miner.example:8091", "10.0.0.1:0", "10.0.0.1:65536"])
 def test_serve_refuses_a_malformed_endpoint(sut, endpoint):
     with pytest.raises(ValueError, match="endpoint must be ip:port"):

@@ -5,13 +5,17 @@ import time
 import pytest
 import ray
 import torch
+from hydra.errors import ConfigCompositionException
 
 from actors import PeerActor, start_local_subnet
+from actors.relay import RelaySettings
 from actors.subnet import DEV_VALIDATOR_STAKE, register_dev_wallet
+from jobs.config import relay_settings, wire_config
 from mapreduce_ray import JobError, Peer
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import EndpointError
 from mapreduce_ray.wallets import dev_wallet
+from mapreduce_ray.wire.config import WireConfig
 
 
 def test_init_process_group_returns_the_job_spec(subnets, run_peers):
@@ -131,3 +135,13 @@ def _named(namespace: str, *names: str) -> list[str]:
         except ValueError:
             pass
     return alive
+
+
+def test_wire_and_relay_settings_take_command_line_overrides_and_refuse_unknown_ones(job_config):
+    cfg = job_config("miner", "+wallet=dev-miner", "wire.tls_cert=/e.pem", "wire.tls_key=/e.key", "relay.retention_s=5")
+    assert wire_config(cfg) == WireConfig(tls_cert="/e.pem", tls_key="/e.key")
+    assert relay_settings(cfg) == RelaySettings(retention_s=5.0)
+    with pytest.raises(ConfigCompositionException, match=r"^Error merging override wire\.window_bytes=many$"):
+        job_config("validator", "+wallet=dev-validator", "wire.window_bytes=many")
+    with pytest.raises(ConfigCompositionException, match=r"^Could not override 'wire\.windows'"):
+        job_config("validator", "+wallet=dev-validator", "wire.windows=1")

@@ -62,20 +62,26 @@ def test_three_parties_each_on_its_own_ray_meet_only_through_their_endpoints(tmp
     """A miner operator (its Ray: a head and two miners), a validator (its Ray: a head, a bot, the validator)
     and a trainer (jobs.local, a Ray of its own in its process): the seed tutorial's flow (join, broadcast,
     all_reduce, leave) and 5 all_reduce rounds, every result checked bit for bit. Each party's Ray lists only
-    its own nodes. Then every service stops on SIGINT and leaves nothing behind."""
+    its own nodes. The validator and one miner serve grpc+tls with certificates from jobs.certificate, pinned
+    by their callers to what they announced. Then every service stops on SIGINT and leaves nothing behind."""
     env = {**os.environ, "MAPREDUCE_STATE_DIR": str(tmp_path / "state")}
+    tls = {
+        "miner-0": (),
+        "miner-1": certificate(tmp_path, "miner-1", env),
+        "validator": certificate(tmp_path, "v", env),
+    }
     with ray_head(env) as operator, ray_head(env) as validating:
         services = {}
         try:
             for hotkey in ("miner-0", "miner-1"):
-                services[hotkey] = serve(
-                    "jobs.miner", "+wallet=dev-miner", f"wallet.hotkey={hotkey}", *on(operator), env=env, cwd=tmp_path
-                )
+                overrides = ("+wallet=dev-miner", f"wallet.hotkey={hotkey}", *tls[hotkey], *on(operator))
+                services[hotkey] = serve("jobs.miner", *overrides, env=env, cwd=tmp_path)
             services["bot"] = serve("jobs.benchmark", "+wallet=dev-bench", *on(validating), env=env, cwd=tmp_path)
             rays = {name: output.wait_for(RAY_LINE) for name, (_, output) in services.items()}
-            for hotkey in ("miner-0", "miner-1"):
+            for hotkey, over in (("miner-0", ";"), ("miner-1", " over grpc\\+tls;")):
                 services[hotkey][1].wait_for(
-                    r"miner-\d+ \(hotkey \w+\) serving netuid 10 on the embedded chain .* at endpoint 127\.0\.0\.1:\d+"
+                    r"miner-\d+ \(hotkey \w+\) serving netuid 10 on the embedded chain .* at endpoint "
+                    rf"127\.0\.0\.1:\d+{over}"
                 )
             bot_hotkey = services["bot"][1].wait_for(r"benchmark-\d+ \(hotkey (\w+)\) serving netuid 10")[1]
             services["validator"] = serve(
@@ -83,15 +89,17 @@ def test_three_parties_each_on_its_own_ray_meet_only_through_their_endpoints(tmp
                 "+wallet=dev-validator",
                 f"validator.benchmark.bots=[{bot_hotkey}]",
                 "validator.benchmark.size_mib=4",
+                *tls["validator"],
                 *on(validating),
                 env=env,
                 cwd=tmp_path,
             )
             rays["validator"] = services["validator"][1].wait_for(RAY_LINE)
             output = services["validator"][1]
-            uid = output.wait_for(r"validator-(\d+) \(hotkey \w+\) serving netuid 10 .* at endpoint 127\.0\.0\.1:\d+")[
-                1
-            ]
+            uid = output.wait_for(
+                r"validator-(\d+) \(hotkey \w+\) serving netuid 10 .* at endpoint [\d.:]+ over grpc\+tls"
+            )
+            uid = uid[1]
             output.wait_for(r"validator-\d+: uid \d+ \w+: 0 job\(s\) open, 2 benchmark\(s\)")
             trainer = finish(
                 ["-m", "jobs.local", f"subnet.validator_uid={uid}", *TRAINER_OVERRIDES, f"hydra.run.dir={tmp_path}/t"],
@@ -100,6 +108,7 @@ def test_three_parties_each_on_its_own_ray_meet_only_through_their_endpoints(tmp
             assert trainer.returncode == 0, trainer.stderr[-3000:]
             rays["trainer"] = re.search(RAY_LINE, trainer.stdout)
             assert_exact_rounds(trainer.stdout)
+            assert "goes to the next miner" not in trainer.stdout + trainer.stderr  # both miners reached, one by TLS
             for proc, _ in services.values():
                 proc.send_signal(signal.SIGINT)
             for name, (proc, out) in services.items():
@@ -121,6 +130,15 @@ def test_three_parties_each_on_its_own_ray_meet_only_through_their_endpoints(tmp
             left = finish(["-c", LIVE_ACTORS, head.address], env)
             assert left.returncode == 0, left.stderr[-2000:]
             assert "named []" in left.stdout
+
+
+def certificate(folder, name: str, env: dict) -> tuple[str, str]:
+    """Overrides that serve a new certificate made by jobs.certificate."""
+    cert, key = f"{folder}/{name}.pem", f"{folder}/{name}.key"
+    made = finish(["-m", "jobs.certificate", f"cert={cert}", f"key={key}", f"hydra.run.dir={folder}/{name}"], env)
+    assert made.returncode == 0, made.stderr[-2000:]
+    assert re.match(rf"wrote {re.escape(cert)} and {re.escape(key)} \(key sha256 [0-9a-f]{{64}}\)", made.stdout)
+    return f"wire.tls_cert={cert}", f"wire.tls_key={key}"
 
 
 def on(head) -> tuple[str, ...]:

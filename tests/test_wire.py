@@ -25,6 +25,7 @@ from wire_world import COLD, key
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import (
     BadSignatureError,
+    CertificateMismatchError,
     EndpointError,
     ExpiredMessageError,
     FrameRejectedError,
@@ -45,6 +46,7 @@ from mapreduce_ray.wire import Endpoint, Remote, WireConfig
 from mapreduce_ray.wire.auth import CALL_HEADER, Authenticator, Caller, Rule, call_headers, payload_digest
 from mapreduce_ray.wire.errors import MAX_EXTRA_BYTES, MAX_MESSAGE_CHARS, refusal, translated
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, check_schema, digest, frame, frame_buffer, unframe
+from mapreduce_ray.wire.tls import create_certificate, key_fingerprint
 
 SERVER, VALIDATOR, PLAIN, STRANGER = (key(n) for n in ("Server", "Validator", "Plain", "Stranger"))
 ED25519 = Keypair.create_from_uri("//Plain", crypto_type=CRYPTO_ED25519)
@@ -493,6 +495,62 @@ def test_a_hotkey_may_hold_only_streams_per_hotkey_calls_open(one_stream_each):
     finally:
         plain.close()
         validator.close()
+
+
+# --- TLS ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_endpoint(chain, tmp_path_factory) -> Iterator[tuple[Probe, str]]:
+    """The probe endpoint serving grpc+tls with a new certificate, and that certificate's key digest."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, secret = str(folder / "endpoint.pem"), str(folder / "endpoint.key")
+    fingerprint = create_certificate(cert, secret)
+    probe = Probe(MetagraphCache(chain), WireConfig(tls_cert=cert, tls_key=secret))
+    yield probe, fingerprint
+    probe.shutdown()
+
+
+def test_over_tls_a_caller_pinning_the_announced_key_digest_is_answered(tls_endpoint):
+    probe, fingerprint = tls_endpoint
+    client = Remote("endpoint", probe.address, probe.hotkey, PLAIN, WireConfig(), fingerprint)
+    try:
+        assert client.call("echo", b"over tls") == b"over tls"
+    finally:
+        client.close()
+
+
+def test_over_tls_an_endpoint_whose_key_is_not_the_announced_one_is_refused_before_any_call(tls_endpoint):
+    probe, fingerprint = tls_endpoint
+    announced = "0" * 64
+    client = Remote("miner 'miner-3'", probe.address, probe.hotkey, PLAIN, WireConfig(), announced)
+    with pytest.raises(CertificateMismatchError) as refused:
+        client.call("echo", b"never sent")
+    assert str(refused.value) == (
+        f"miner 'miner-3' at {probe.address} serves a TLS key (sha256 {fingerprint[:16]}...) other than the one "
+        f"its hotkey announced on chain (sha256 {announced[:16]}...): refusing to connect"
+    )
+
+
+def test_a_plain_caller_of_a_tls_endpoint_and_a_tls_caller_of_a_plain_one_cannot_connect(tls_endpoint, endpoint):
+    probe, fingerprint = tls_endpoint
+    plain = Remote("endpoint", probe.address, probe.hotkey, PLAIN, WireConfig(call_timeout_s=5.0))
+    with pytest.raises(EndpointError, match=r"^endpoint cannot be reached: "):
+        plain.call("echo", b"x")
+    pinning = Remote("endpoint", endpoint.address, endpoint.hotkey, PLAIN, WireConfig(call_timeout_s=5.0), fingerprint)
+    with pytest.raises(EndpointError, match=rf"^endpoint cannot be reached over TLS at {endpoint.address}: "):
+        pinning.call("echo", b"x")
+
+
+def test_a_certificate_is_never_written_over(tmp_path):
+    cert, secret = tmp_path / "endpoint.pem", tmp_path / "endpoint.key"
+    fingerprint = create_certificate(str(cert), str(secret))
+    assert key_fingerprint(cert.read_bytes()) == fingerprint
+    assert secret.stat().st_mode & 0o777 == 0o600
+    kept = cert.read_bytes()
+    with pytest.raises(FileExistsError, match=rf"^{cert} exists; remove it, or pass other paths"):
+        create_certificate(str(cert), str(tmp_path / "other.key"))
+    assert cert.read_bytes() == kept and not (tmp_path / "other.key").exists()
 
 
 # --- errors across the wire ---------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from mapreduce_ray.types import JobSpec, MinerSlot
 from mapreduce_ray.wallets import Identity
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
+from mapreduce_ray.wire.tls import announce_address
 
 COLD = Keypair.create_from_uri("//WireCold").ss58_address
 
@@ -63,7 +64,7 @@ class WireWorld:
             lambda *_: None,
             **options,
         )
-        self.chain.serve(miner, relay.address)
+        announce_address(self.chain, miner, relay.address, wire or WireConfig())
         self.relays.append(relay)
         return relay
 
@@ -77,13 +78,19 @@ class WireWorld:
     ) -> JobSpec:
         """A job of `peer_count` peers over `relays` (equal shares), every rank admitted at every relay; `first`
         puts endpoints of other miners ((hotkey, host:port) each, admitting nobody) before the relays."""
+        graph = self.chain.metagraph()
         endpoints = [*first, *((r.hotkey, r.address) for r in relays)]
-        slots = tuple(MinerSlot(i + 1, hotkey, address, 1.0) for i, (hotkey, address) in enumerate(endpoints))
+        slots = tuple(
+            MinerSlot(i + 1, hotkey, address, 1.0, certificate=graph.by_hotkey(hotkey).certificate or "")
+            for i, (hotkey, address) in enumerate(endpoints)
+        )
         spec = JobSpec(uuid.uuid4().hex[:12], "wire", peer_count, slots, chunk_bytes, timeout_s, 1 << 30)
         for rank in range(1, peer_count + 1):
             admission = encode(JobAdmission(spec, rank, self.peers[rank - 1].ss58_address))
-            for relay in relays:
-                Remote(relay.name, relay.address, relay.hotkey, self.validator, WireConfig()).call("admit", admission)
+            for relay, slot in zip(relays, slots[len(first) :], strict=True):
+                remote = Remote(relay.name, relay.address, relay.hotkey, self.validator, WireConfig(), slot.certificate)
+                remote.call("admit", admission)
+                remote.close()
         return spec
 
     def attached(self, spec: JobSpec, wire: WireConfig | None = None) -> list[Peer]:

@@ -34,6 +34,7 @@ class Neuron:
     validator_permit: bool
     endpoint: str | None  # "ip:port" once served
     last_update: int  # block of the neuron's last weights (or its registration)
+    certificate: str | None = None  # hex SHA-256 of its endpoint's TLS key, when it serves grpc+tls
 
 
 @dataclass(frozen=True)
@@ -89,8 +90,10 @@ class Chain(ABC):
         """Every neuron of the subnet, now."""
 
     @abstractmethod
-    def serve(self, signer, endpoint: str) -> None:
-        """Announce where the signer's hotkey can be reached ("ip:port")."""
+    def serve(self, signer, endpoint: str, certificate: str | None = None) -> None:
+        """Announce where the signer's hotkey can be reached ("ip:port"), and the hex SHA-256 of its endpoint's
+        TLS key when it serves grpc+tls. Without one, a digest announced before stays, as on subtensor, where
+        only a TLS announcement replaces it."""
 
     @abstractmethod
     def set_weights(self, signer, weights: Mapping[int, float], version_key: int = 0) -> None:

@@ -49,7 +49,7 @@ CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS neurons (
     netuid INTEGER NOT NULL, uid INTEGER NOT NULL, hotkey TEXT NOT NULL, coldkey TEXT NOT NULL,
     stake REAL NOT NULL, endpoint TEXT, registered_at INTEGER NOT NULL, last_update INTEGER NOT NULL,
-    weights_set_at INTEGER, PRIMARY KEY (netuid, uid), UNIQUE (netuid, hotkey));
+    weights_set_at INTEGER, certificate TEXT, PRIMARY KEY (netuid, uid), UNIQUE (netuid, hotkey));
 CREATE TABLE IF NOT EXISTS weights (
     netuid INTEGER NOT NULL, src INTEGER NOT NULL, dst INTEGER NOT NULL, value INTEGER NOT NULL,
     PRIMARY KEY (netuid, src, dst));
@@ -66,6 +66,9 @@ class EmbeddedChain(Chain):
         self._clock = clock
         create(self.path, _SCHEMA)
         with self._transaction(write=True) as db:
+            columns = {row[1] for row in db.execute("PRAGMA table_info(neurons)")}
+            if "certificate" not in columns:  # a chain file of the first release
+                db.execute("ALTER TABLE neurons ADD COLUMN certificate TEXT")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('genesis', ?)", (self._clock(),))
             db.executemany(
                 "INSERT OR IGNORE INTO meta VALUES (?, ?)",
@@ -107,7 +110,7 @@ class EmbeddedChain(Chain):
             db.execute("DELETE FROM neurons WHERE netuid=? AND uid=?", (self.netuid, uid))
             db.execute("DELETE FROM weights WHERE netuid=? AND (src=? OR dst=?)", (self.netuid, uid, uid))
             db.execute(
-                "INSERT INTO neurons VALUES (?, ?, ?, ?, ?, NULL, ?, ?, NULL)",
+                "INSERT INTO neurons VALUES (?, ?, ?, ?, ?, NULL, ?, ?, NULL, NULL)",
                 (self.netuid, uid, hotkey, coldkey, stake, block, block),
             )
             return uid
@@ -121,21 +124,25 @@ class EmbeddedChain(Chain):
         with self._transaction() as db:
             block = self._block(db)
             rows = db.execute(
-                "SELECT uid, hotkey, coldkey, stake, endpoint, last_update FROM neurons WHERE netuid=? ORDER BY uid",
+                "SELECT uid, hotkey, coldkey, stake, endpoint, last_update, certificate FROM neurons "
+                "WHERE netuid=? ORDER BY uid",
                 (self.netuid,),
             ).fetchall()
         permits = self._permits((r[0], r[3]) for r in rows)
         neurons = tuple(
-            Neuron(uid, hotkey, coldkey, stake, uid in permits, endpoint, last_update)
-            for uid, hotkey, coldkey, stake, endpoint, last_update in rows
+            Neuron(uid, hotkey, coldkey, stake, uid in permits, endpoint, last_update, certificate)
+            for uid, hotkey, coldkey, stake, endpoint, last_update, certificate in rows
         )
         return Metagraph(self.netuid, block, neurons)
 
-    def serve(self, signer, endpoint: str) -> None:
+    def serve(self, signer, endpoint: str, certificate: str | None = None) -> None:
         hotkey = _proven_hotkey(signer)
         with self._transaction(write=True) as db:
             self._uid(db, hotkey)
-            db.execute("UPDATE neurons SET endpoint=? WHERE netuid=? AND hotkey=?", (endpoint, self.netuid, hotkey))
+            db.execute(
+                "UPDATE neurons SET endpoint=?, certificate=COALESCE(?, certificate) WHERE netuid=? AND hotkey=?",
+                (endpoint, certificate, self.netuid, hotkey),
+            )
 
     def set_weights(self, signer, weights: Mapping[int, float], version_key: int = 0) -> None:
         hotkey = _proven_hotkey(signer)

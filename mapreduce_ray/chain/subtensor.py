@@ -15,12 +15,17 @@ from collections.abc import Iterator, Mapping
 
 import bittensor as bt
 from bittensor.settings import resolve_endpoint
+from bittensor.sp_core import ss58_encode
 
 from mapreduce_ray.chain.base import DEFAULT_NETUID, Chain, Metagraph, Neuron
 from mapreduce_ray.errors import ChainError, NoValidatorPermitError, RateLimitedError
 from mapreduce_ray.wallets import WalletConfig
 
 _RETRY_IN = re.compile(r"retry in ~(\d+) blocks", re.IGNORECASE)  # from the SDK's rate-limit preflight
+# The neuron certificate's algorithm byte for what this project announces there: SHA-256 of the endpoint's
+# TLS key (SubjectPublicKeyInfo, DER), 32 bytes.
+KEY_SHA256 = 1
+KEY_SHA256_BYTES = 32
 
 
 class SubtensorChain(Chain):
@@ -69,6 +74,8 @@ class SubtensorChain(Chain):
     def metagraph(self) -> Metagraph:
         with self._errors("reading the metagraph"):
             graph = self._sync().subnets.metagraph(self.netuid, commitments=False)
+            certificates = self._sync().query_map(("SubtensorModule", "NeuronCertificates"), [self.netuid])
+        keys = dict(filter(None, map(_key_digest, certificates)))
         if graph is None:
             raise ChainError(f"{self.describe()} does not exist")
         neurons = tuple(
@@ -80,15 +87,21 @@ class SubtensorChain(Chain):
                 validator_permit=n.validator_permit,
                 endpoint=n.axon,
                 last_update=n.last_update,
+                certificate=keys.get(n.hotkey),
             )
             for n in graph.neurons
         )
         return Metagraph(netuid=self.netuid, block=graph.block, neurons=neurons)
 
-    def serve(self, signer, endpoint: str) -> None:
+    def serve(self, signer, endpoint: str, certificate: str | None = None) -> None:
         ip, port = _ip_and_port(endpoint)
+        if certificate is None:
+            intent = bt.ServeAxon(netuid=self.netuid, ip=ip, port=port)
+        else:
+            blob = bytes([KEY_SHA256]) + bytes.fromhex(certificate)
+            intent = bt.ServeAxonTls(netuid=self.netuid, ip=ip, port=port, certificate="0x" + blob.hex())
         with self._errors(f"serving {endpoint}", signer.ss58_address):
-            self._sync().execute(bt.ServeAxon(netuid=self.netuid, ip=ip, port=port), signer).raise_for_failure()
+            self._sync().execute(intent, signer).raise_for_failure()
 
     def set_weights(self, signer, weights: Mapping[int, float], version_key: int = 0) -> None:
         with self._errors("setting weights", signer.ss58_address):
@@ -146,6 +159,20 @@ def _ip_and_port(endpoint: str) -> tuple[str, int]:
         if 0 < int(port) < 65536:
             return str(ip), int(port)
     raise ValueError(f"endpoint must be ip:port, e.g. 10.0.0.1:8091; got {endpoint!r}")
+
+
+def _key_digest(entry) -> tuple[str, str] | None:
+    """(hotkey, hex key digest) of one NeuronCertificates entry, or None when it holds something else."""
+    hotkey, value = entry
+    if not isinstance(value, dict) or value.get("algorithm") != KEY_SHA256:
+        return None
+    try:
+        hotkey = hotkey if isinstance(hotkey, str) else ss58_encode(bytes(hotkey))
+        key = value.get("public_key")
+        key = bytes.fromhex(key.removeprefix("0x")) if isinstance(key, str) else bytes(key)
+    except (TypeError, ValueError):  # decoded otherwise than as bytes: not ours
+        return None
+    return (hotkey, key.hex()) if len(key) == KEY_SHA256_BYTES else None
 
 
 def _largest_is_one(row: dict[int, float]) -> dict[int, float]:

@@ -5,13 +5,14 @@ actions dispatched by name to methods taking the authenticated caller and the pa
 (checked against the signed digest first), our errors sent back by class name. `Remote`
 is the client: one connection to one endpoint, every call signed for that endpoint's
 hotkey, request/answer calls under a deadline, and the size limit applied to what comes
-back. Locations are `host:port`; with a certificate the scheme is grpc+tls and the
-client pins the certificate it was given.
+back. Locations are `host:port`; with a certificate the scheme is grpc+tls, and the
+client pins the certificate whose key the endpoint's hotkey announced on chain (`tls`).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -22,6 +23,7 @@ from mapreduce_ray.protocol import MetagraphCache
 from mapreduce_ray.wire.auth import Authenticator, Caller, Rule, call_headers
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.errors import refusal, translated
+from mapreduce_ray.wire.tls import TLS_NAME, pinned_certificate
 
 log = logging.getLogger(__name__)
 
@@ -97,19 +99,35 @@ def answering() -> Iterator[None]:
 class Remote:
     """Calls to one endpoint (`address`, speaking for `hotkey`), signed by `keypair`. `who` names it in errors.
 
-    `certificate`: the PEM certificate to pin when the endpoint serves grpc+tls (None: plain gRPC).
+    `fingerprint`: the key digest the endpoint's hotkey announced on chain with its address; when given, the
+    endpoint is reached over grpc+tls with its certificate pinned to it (None or "": plain gRPC). The connection,
+    and the pinning, happen at the first call.
     """
 
     def __init__(
-        self, who: str, address: str, hotkey: str, keypair, config: WireConfig, certificate: bytes | None = None
+        self, who: str, address: str, hotkey: str, keypair, config: WireConfig, fingerprint: str | None = None
     ):
         self.who, self.address, self.hotkey = who, address, hotkey
         self._keypair = keypair
         self.config = config
-        # gRPC itself cuts a message twice over the limit; anything between reaches our own checks
-        options = [("grpc.max_receive_message_length", 2 * config.max_message_bytes)]
-        tls = {"tls_root_certs": certificate, "override_hostname": "mapreduce-ray"} if certificate else {}
-        self.client = fl.FlightClient(location(address, certificate is not None), generic_options=options, **tls)
+        self._fingerprint = fingerprint or None
+        self._client: fl.FlightClient | None = None
+        self._connect_lock = threading.Lock()
+
+    @property
+    def client(self) -> fl.FlightClient:
+        """The Flight client of this endpoint, connected (and its certificate pinned) on first use."""
+        with self._connect_lock:
+            if self._client is None:
+                # gRPC itself cuts a message twice over the limit; anything between reaches our own checks
+                options = [("grpc.max_receive_message_length", 2 * self.config.max_message_bytes)]
+                tls = {}
+                if self._fingerprint is not None:
+                    pem = pinned_certificate(self.who, self.address, self._fingerprint, self.config.call_timeout_s)
+                    tls = {"tls_root_certs": pem, "override_hostname": TLS_NAME}
+                where = location(self.address, self._fingerprint is not None)
+                self._client = fl.FlightClient(where, generic_options=options, **tls)
+            return self._client
 
     def call(self, name: str, payload: bytes, timeout_s: float | None = None) -> bytes:
         """The answer of action `name` with `payload`."""
@@ -146,7 +164,9 @@ class Remote:
             raise translated(e, self.who) from None
 
     def close(self) -> None:
-        self.client.close()
+        with self._connect_lock:
+            if self._client is not None:
+                self._client.close()
 
     def _options(self, method: fl.FlightMethod, name: str, payload: bytes, timeout_s: float | None):
         headers = call_headers(self._keypair, method, name, payload, self.hotkey)

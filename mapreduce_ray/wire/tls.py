@@ -1,11 +1,94 @@
-"""Where a party's endpoint is announced on chain, with the fingerprint of its TLS certificate when it has one."""
+"""TLS for an endpoint: its certificate, the key digest announced on chain, and the pin a caller checks.
+
+An endpoint with `wire.tls_cert`/`wire.tls_key` serves grpc+tls and announces, beside its address, the
+SHA-256 of its certificate's public key (SubjectPublicKeyInfo, DER): 32 bytes, within the 64 the chain's
+neuron certificate holds, and unchanged when the operator renews the certificate with the same key. A
+caller fetches the certificate the endpoint presents, compares its key digest with the chain's, and then
+trusts only that certificate for the connection (gRPC has no verifier hook: the pinned certificate is the
+connection's only root). Certificates name the host TLS_NAME, whatever address serves them.
+"""
 
 from __future__ import annotations
 
+import datetime
+import hashlib
+import os
+import ssl
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
 from mapreduce_ray.chain import Chain
+from mapreduce_ray.errors import CertificateMismatchError, EndpointError
 from mapreduce_ray.wire.config import WireConfig
+
+TLS_NAME = "mapreduce-ray"
+CERTIFICATE_DAYS = 365
+
+
+def key_fingerprint(pem: bytes) -> str:
+    """Hex SHA-256 of the public key (SubjectPublicKeyInfo, DER) of the PEM certificate `pem`."""
+    key = x509.load_pem_x509_certificate(pem).public_key()
+    return hashlib.sha256(
+        key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    ).hexdigest()
 
 
 def announce_address(chain: Chain, keypair, endpoint: str, wire: WireConfig) -> None:
-    """Announce `endpoint` (host:port) for `keypair`'s hotkey."""
-    chain.serve(keypair, endpoint)
+    """Announce `endpoint` (host:port) for `keypair`'s hotkey, with its certificate's key digest under TLS."""
+    fingerprint = None
+    if wire.tls:
+        with open(wire.tls_cert, "rb") as cert:
+            fingerprint = key_fingerprint(cert.read())
+    chain.serve(keypair, endpoint, fingerprint)
+
+
+def pinned_certificate(who: str, address: str, fingerprint: str, timeout_s: float) -> bytes:
+    """The PEM certificate `who` serves at `address` (host:port), once its key digest is `fingerprint`."""
+    host, _, port = address.rpartition(":")
+    try:
+        pem = ssl.get_server_certificate((host, int(port)), timeout=timeout_s).encode()
+        served = key_fingerprint(pem)
+    except (OSError, ValueError) as e:
+        raise EndpointError(f"{who} cannot be reached over TLS at {address}: {' '.join(str(e).split())}") from None
+    if served != fingerprint:
+        raise CertificateMismatchError(
+            f"{who} at {address} serves a TLS key (sha256 {served[:16]}...) other than the one its hotkey "
+            f"announced on chain (sha256 {fingerprint[:16]}...): refusing to connect"
+        )
+    return pem
+
+
+def create_certificate(cert_path: str, key_path: str) -> str:
+    """Write a new self-signed certificate for TLS_NAME and its private key (owner-only); return the key's
+    digest. Refuses to overwrite either file."""
+    for path in (cert_path, key_path):
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} exists; remove it, or pass other paths, to make a new certificate")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAME)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=CERTIFICATE_DAYS))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    secret = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as out:
+        out.write(secret)
+    pem = certificate.public_bytes(serialization.Encoding.PEM)
+    with open(cert_path, "xb") as out:
+        out.write(pem)
+    return key_fingerprint(pem)
