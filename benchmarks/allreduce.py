@@ -18,6 +18,7 @@ import argparse
 import os
 import socket
 import statistics
+import tempfile
 import time
 
 import numpy as np
@@ -28,6 +29,8 @@ from report import append_run, markdown_table
 
 from actors import init_local_ray, start_local_subnet
 from mapreduce_ray import Peer
+from mapreduce_ray.wire.config import WireConfig
+from mapreduce_ray.wire.tls import create_certificate
 
 SIZES = {"4KiB": 4 << 10, "1MiB": 1 << 20, "16MiB": 16 << 20, "100MiB": 100 << 20}
 METHODS = ("relay", "gloo", "ray.util.collective")
@@ -139,6 +142,7 @@ def main() -> None:
         help=f"comma-separated subset of {list(METHODS)}; the numpy floor always runs "
         "(a subset, e.g. relay alone, is for profiling; the ratio to gloo then shows '-')",
     )
+    parser.add_argument("--tls", action="store_true", help="every endpoint serves grpc+tls (one new certificate)")
     parser.add_argument("--output", help="also write the table as markdown to this file")
     args = parser.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",")]
@@ -149,11 +153,18 @@ def main() -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
 
     init_local_ray(object_store_mib=args.object_store_mib)
+    wire = None
+    if args.tls:
+        folder = tempfile.mkdtemp(prefix="allreduce-tls-")
+        cert, key = os.path.join(folder, "endpoint.pem"), os.path.join(folder, "endpoint.key")
+        create_certificate(cert, key)
+        wire = WireConfig(tls_cert=cert, tls_key=key)
     subnet = start_local_subnet(
         miners=args.miners,
         peers=args.peers,
         chunk_mib=args.chunk_mib,
         validator={"verify": {"fraction": args.verify_fraction}},
+        wire=wire,
     )
     port = free_port()
     bench_peer = ray.remote(num_cpus=0)(BenchPeer)
@@ -199,7 +210,7 @@ def main() -> None:
             args.output,
             f"{args.peers} peers, {args.miners} miners, redundancy {args.redundancy}, chunk {args.chunk_mib:g} MiB, "
             f"float32, {args.reps} reps (median), validator checking {args.verify_fraction:g} of relay rounds "
-            "between repetitions",
+            "between repetitions" + (", every endpoint over grpc+tls" if args.tls else ""),
             table,
         )
     subnet.shutdown()

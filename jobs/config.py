@@ -11,7 +11,6 @@ from actors.relay import RelaySettings
 from mapreduce_ray.wire.config import WireConfig
 
 
-
 def _overridable(settings: type) -> DictConfig:
     """The typed config of a frozen settings dataclass, open to command-line overrides (Hydra keeps a frozen
     dataclass read-only); the values are checked again when the dataclass is built from it."""

@@ -123,6 +123,9 @@ class FakeSubstrate:
                 return self.consensus
             case "ValidatorPermit":
                 return self.permits()
+            case "NeuronCertificates":
+                uid = self.uid(keys[0])
+                return None if uid is None else self.neurons[uid].certificate
         raise NotImplementedError(f"the fake substrate has no storage item {module}.{storage_function}")
 
     async def query_map(self, module: str, storage_function: str, params=None, block_hash=None):

@@ -93,17 +93,18 @@ def test_a_served_endpoint_shows_in_the_metagraph(subnet, three):
     assert subnet.chain.metagraph().neuron(three[1]).endpoint == "10.0.0.1:8091"
 
 
-def test_a_served_tls_key_digest_shows_beside_the_endpoint_until_another_replaces_it(subnet, three):
+def test_a_served_tls_key_digest_shows_beside_the_endpoint_until_served_without(subnet, three):
     first, second = "ab" * 32, "cd" * 32
     subnet.chain.serve(key("Miner1"), "10.0.0.1:8091", first)
     subnet.chain.serve(key("Miner2"), "10.0.0.2:8091")
     graph = subnet.chain.metagraph()
     assert (graph.neuron(three[1]).endpoint, graph.neuron(three[1]).certificate) == ("10.0.0.1:8091", first)
     assert (graph.neuron(three[2]).endpoint, graph.neuron(three[2]).certificate) == ("10.0.0.2:8091", None)
-    subnet.chain.serve(key("Miner1"), "10.0.0.3:8091")  # the address only: the chain keeps the digest
-    assert subnet.chain.metagraph().neuron(three[1]).certificate == first
     subnet.chain.serve(key("Miner1"), "10.0.0.3:8091", second)
     assert subnet.chain.metagraph().neuron(three[1]).certificate == second
+    subnet.chain.serve(key("Miner1"), "10.0.0.4:8091")  # plain gRPC from now on: the digest is retracted
+    graph = subnet.chain.metagraph()
+    assert (graph.neuron(three[1]).endpoint, graph.neuron(three[1]).certificate) == ("10.0.0.4:8091", None)
 
 
 def test_weights_are_stored_as_the_chain_quantizes_them(subnet, three):

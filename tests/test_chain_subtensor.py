@@ -133,6 +133,10 @@ def test_serve_with_a_tls_key_digest_publishes_it_as_the_neuron_certificate(sut)
     )
     assert sut.substrate.submitted == [(BOB.ss58_address, call)]
     assert sut.chain.metagraph().neuron(1).certificate == digest.hex()
+    sut.chain.serve(BOB, "10.0.0.1:8091")  # the chain keeps a certificate until the next one: retract it
+    retract = call._replace(params={**call.params, "certificate": b"\x00"})  # algorithm 0, no key
+    assert sut.substrate.submitted[1] == (BOB.ss58_address, retract)
+    assert sut.chain.metagraph().neuron(1).certificate is None
 
 
 @pytest.mark.parametrize("endpoint", ["10.0.0.1", "miner.example:8091", "10.0.0.1:0", "10.0.0.1:65536"])

@@ -92,8 +92,7 @@ class Chain(ABC):
     @abstractmethod
     def serve(self, signer, endpoint: str, certificate: str | None = None) -> None:
         """Announce where the signer's hotkey can be reached ("ip:port"), and the hex SHA-256 of its endpoint's
-        TLS key when it serves grpc+tls. Without one, a digest announced before stays, as on subtensor, where
-        only a TLS announcement replaces it."""
+        TLS key when it serves grpc+tls (None: plain gRPC; a digest announced before is retracted)."""
 
     @abstractmethod
     def set_weights(self, signer, weights: Mapping[int, float], version_key: int = 0) -> None:

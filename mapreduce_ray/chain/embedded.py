@@ -140,7 +140,7 @@ class EmbeddedChain(Chain):
         with self._transaction(write=True) as db:
             self._uid(db, hotkey)
             db.execute(
-                "UPDATE neurons SET endpoint=?, certificate=COALESCE(?, certificate) WHERE netuid=? AND hotkey=?",
+                "UPDATE neurons SET endpoint=?, certificate=? WHERE netuid=? AND hotkey=?",
                 (endpoint, certificate, self.netuid, hotkey),
             )
 

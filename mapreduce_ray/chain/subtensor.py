@@ -23,9 +23,11 @@ from mapreduce_ray.wallets import WalletConfig
 
 _RETRY_IN = re.compile(r"retry in ~(\d+) blocks", re.IGNORECASE)  # from the SDK's rate-limit preflight
 # The neuron certificate's algorithm byte for what this project announces there: SHA-256 of the endpoint's
-# TLS key (SubjectPublicKeyInfo, DER), 32 bytes.
+# TLS key (SubjectPublicKeyInfo, DER), 32 bytes. Only a TLS announcement replaces a neuron certificate, so
+# an endpoint dropping TLS retracts its digest with NO_KEY (algorithm 0, no key).
 KEY_SHA256 = 1
 KEY_SHA256_BYTES = 32
+NO_KEY = b"\x00"
 
 
 class SubtensorChain(Chain):
@@ -95,13 +97,23 @@ class SubtensorChain(Chain):
 
     def serve(self, signer, endpoint: str, certificate: str | None = None) -> None:
         ip, port = _ip_and_port(endpoint)
-        if certificate is None:
-            intent = bt.ServeAxon(netuid=self.netuid, ip=ip, port=port)
-        else:
-            blob = bytes([KEY_SHA256]) + bytes.fromhex(certificate)
-            intent = bt.ServeAxonTls(netuid=self.netuid, ip=ip, port=port, certificate="0x" + blob.hex())
         with self._errors(f"serving {endpoint}", signer.ss58_address):
+            if certificate is not None:
+                blob = bytes([KEY_SHA256]) + bytes.fromhex(certificate)
+            elif self._announced_key(signer.ss58_address):
+                blob = NO_KEY
+            else:
+                blob = None
+            if blob is None:
+                intent = bt.ServeAxon(netuid=self.netuid, ip=ip, port=port)
+            else:
+                intent = bt.ServeAxonTls(netuid=self.netuid, ip=ip, port=port, certificate="0x" + blob.hex())
             self._sync().execute(intent, signer).raise_for_failure()
+
+    def _announced_key(self, hotkey: str) -> bool:
+        """Whether the chain holds a key digest of this project for `hotkey`."""
+        value = self._sync().query(("SubtensorModule", "NeuronCertificates"), [self.netuid, hotkey])
+        return _key_digest((hotkey, value)) is not None
 
     def set_weights(self, signer, weights: Mapping[int, float], version_key: int = 0) -> None:
         with self._errors("setting weights", signer.ss58_address):
