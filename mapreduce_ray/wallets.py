@@ -7,6 +7,7 @@ any other wallet is a user's own and is only ever read.
 
 from __future__ import annotations
 
+import fcntl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,12 +58,16 @@ def is_dev_wallet(wallet: WalletConfig, state_dir: Path) -> bool:
 
 
 def ensure_dev_wallet(wallet: WalletConfig) -> None:
-    """Create a development wallet's coldkey and hotkey if missing (no password, nothing printed)."""
+    """Create a development wallet's coldkey and hotkey if missing (no password, nothing printed); one process
+    at a time, since services started together create the same coldkey."""
     bt_wallet = bt.Wallet(wallet.name, wallet.hotkey, str(wallet.directory))
-    if not bt_wallet.coldkeypub_file.exists_on_device():
-        bt_wallet.create_new_coldkey(use_password=False, overwrite=False, suppress=True)
-    if not bt_wallet.hotkey_file.exists_on_device():
-        bt_wallet.create_new_hotkey(use_password=False, overwrite=False, suppress=True)
+    wallet.directory.mkdir(parents=True, exist_ok=True)
+    with open(wallet.directory / ".create.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not bt_wallet.coldkeypub_file.exists_on_device():
+            bt_wallet.create_new_coldkey(use_password=False, overwrite=False, suppress=True)
+        if not bt_wallet.hotkey_file.exists_on_device():
+            bt_wallet.create_new_hotkey(use_password=False, overwrite=False, suppress=True)
 
 
 def load_identity(wallet: WalletConfig) -> Identity:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import subprocess
+import sys
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +71,27 @@ def chain_file(subnet) -> str:
 
 
 # Who may join.
+
+
+def test_services_started_together_create_one_development_coldkey(tmp_path):
+    """Miners started at once create the same development wallet's coldkey: one process at a time does."""
+    create = (
+        "import sys, time; from mapreduce_ray.wallets import WalletConfig, ensure_dev_wallet, load_identity; "
+        "w = WalletConfig('dev-miner', sys.argv[1], sys.argv[2]); "
+        "time.sleep(max(float(sys.argv[3]) - time.time(), 0)); ensure_dev_wallet(w); print(load_identity(w).hotkey)"
+    )
+    at = str(time.time() + 8)  # every process imported by then: they start creating together
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", create, f"miner-{i}", str(tmp_path), at], stdout=subprocess.PIPE, text=True
+        )
+        for i in range(4)
+    ]
+    hotkeys = [proc.communicate(timeout=TIMEOUT_S)[0].strip() for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * 4
+    assert len(set(hotkeys)) == 4
+    coldkey = (tmp_path / "dev-miner" / "coldkeypub.txt").read_text()
+    assert json.loads(coldkey)["ss58Address"]
 
 
 def test_an_unregistered_wallet_is_told_in_one_line_how_to_register(subnets):
