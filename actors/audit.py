@@ -154,7 +154,8 @@ class Auditor:
         try:
             for chunk in [] if verdict else sorted(picked):
                 check = ChunkCheck(round_.spec, dict(job.admitted), round_.seq, miner, segment, chunk, sent[chunk])
-                verdict = check_chunk(self.miners.remote(uid), check, self._validator, round_.spec.timeout_s)
+                remote = self.miners.remote(uid, round_.spec.miners[miner].endpoint)
+                verdict = check_chunk(remote, check, self._validator, round_.spec.timeout_s)
                 if not verdict.ok:
                     break
         except (Unverifiable, JobError) as e:

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
-from mapreduce_ray.errors import JobError
+from mapreduce_ray.errors import JobError, MapReduceError
 from mapreduce_ray.naming import miner_name
 from mapreduce_ray.protocol import MetagraphCache
 from mapreduce_ray.types import MinerSlot
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -24,19 +27,24 @@ class ServedMiner:
     def host(self) -> str:
         return self.endpoint.rpartition(":")[0]
 
-    def slot(self, weight: float, throughput: float = 0.0) -> MinerSlot:
-        """This miner in a job, with `weight` and `throughput` (see MinerSlot)."""
-        return MinerSlot(self.uid, self.hotkey, self.endpoint, weight, throughput, self.certificate or "")
+    def slot(self, weight: float, throughput: float = 0.0, endpoint: str | None = None) -> MinerSlot:
+        """This miner in a job, with `weight` and `throughput` (see MinerSlot), its peers streaming to
+        `endpoint` (one of its reducers; default: the endpoint it announced)."""
+        where = endpoint or self.endpoint
+        return MinerSlot(self.uid, self.hotkey, where, weight, throughput, self.certificate or "")
 
 
 class MinerDirectory:
-    """Served miners by uid, refreshed from the metagraph, and one signed client per miner endpoint."""
+    """Served miners by uid, refreshed from the metagraph; where each one's reducers listen, as its endpoint's
+    flight info lists them; and one signed client per reducer."""
 
     def __init__(self, metagraph: MetagraphCache, keypair, wire: WireConfig):
         self._metagraph, self._keypair, self._wire = metagraph, keypair, wire
         self._lock = threading.Lock()
         self.miners: dict[int, ServedMiner] = {}
-        self._remotes: dict[ServedMiner, Remote] = {}
+        self._remotes: dict[tuple[ServedMiner, str], Remote] = {}
+        self._reducers: dict[ServedMiner, list[str]] = {}
+        self._placed: dict[ServedMiner, int] = {}  # jobs placed at a miner so far
 
     def refresh(self) -> dict[int, ServedMiner]:
         """Read the metagraph (through its cache); the served miners."""
@@ -48,19 +56,43 @@ class MinerDirectory:
         }
         with self._lock:
             self.miners = served
-            for stale in set(self._remotes) - set(served.values()):
-                self._remotes.pop(stale).close()
+            for stale in {miner for miner, _ in self._remotes} - set(served.values()):
+                for key in [key for key in self._remotes if key[0] == stale]:
+                    self._remotes.pop(key).close()
+                self._reducers.pop(stale, None)
+                self._placed.pop(stale, None)
         return served
 
-    def remote(self, uid: int) -> Remote:
-        """The client of miner `uid`'s endpoint; JobError if it serves none."""
+    def place(self, uid: int) -> str:
+        """The reducer of miner `uid` a new job streams to: its reducers in turn (asked once, and again after it
+        announces anew); its announced endpoint when it lists none."""
+        remote = self.remote(uid)
+        with self._lock:
+            miner = self.miners[uid]
+            reducers = self._reducers.get(miner)
+        if reducers is None:
+            try:
+                reducers = remote.locations("reducers", b"reducers")
+            except MapReduceError as e:
+                log.warning("miner uid %d lists no reducers (%s); its jobs go to its announced endpoint", uid, e)
+                reducers = [miner.endpoint]
+        with self._lock:
+            self._reducers[miner] = reducers
+            turn = self._placed.get(miner, 0)
+            self._placed[miner] = turn + 1
+        return reducers[turn % len(reducers)]
+
+    def remote(self, uid: int, address: str | None = None) -> Remote:
+        """The client of miner `uid` at `address` (one of its reducers; default: its announced endpoint);
+        JobError if it serves none."""
         with self._lock:
             miner = self.miners.get(uid)
             if miner is None:
                 raise JobError(f"miner {miner_name(uid)!r} announces no endpoint on chain any more")
-            if miner not in self._remotes:
-                who = f"miner {miner_name(uid)!r} at {miner.endpoint}"
-                self._remotes[miner] = Remote(
-                    who, miner.endpoint, miner.hotkey, self._keypair, self._wire, miner.certificate
+            where = address or miner.endpoint
+            if (miner, where) not in self._remotes:
+                who = f"miner {miner_name(uid)!r} at {where}"
+                self._remotes[miner, where] = Remote(
+                    who, where, miner.hotkey, self._keypair, self._wire, miner.certificate
                 )
-            return self._remotes[miner]
+            return self._remotes[miner, where]

@@ -24,7 +24,7 @@ from mapreduce_ray.ledger import MinerLedger
 from mapreduce_ray.matching import Candidate, choose_miners
 from mapreduce_ray.messages import JobAdmission, JobLeave, JobRequest, encode
 from mapreduce_ray.plan import miner_loads
-from mapreduce_ray.types import JobSpec
+from mapreduce_ray.types import JobSpec, MinerSlot
 from mapreduce_ray.validation import ValidatorConfig
 
 log = logging.getLogger(__name__)
@@ -85,14 +85,12 @@ class JobBook:
         """Admit a peer at every miner of `spec` (in parallel, within the job's deadline); the miners (uid) that
         refused or could not be reached, with why."""
         payload = encode(admission)
-        calls = {
-            slot.uid: self._calls.submit(self._admit_at, slot.uid, payload, spec.timeout_s) for slot in spec.miners
-        }
+        calls = {slot.uid: self._calls.submit(self._admit_at, slot, payload, spec.timeout_s) for slot in spec.miners}
         return {uid: error for uid, call in calls.items() if (error := call.result()) is not None}
 
-    def _admit_at(self, uid: int, payload: bytes, timeout_s: float) -> MapReduceError | None:
+    def _admit_at(self, slot: MinerSlot, payload: bytes, timeout_s: float) -> MapReduceError | None:
         try:
-            self.miners.remote(uid).call("admit", payload, timeout_s)
+            self.miners.remote(slot.uid, slot.endpoint).call("admit", payload, timeout_s)
         except MapReduceError as e:
             return e
         return None
@@ -148,7 +146,7 @@ class JobBook:
         # contribution bytes/s a miner took in during its benchmark: the ledger has bytes/s per benchmark rank
         throughput = {c.uid: c.throughput * self.config.benchmark.peers for c in candidates}
         loads = dict(zip(shares, miner_loads(tuple(shares.values()), request.redundancy), strict=True))
-        slots = tuple(served[uid].slot(share, throughput[uid]) for uid, share in shares.items())
+        slots = tuple(served[uid].slot(share, throughput[uid], self.miners.place(uid)) for uid, share in shares.items())
         spec = JobSpec(
             job_id=uuid.uuid4().hex[:12],
             name=name,

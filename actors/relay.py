@@ -13,6 +13,8 @@ Calls (btauth on each, mapreduce_ray.wire.auth):
   exceed `wire.window_bytes`.
 - `ticket` (validators only): every input of one chunk of a retained round, then the result,
   each beside its signed message, so a validator recomputes it on its own hardware.
+- `reducers` (validators only, flight info): the locations of the miner's reducers; a validator
+  places each job at one of them, and the job's peers stream there.
 
 A round that misses its deadline, or whose peers disagree about it or leave, fails for every
 peer in it with one RoundFailed naming why. A finished round's chunks are retained for
@@ -62,7 +64,7 @@ from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, TensorSpec
 from mapreduce_ray.wallets import Identity
 from mapreduce_ray.wire.auth import Rule
 from mapreduce_ray.wire.config import MIB, WireConfig
-from mapreduce_ray.wire.endpoint import Endpoint, answering
+from mapreduce_ray.wire.endpoint import Endpoint, answering, location
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, check_schema, digest, frame, frame_buffer, unframe
 
 log = logging.getLogger(__name__)
@@ -71,6 +73,7 @@ RULES = {
     "admit": Rule(fl.FlightMethod.DO_ACTION, permit=True),
     "exchange": Rule(fl.FlightMethod.DO_EXCHANGE),
     "ticket": Rule(fl.FlightMethod.DO_GET, permit=True),
+    "reducers": Rule(fl.FlightMethod.GET_FLIGHT_INFO, permit=True),
 }
 WATCH_S = 0.1  # how often deadlines are looked at
 REDUCE_THREADS = 4  # chunks reduced at once; streams go on reading meanwhile
@@ -274,6 +277,7 @@ class Relay(Endpoint):
         self._reducers = ThreadPoolExecutor(REDUCE_THREADS, thread_name_prefix="reduce")
         self._counters = {"rounds_done": 0, "rounds_failed": 0, "bytes_in": 0}
         self._stopped = threading.Event()
+        self.locations: list[str] = []  # host:port of every reducer of this miner (none set: this endpoint only)
         threading.Thread(target=self._watch, name="relay-deadlines", daemon=True).start()
 
     def status(self) -> dict:
@@ -305,6 +309,13 @@ class Relay(Endpoint):
             job.left.discard(admission.rank)
             job.active_at = time.monotonic()
         return b"{}"
+
+    def get_flight_info(self, context, descriptor):
+        """Where this miner's reducers listen: validators place each job at one, and its peers stream there."""
+        self.accept(context, descriptor.command)
+        places = self.locations or [self.address]
+        endpoints = [fl.FlightEndpoint(b"", [location(address, self.config.tls)]) for address in places]
+        return fl.FlightInfo(CHUNK_SCHEMA, descriptor, endpoints, -1, -1)
 
     # ---- job streams ----------------------------------------------------------------------------
 

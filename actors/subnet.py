@@ -131,13 +131,16 @@ def init_local_ray(object_store_mib: int = 2048, num_cpus: int | None = None, pr
 @dataclass(frozen=True)
 class MinerPlan:
     """A miner to start: the endpoint it serves (Relay, or a misbehaving one of actors.behaviours) with its
-    keyword arguments, where it listens (host:port), and the custom Ray resources that pin it to a node
-    (None: anywhere)."""
+    keyword arguments, where it listens (host:port), the custom Ray resources that pin it to a node
+    (None: anywhere), and how many reducers it runs, the others where `reducer_resources` puts them (None:
+    spread over the nodes)."""
 
     relay_class: type = Relay
     options: dict | None = None
     resources: dict[str, float] | None = None
     listen: str = LOOPBACK
+    reducers: int = 1
+    reducer_resources: dict[str, float] | None = None
 
 
 def start_local_subnet(
@@ -218,6 +221,8 @@ def start_miner(
         wire=wire,
         relay_class=plan.relay_class,
         relay_options=plan.options,
+        reducers=plan.reducers,
+        reducer_resources=plan.reducer_resources,
         max_concurrency=MAX_CONCURRENCY,
         resources=plan.resources,
     )

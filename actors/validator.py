@@ -181,7 +181,7 @@ class ValidatorActor:
             job_id=uuid.uuid4().hex[:12],
             name=f"benchmark-of-{miner_name(uid)}",
             peer_count=settings.peers,
-            miners=(miner.slot(1.0),),
+            miners=(miner.slot(1.0, endpoint=self._directory.place(uid)),),
             chunk_bytes=self.config.chunk_bytes,
             timeout_s=settings.timeout_s,
             max_bytes=settings.size_bytes,

@@ -4,8 +4,10 @@ Registers the wallet's hotkey on the embedded chain if needed (on bittensor it
 must be registered already), starts this operator's own Ray in the process (or
 joins the operator's cluster with ray=cluster ray.address=...), starts the
 detached actor miner-{uid} on this node, which serves the miner's Flight
-endpoint on miner.listen and announces miner.advertise on chain, and logs its
-status until Ctrl-C, which stops the actor. Settings: conf/miner.yaml.
+endpoint on miner.listen and announces miner.advertise on chain (with
+miner.reducers > 1, more reducers spread over the operator's nodes, listed in
+its endpoint's flight info), and logs its status until Ctrl-C, which stops the
+actor. Settings: conf/miner.yaml.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from actors.miner import MAX_CONCURRENCY, MinerActor
+from actors.relay import Relay
 from jobs.config import relay_settings, wire_config
 from jobs.service import serve_role
 from mapreduce_ray.naming import miner_name
@@ -23,13 +26,17 @@ def show(status: dict) -> str:
     return (
         f"uid {status['uid']} {status['hotkey']}: {status['jobs']} job(s), {status['open_rounds']} open round(s), "
         f"{status['rounds_done']} rounds done, {status['bytes_in'] / 2**20:.1f} MiB reduced"
+        + (f" by {len(status['reducers'])} reducers" if len(status["reducers"]) > 1 else "")
     )
 
 
 @hydra.main(config_path="../conf", config_name="miner", version_base=None)
 def main(cfg: DictConfig) -> None:
-    settings = (cfg.miner.listen, cfg.miner.advertise, wire_config(cfg), relay_settings(cfg))
-    serve_role(cfg, MinerActor, miner_name, lambda wallet, chain: (wallet, chain, *settings), show, MAX_CONCURRENCY)
+    # MinerActor's arguments after the wallet and chain: where it listens and what it announces, its
+    # settings, the endpoint it serves (an honest Relay, no options), how many reducers
+    settings = (cfg.miner.listen, cfg.miner.advertise, wire_config(cfg), relay_settings(cfg), Relay, None)
+    arguments = (*settings, cfg.miner.reducers)
+    serve_role(cfg, MinerActor, miner_name, lambda wallet, chain: (wallet, chain, *arguments), show, MAX_CONCURRENCY)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ import pytest
 import torch
 from wire_world import COLD, WireWorld, key, on_every_peer
 
-from mapreduce_ray.errors import NoValidatorPermitError, RoundTimeoutError
+from mapreduce_ray.errors import EndpointError, NoValidatorPermitError, RoundTimeoutError
 from mapreduce_ray.messages import Chunk, JobAdmission, Reduced, decode, encode, seal_body
 from mapreduce_ray.protocol import Kind, attest, audience
 from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.wire.config import WireConfig
-from mapreduce_ray.wire.endpoint import Remote
+from mapreduce_ray.wire.endpoint import Remote, address_of
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, digest
 
 LIMIT = 64 * 1024  # the peers' largest message
@@ -200,3 +200,29 @@ def test_only_a_validator_may_admit_peers_at_a_miner(world):
     as_peer = Remote("the miner", relay.address, relay.hotkey, world.peers[0], WireConfig())
     with pytest.raises(NoValidatorPermitError, match=r"^the miner refused the call: admit is for validators"):
         as_peer.call("admit", admission)
+
+
+def test_a_miner_lists_its_reducers_to_validators_only(world):
+    relay = world.relay("lists")
+    as_validator = Remote("the miner", relay.address, relay.hotkey, world.validator, WireConfig())
+    assert as_validator.locations("reducers", b"reducers") == [relay.address]  # one reducer: itself
+    relay.locations = [relay.address, "10.0.0.7:9000"]
+    assert as_validator.locations("reducers", b"reducers") == [relay.address, "10.0.0.7:9000"]
+    as_peer = Remote("the miner", relay.address, relay.hotkey, world.peers[0], WireConfig())
+    with pytest.raises(NoValidatorPermitError, match=r"^the miner refused the call: reducers is for validators"):
+        as_peer.locations("reducers", b"reducers")
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [b"file:///etc/passwd", b"grpc://host", b"grpc://host:1/more", b"grpc+unix:///tmp/s", b"grpc://" + b"h" * 300],
+)
+def test_a_listed_location_other_than_a_flight_host_and_port_is_refused(uri: bytes):
+    with pytest.raises(EndpointError, match=r"^miner 'miner-4' listed a location outside the protocol: "):
+        address_of(uri, "miner 'miner-4'")
+
+
+def test_listed_locations_are_host_and_port():
+    assert address_of(b"grpc://10.0.0.1:8091", "m") == "10.0.0.1:8091"
+    assert address_of(b"grpc+tls://[2001:db8::1]:443", "m") == "[2001:db8::1]:443"
+    assert address_of(b"grpc://miner.example:8091", "m") == "miner.example:8091"

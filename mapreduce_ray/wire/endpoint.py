@@ -12,13 +12,14 @@ client pins the certificate whose key the endpoint's hotkey announced on chain (
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pyarrow.flight as fl
 
-from mapreduce_ray.errors import LimitExceededError, MapReduceError
+from mapreduce_ray.errors import EndpointError, LimitExceededError, MapReduceError
 from mapreduce_ray.protocol import MetagraphCache
 from mapreduce_ray.wire.auth import Authenticator, Caller, Rule, call_headers
 from mapreduce_ray.wire.config import WireConfig
@@ -28,11 +29,22 @@ from mapreduce_ray.wire.tls import TLS_NAME, pinned_certificate
 log = logging.getLogger(__name__)
 
 Action = Callable[[Caller, bytes], bytes]
+MAX_LOCATIONS = 64  # endpoints one flight info may list
+MAX_LOCATION_BYTES = 300
+_LOCATION = re.compile(r"grpc(?:\+tls)?://((?:[\w.-]+|\[[0-9a-fA-F:.]+\]):\d{1,5})")
 
 
 def location(address: str, tls: bool) -> str:
     """The Flight location of `host:port`."""
     return f"{'grpc+tls' if tls else 'grpc'}://{address}"
+
+
+def address_of(uri: bytes, who: str) -> str:
+    """The host:port of a Flight location `who` listed; EndpointError unless it is one `location` makes."""
+    match = _LOCATION.fullmatch(uri.decode("ascii", "replace")) if len(uri) <= MAX_LOCATION_BYTES else None
+    if match is None:
+        raise EndpointError(f"{who} listed a location outside the protocol: {uri[:MAX_LOCATION_BYTES]!r}")
+    return match[1]
 
 
 class Endpoint(fl.FlightServerBase):
@@ -148,6 +160,16 @@ class Remote:
         options = self._options(fl.FlightMethod.DO_EXCHANGE, name, command, None)
         with self.errors():
             return self.client.do_exchange(fl.FlightDescriptor.for_command(command), options)
+
+    def locations(self, name: str, command: bytes) -> list[str]:
+        """The host:port of every endpoint listed in the flight info the endpoint gives for `command`."""
+        options = self._options(fl.FlightMethod.GET_FLIGHT_INFO, name, command, self.config.call_timeout_s)
+        with self.errors():
+            info = self.client.get_flight_info(fl.FlightDescriptor.for_command(command), options)
+        uris = [location.uri for endpoint in info.endpoints for location in endpoint.locations]
+        if not 1 <= len(uris) <= MAX_LOCATIONS:
+            raise EndpointError(f"{self.who} listed {len(uris)} locations; expected 1 to {MAX_LOCATIONS}")
+        return [address_of(uri, self.who) for uri in uris]
 
     def fetch(self, name: str, ticket: bytes, timeout_s: float):
         """The reader of a stream the endpoint sends for `ticket`, within `timeout_s`."""
