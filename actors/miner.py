@@ -34,6 +34,11 @@ STATUS_TIMEOUT_S = 30.0
 WILDCARDS = ("0.0.0.0", "::", "[::]", "")
 
 
+def check_reducers(reducers: int) -> None:
+    if reducers < 1:
+        raise ValueError(f"miner.reducers must be at least 1, got {reducers}")
+
+
 class MinerActor:
     """Create with `ray.remote(MinerActor).options(name=miner_name(uid), ...).remote(wallet, chain, ...)`.
 
@@ -54,8 +59,7 @@ class MinerActor:
         reducers: int = 1,
         reducer_resources: dict[str, float] | None = None,
     ):
-        if reducers < 1:
-            raise ValueError(f"miner.reducers must be at least 1, got {reducers}")
+        check_reducers(reducers)
         wire = wire or WireConfig()
         self._host = _Reducer(wallet, chain, listen, wire, settings, relay_class, relay_options)
         self.relay, self.uid, self.name = self._host.relay, self._host.uid, self._host.name

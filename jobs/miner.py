@@ -15,10 +15,10 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from actors.miner import MAX_CONCURRENCY, MinerActor
+from actors.miner import MAX_CONCURRENCY, MinerActor, check_reducers
 from actors.relay import Relay
 from jobs.config import relay_settings, wire_config
-from jobs.service import serve_role
+from jobs.service import serve_role, user_errors
 from mapreduce_ray.naming import miner_name
 
 
@@ -34,6 +34,8 @@ def show(status: dict) -> str:
 def main(cfg: DictConfig) -> None:
     # MinerActor's arguments after the wallet and chain: where it listens and what it announces, its
     # settings, the endpoint it serves (an honest Relay, no options), how many reducers
+    with user_errors():
+        check_reducers(cfg.miner.reducers)
     settings = (cfg.miner.listen, cfg.miner.advertise, wire_config(cfg), relay_settings(cfg), Relay, None)
     arguments = (*settings, cfg.miner.reducers)
     serve_role(cfg, MinerActor, miner_name, lambda wallet, chain: (wallet, chain, *arguments), show, MAX_CONCURRENCY)

@@ -151,13 +151,16 @@ def serve(module: str, *overrides: str, env: dict, cwd) -> tuple[subprocess.Pope
     return proc, Output(proc)
 
 
-def test_a_miner_without_a_wallet_or_a_cluster_says_what_to_do(tmp_path):
+def test_a_miner_without_a_wallet_or_a_cluster_or_a_reducer_says_what_to_do(tmp_path):
     env = {**os.environ, "MAPREDUCE_STATE_DIR": str(tmp_path / "state"), "RAY_ADDRESS": ""}
     no_wallet = finish(["-m", "jobs.miner", f"hydra.run.dir={tmp_path}/a"], env)
     assert no_wallet.returncode == 2
     assert no_wallet.stderr.strip().splitlines()[-1] == (
         "error: choose a wallet: +wallet=NAME, where conf/wallet/NAME.yaml exists (e.g. +wallet=dev-miner)"
     )
+    no_reducer = ["-m", "jobs.miner", "+wallet=dev-miner", "miner.reducers=0", f"hydra.run.dir={tmp_path}/c"]
+    no_reducer = finish(no_reducer, env)
+    assert (no_reducer.returncode, no_reducer.stderr.strip()) == (2, "error: miner.reducers must be at least 1, got 0")
     no_cluster = finish(
         [
             "-m",
