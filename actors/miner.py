@@ -35,6 +35,7 @@ WILDCARDS = ("0.0.0.0", "::", "[::]", "")
 
 
 def check_reducers(reducers: int) -> None:
+    """One line naming the setting when a miner is asked for no reducer at all."""
     if reducers < 1:
         raise ValueError(f"miner.reducers must be at least 1, got {reducers}")
 
