@@ -1,4 +1,4 @@
-"""Soak: hundreds of rounds on one job, then object-store bytes and process memory against the start.
+"""Soak: hundreds of rounds on one job, then process memory and object-store bytes against the start.
 
     python benchmarks/soak.py --rounds 200 --peers 4 --miners 2 --size-mib 16 --output benchmarks/RESULTS.md
 
@@ -116,7 +116,8 @@ def main() -> None:
     lines = [
         f"### Soak: {args.rounds} rounds ({datetime.date.today().isoformat()})",
         "",
-        f"`python benchmarks/soak.py --rounds {args.rounds} --peers {args.peers} --miners {args.miners} "
+        f"`python benchmarks/soak.py --rounds {args.rounds} --warmup {args.warmup} --peers {args.peers} "
+        f"--miners {args.miners} "
         f"--size-mib {args.size_mib:g}`: {args.peers} peers, {args.miners} miners, {args.size_mib:g} MiB per rank, "
         f"{args.rounds} rounds in {seconds:.1f} s after {args.warmup} warm-up rounds; rounds with a wrong result "
         f"on any peer: {wrong}; checks {status['checks']} (failed {status['check_failures']}, skipped "
