@@ -1,6 +1,6 @@
 """Soak: hundreds of rounds on one job, then process memory and object-store bytes against the start.
 
-    python benchmarks/soak.py --rounds 200 --peers 4 --miners 2 --size-mib 16 --output benchmarks/RESULTS.md
+    python benchmarks/soak.py --rounds 600 --warmup 100 --peers 4 --miners 2 --size-mib 16 --output benchmarks/RESULTS.md
 
 A local subnet (validator checking its default share of rounds) and P peer actors
 run `--rounds` all_reduce rounds of S MiB per rank after `--warmup` rounds. Every
@@ -10,7 +10,9 @@ round, each once the validator has closed and checked every round it was told
 about: the node's object-store bytes in use, each miner's and the validator's
 resident memory (VmRSS, and its private part RssAnon: VmRSS also counts the
 object-store pages a process has read), and the miners' open rounds. Then the peers leave and the
-store is read once more.
+store is read once more. A miner keeps finished rounds for checks (relay.retention_s, within
+relay.retention_mib), so its memory grows until the retention is full: warm up past that
+(--warmup 100 at 16 MiB) to see its level.
 """
 
 from __future__ import annotations
