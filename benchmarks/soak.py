@@ -1,6 +1,6 @@
 """Soak: hundreds of rounds on one job, then process memory and object-store bytes against the start.
 
-    python benchmarks/soak.py --rounds 600 --warmup 100 --peers 4 --miners 2 --size-mib 16 --output benchmarks/RESULTS.md
+    python benchmarks/soak.py --rounds 600 --warmup 100 --size-mib 16 --output benchmarks/RESULTS.md
 
 A local subnet (validator checking its default share of rounds) and P peer actors
 run `--rounds` all_reduce rounds of S MiB per rank after `--warmup` rounds. Every
