@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
+import time
 from dataclasses import dataclass
 
 from mapreduce_ray.errors import JobError, MapReduceError
@@ -14,6 +16,7 @@ from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
 
 log = logging.getLogger(__name__)
+REDUCERS_TTL_S = 60.0  # how long a miner's list of reducers is trusted before it is asked again
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ class MinerDirectory:
         self._lock = threading.Lock()
         self.miners: dict[int, ServedMiner] = {}
         self._remotes: dict[tuple[ServedMiner, str], Remote] = {}
-        self._reducers: dict[ServedMiner, list[str]] = {}
+        self._reducers: dict[ServedMiner, tuple[float, list[str]]] = {}  # (when asked, where they listen)
         self._placed: dict[ServedMiner, int] = {}  # jobs placed at a miner so far
 
     def refresh(self) -> dict[int, ServedMiner]:
@@ -56,28 +59,32 @@ class MinerDirectory:
         }
         with self._lock:
             self.miners = served
-            for stale in {miner for miner, _ in self._remotes} - set(served.values()):
-                for key in [key for key in self._remotes if key[0] == stale]:
-                    self._remotes.pop(key).close()
-                self._reducers.pop(stale, None)
-                self._placed.pop(stale, None)
+            gone = {miner for miner, _ in self._remotes} - set(served.values())
+            closing = [self._remotes.pop(key) for key in list(self._remotes) if key[0] in gone]
+            for miner in gone:
+                self._reducers.pop(miner, None)
+                self._placed.pop(miner, None)
+        for remote in closing:  # outside the lock: closing waits for a connection being made
+            remote.close()
         return served
 
     def place(self, uid: int) -> str:
-        """The reducer of miner `uid` a new job streams to: its reducers in turn (asked once, and again after it
-        announces anew); its announced endpoint when it lists none."""
-        remote = self.remote(uid)
+        """The reducer of miner `uid` a new job streams to: its reducers in turn, as it listed them within
+        REDUCERS_TTL_S (a restarted miner's reducers listen on new ports); its announced endpoint when it lists
+        none. JobError if it serves no endpoint."""
+        miner, remote = self._served(uid, None)
+        now = time.monotonic()
         with self._lock:
-            miner = self.miners[uid]
-            reducers = self._reducers.get(miner)
-        if reducers is None:
+            asked_at, reducers = self._reducers.get(miner, (-math.inf, []))
+        if now - asked_at > REDUCERS_TTL_S:
             try:
                 reducers = remote.locations("reducers", b"reducers")
             except MapReduceError as e:
                 log.warning("miner uid %d lists no reducers (%s); its jobs go to its announced endpoint", uid, e)
                 reducers = [miner.endpoint]
+            asked_at = now
         with self._lock:
-            self._reducers[miner] = reducers
+            self._reducers[miner] = (asked_at, reducers)
             turn = self._placed.get(miner, 0)
             self._placed[miner] = turn + 1
         return reducers[turn % len(reducers)]
@@ -85,6 +92,9 @@ class MinerDirectory:
     def remote(self, uid: int, address: str | None = None) -> Remote:
         """The client of miner `uid` at `address` (one of its reducers; default: its announced endpoint);
         JobError if it serves none."""
+        return self._served(uid, address)[1]
+
+    def _served(self, uid: int, address: str | None) -> tuple[ServedMiner, Remote]:
         with self._lock:
             miner = self.miners.get(uid)
             if miner is None:
@@ -95,4 +105,4 @@ class MinerDirectory:
                 self._remotes[miner, where] = Remote(
                     who, where, miner.hotkey, self._keypair, self._wire, miner.certificate
                 )
-            return self._remotes[miner, where]
+            return miner, self._remotes[miner, where]

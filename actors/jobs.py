@@ -146,7 +146,12 @@ class JobBook:
         # contribution bytes/s a miner took in during its benchmark: the ledger has bytes/s per benchmark rank
         throughput = {c.uid: c.throughput * self.config.benchmark.peers for c in candidates}
         loads = dict(zip(shares, miner_loads(tuple(shares.values()), request.redundancy), strict=True))
-        slots = tuple(served[uid].slot(share, throughput[uid], self.miners.place(uid)) for uid, share in shares.items())
+        try:
+            places = {uid: self.miners.place(uid) for uid in shares}
+        except MapReduceError:
+            self.ledger.release(claimed)
+            raise
+        slots = tuple(served[uid].slot(share, throughput[uid], places[uid]) for uid, share in shares.items())
         spec = JobSpec(
             job_id=uuid.uuid4().hex[:12],
             name=name,

@@ -94,8 +94,10 @@ class MinerActor:
         }
 
     def shutdown(self) -> None:
-        get([r.shutdown.remote() for r in self._reducers], STATUS_TIMEOUT_S, "stopping the reducers")
-        self.relay.shutdown()
+        try:
+            get([r.shutdown.remote() for r in self._reducers], STATUS_TIMEOUT_S, "stopping the reducers")
+        finally:
+            self.relay.shutdown()
 
 
 class ReducerActor:

@@ -277,7 +277,7 @@ class Relay(Endpoint):
         self._reducers = ThreadPoolExecutor(REDUCE_THREADS, thread_name_prefix="reduce")
         self._counters = {"rounds_done": 0, "rounds_failed": 0, "bytes_in": 0}
         self._stopped = threading.Event()
-        self.locations: list[str] = []  # host:port of every reducer of this miner (none set: this endpoint only)
+        self.locations: list[str] = []  # host:port of every reducer of this miner, once they all listen
         threading.Thread(target=self._watch, name="relay-deadlines", daemon=True).start()
 
     def status(self) -> dict:
@@ -313,8 +313,10 @@ class Relay(Endpoint):
     def get_flight_info(self, context, descriptor):
         """Where this miner's reducers listen: validators place each job at one, and its peers stream there."""
         self.accept(context, descriptor.command)
-        places = self.locations or [self.address]
-        endpoints = [fl.FlightEndpoint(b"", [location(address, self.config.tls)]) for address in places]
+        with answering():
+            if not self.locations:
+                raise JobError(f"miner {self.name!r} is still starting its reducers; ask again")
+        endpoints = [fl.FlightEndpoint(b"", [location(address, self.config.tls)]) for address in self.locations]
         return fl.FlightInfo(CHUNK_SCHEMA, descriptor, endpoints, -1, -1)
 
     # ---- job streams ----------------------------------------------------------------------------

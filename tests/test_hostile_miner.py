@@ -23,7 +23,7 @@ import pytest
 import torch
 from wire_world import COLD, WireWorld, key, on_every_peer
 
-from mapreduce_ray.errors import EndpointError, NoValidatorPermitError, RoundTimeoutError
+from mapreduce_ray.errors import EndpointError, JobError, NoValidatorPermitError, RoundTimeoutError
 from mapreduce_ray.messages import Chunk, JobAdmission, Reduced, decode, encode, seal_body
 from mapreduce_ray.protocol import Kind, attest, audience
 from mapreduce_ray.reference import reference_reduce
@@ -205,7 +205,8 @@ def test_only_a_validator_may_admit_peers_at_a_miner(world):
 def test_a_miner_lists_its_reducers_to_validators_only(world):
     relay = world.relay("lists")
     as_validator = Remote("the miner", relay.address, relay.hotkey, world.validator, WireConfig())
-    assert as_validator.locations("reducers", b"reducers") == [relay.address]  # one reducer: itself
+    with pytest.raises(JobError, match=r"^miner 'lists' is still starting its reducers; ask again$"):
+        as_validator.locations("reducers", b"reducers")
     relay.locations = [relay.address, "10.0.0.7:9000"]
     assert as_validator.locations("reducers", b"reducers") == [relay.address, "10.0.0.7:9000"]
     as_peer = Remote("the miner", relay.address, relay.hotkey, world.peers[0], WireConfig())
@@ -215,7 +216,15 @@ def test_a_miner_lists_its_reducers_to_validators_only(world):
 
 @pytest.mark.parametrize(
     "uri",
-    [b"file:///etc/passwd", b"grpc://host", b"grpc://host:1/more", b"grpc+unix:///tmp/s", b"grpc://" + b"h" * 300],
+    [
+        b"file:///etc/passwd",
+        b"grpc://host",
+        b"grpc://host:1/more",
+        b"grpc+unix:///tmp/s",
+        b"grpc://" + b"h" * 300,
+        b"grpc://1.2.3.4:99999",
+        b"grpc://1.2.3.4:0",
+    ],
 )
 def test_a_listed_location_other_than_a_flight_host_and_port_is_refused(uri: bytes):
     with pytest.raises(EndpointError, match=r"^miner 'miner-4' listed a location outside the protocol: "):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +48,7 @@ from mapreduce_ray.wire import Endpoint, Remote, WireConfig
 from mapreduce_ray.wire.auth import CALL_HEADER, Authenticator, Caller, Rule, call_headers, payload_digest
 from mapreduce_ray.wire.errors import MAX_EXTRA_BYTES, MAX_MESSAGE_CHARS, refusal, translated
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, check_schema, digest, frame, frame_buffer, unframe
-from mapreduce_ray.wire.tls import create_certificate, key_fingerprint
+from mapreduce_ray.wire.tls import create_certificate, key_fingerprint, pinned_certificate
 
 SERVER, VALIDATOR, PLAIN, STRANGER = (key(n) for n in ("Server", "Validator", "Plain", "Stranger"))
 ED25519 = Keypair.create_from_uri("//Plain", crypto_type=CRYPTO_ED25519)
@@ -540,6 +542,31 @@ def test_a_plain_caller_of_a_tls_endpoint_and_a_tls_caller_of_a_plain_one_cannot
     pinning = Remote("endpoint", endpoint.address, endpoint.hotkey, PLAIN, WireConfig(call_timeout_s=5.0), fingerprint)
     with pytest.raises(EndpointError, match=rf"^endpoint cannot be reached over TLS at {endpoint.address}: "):
         pinning.call("echo", b"x")
+
+
+def test_a_tls_endpoint_answering_its_handshake_slowly_is_cut_off_at_the_deadline():
+    """A server that drips handshake bytes forever, each well within a socket timeout: the whole fetch still
+    ends by the call's deadline."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip() -> None:
+        connection, _ = listener.accept()
+        with connection:
+            for _ in range(50):  # bounded: at most 10 s
+                if stop.wait(0.2):
+                    return
+                connection.sendall(b"\x16")
+
+    threading.Thread(target=drip, daemon=True).start()
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        with pytest.raises(EndpointError) as cut:
+            pinned_certificate("miner 'miner-5'", address, "0" * 64, timeout_s=1.0)
+        assert str(cut.value) == f"miner 'miner-5' did not finish a TLS handshake at {address} within 1 s"
+    finally:
+        stop.set()
+        listener.close()
 
 
 def test_a_certificate_is_never_written_over(tmp_path):

@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import pyarrow as pa
 import pyarrow.flight as fl
 
 from mapreduce_ray.errors import EndpointError, LimitExceededError, MapReduceError
@@ -31,7 +32,7 @@ log = logging.getLogger(__name__)
 Action = Callable[[Caller, bytes], bytes]
 MAX_LOCATIONS = 64  # endpoints one flight info may list
 MAX_LOCATION_BYTES = 300
-_LOCATION = re.compile(r"grpc(?:\+tls)?://((?:[\w.-]+|\[[0-9a-fA-F:.]+\]):\d{1,5})")
+_LOCATION = re.compile(r"grpc(?:\+tls)?://((?:[\w.-]+|\[[0-9a-fA-F:.]+\]):(\d{1,5}))")
 
 
 def location(address: str, tls: bool) -> str:
@@ -42,7 +43,7 @@ def location(address: str, tls: bool) -> str:
 def address_of(uri: bytes, who: str) -> str:
     """The host:port of a Flight location `who` listed; EndpointError unless it is one `location` makes."""
     match = _LOCATION.fullmatch(uri.decode("ascii", "replace")) if len(uri) <= MAX_LOCATION_BYTES else None
-    if match is None:
+    if match is None or not 0 < int(match[2]) < 65536:
         raise EndpointError(f"{who} listed a location outside the protocol: {uri[:MAX_LOCATION_BYTES]!r}")
     return match[1]
 
@@ -184,6 +185,8 @@ class Remote:
             yield
         except fl.FlightError as e:
             raise translated(e, self.who) from None
+        except pa.ArrowException as e:  # e.g. a location pyarrow cannot dial, or a closed client
+            raise EndpointError(f"{self.who} cannot be called at {self.address}: {e}") from None
 
     def close(self) -> None:
         with self._connect_lock:
