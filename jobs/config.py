@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actors.relay import RelaySettings
 from mapreduce_ray.wire.config import WireConfig
+from mapreduce_ray.wire.tls import check_certificate
 
 
 def _overridable(settings: type) -> DictConfig:
@@ -25,7 +26,11 @@ _store.store(group="relay", name="default", node=_overridable(RelaySettings))
 
 
 def wire_config(cfg: DictConfig) -> WireConfig:
-    return WireConfig(**OmegaConf.to_container(cfg.wire, resolve=True))
+    """The party's wire settings; with TLS, its certificate and key checked first (ValueError naming the fix)."""
+    config = WireConfig(**OmegaConf.to_container(cfg.wire, resolve=True))
+    if config.tls:
+        check_certificate(config.tls_cert, config.tls_key)
+    return config
 
 
 def relay_settings(cfg: DictConfig) -> RelaySettings:

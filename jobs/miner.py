@@ -36,7 +36,7 @@ def main(cfg: DictConfig) -> None:
     # settings, the endpoint it serves (an honest Relay, no options), how many reducers
     with user_errors():
         check_reducers(cfg.miner.reducers)
-    settings = (cfg.miner.listen, cfg.miner.advertise, wire_config(cfg), relay_settings(cfg), Relay, None)
+        settings = (cfg.miner.listen, cfg.miner.advertise, wire_config(cfg), relay_settings(cfg), Relay, None)
     arguments = (*settings, cfg.miner.reducers)
     serve_role(cfg, MinerActor, miner_name, lambda wallet, chain: (wallet, chain, *arguments), show, MAX_CONCURRENCY)
 

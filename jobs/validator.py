@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from actors.validator import MAX_CONCURRENCY, ValidatorActor
 from jobs.config import wire_config
-from jobs.service import serve_role
+from jobs.service import serve_role, user_errors
 from mapreduce_ray.naming import validator_name
 from mapreduce_ray.validation import ValidatorConfig
 
@@ -44,7 +44,8 @@ def validator_config(cfg: DictConfig) -> ValidatorConfig:
 
 @hydra.main(config_path="../conf", config_name="validator", version_base=None)
 def main(cfg: DictConfig) -> None:
-    settings = (validator_config(cfg), cfg.endpoint.listen, cfg.endpoint.advertise, wire_config(cfg))
+    with user_errors():
+        settings = (validator_config(cfg), cfg.endpoint.listen, cfg.endpoint.advertise, wire_config(cfg))
     serve_role(
         cfg, ValidatorActor, validator_name, lambda wallet, chain: (wallet, chain, *settings), show, MAX_CONCURRENCY
     )

@@ -151,7 +151,7 @@ def serve(module: str, *overrides: str, env: dict, cwd) -> tuple[subprocess.Pope
     return proc, Output(proc)
 
 
-def test_a_miner_without_a_wallet_or_a_cluster_or_a_reducer_says_what_to_do(tmp_path):
+def test_a_miner_without_a_wallet_a_cluster_a_reducer_or_its_certificate_says_what_to_do(tmp_path):
     env = {**os.environ, "MAPREDUCE_STATE_DIR": str(tmp_path / "state"), "RAY_ADDRESS": ""}
     no_wallet = finish(["-m", "jobs.miner", f"hydra.run.dir={tmp_path}/a"], env)
     assert no_wallet.returncode == 2
@@ -161,6 +161,11 @@ def test_a_miner_without_a_wallet_or_a_cluster_or_a_reducer_says_what_to_do(tmp_
     no_reducer = ["-m", "jobs.miner", "+wallet=dev-miner", "miner.reducers=0", f"hydra.run.dir={tmp_path}/c"]
     no_reducer = finish(no_reducer, env)
     assert (no_reducer.returncode, no_reducer.stderr.strip()) == (2, "error: miner.reducers must be at least 1, got 0")
+    no_tls = ["+wallet=dev-miner", f"wire.tls_cert={tmp_path}/none.pem", f"wire.tls_key={tmp_path}/none.key"]
+    no_tls = finish(["-m", "jobs.miner", *no_tls, f"hydra.run.dir={tmp_path}/d"], env)
+    assert no_tls.returncode == 2
+    assert no_tls.stderr.startswith("error: wire.tls_cert/wire.tls_key: cannot read a certificate and its key (")
+    assert no_tls.stderr.strip().endswith("; make one with python -m jobs.certificate cert=PATH key=PATH")
     no_cluster = finish(
         [
             "-m",

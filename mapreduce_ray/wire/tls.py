@@ -39,6 +39,33 @@ def key_fingerprint(pem: bytes) -> str:
     ).hexdigest()
 
 
+def check_certificate(cert_path: str, key_path: str) -> None:
+    """One line naming the fix (ValueError) unless the files are a certificate callers can pin, valid now and
+    naming TLS_NAME, and its private key."""
+    fix = "make one with python -m jobs.certificate cert=PATH key=PATH"
+    try:
+        with open(cert_path, "rb") as cert_file, open(key_path, "rb") as key_file:
+            certificate = x509.load_pem_x509_certificate(cert_file.read())
+            key = serialization.load_pem_private_key(key_file.read(), password=None)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"wire.tls_cert/wire.tls_key: cannot read a certificate and its key ({e}); {fix}") from None
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if not certificate.not_valid_before_utc <= now <= certificate.not_valid_after_utc:
+        raise ValueError(
+            f"{cert_path} is valid from {certificate.not_valid_before_utc:%Y-%m-%d} to "
+            f"{certificate.not_valid_after_utc:%Y-%m-%d}, not now; {fix}"
+        )
+    try:
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        names = []
+    if TLS_NAME not in [n.value for n in names if isinstance(n, x509.DNSName)]:
+        raise ValueError(f"{cert_path} does not name {TLS_NAME} (callers ask for that name); {fix}")
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
+        raise ValueError(f"{key_path} is not the private key of {cert_path}; pass the pair, or {fix}")
+
+
 def announce_address(chain: Chain, keypair, endpoint: str, wire: WireConfig) -> None:
     """Announce `endpoint` (host:port) for `keypair`'s hotkey, with its certificate's key digest under TLS."""
     fingerprint = None
