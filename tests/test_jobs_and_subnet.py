@@ -16,6 +16,7 @@ from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import EndpointError
 from mapreduce_ray.wallets import dev_wallet
 from mapreduce_ray.wire.config import WireConfig
+from mapreduce_ray.wire.tls import create_certificate
 
 
 def test_init_process_group_returns_the_job_spec(subnets, run_peers):
@@ -137,9 +138,13 @@ def _named(namespace: str, *names: str) -> list[str]:
     return alive
 
 
-def test_wire_and_relay_settings_take_command_line_overrides_and_refuse_unknown_ones(job_config):
-    cfg = job_config("miner", "+wallet=dev-miner", "wire.tls_cert=/e.pem", "wire.tls_key=/e.key", "relay.retention_s=5")
-    assert wire_config(cfg) == WireConfig(tls_cert="/e.pem", tls_key="/e.key")
+def test_wire_and_relay_settings_take_command_line_overrides_and_refuse_unknown_ones(job_config, tmp_path):
+    cert, key = str(tmp_path / "e.pem"), str(tmp_path / "e.key")
+    create_certificate(cert, key)
+    cfg = job_config(
+        "miner", "+wallet=dev-miner", f"wire.tls_cert={cert}", f"wire.tls_key={key}", "relay.retention_s=5"
+    )
+    assert wire_config(cfg) == WireConfig(tls_cert=cert, tls_key=key)
     assert relay_settings(cfg) == RelaySettings(retention_s=5.0)
     with pytest.raises(ConfigCompositionException, match=r"^Error merging override wire\.window_bytes=many$"):
         job_config("validator", "+wallet=dev-validator", "wire.window_bytes=many")
