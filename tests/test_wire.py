@@ -21,10 +21,6 @@ import pytest
 import torch
 from bittensor import http_auth
 from bittensor.sp_core import CRYPTO_ED25519, Keypair
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from wire_world import COLD, key
@@ -53,7 +49,13 @@ from mapreduce_ray.wire import Endpoint, Remote, WireConfig
 from mapreduce_ray.wire.auth import CALL_HEADER, Authenticator, Caller, Rule, call_headers, payload_digest
 from mapreduce_ray.wire.errors import MAX_EXTRA_BYTES, MAX_MESSAGE_CHARS, refusal, translated
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, check_schema, digest, frame, frame_buffer, unframe
-from mapreduce_ray.wire.tls import check_certificate, create_certificate, key_fingerprint, pinned_certificate
+from mapreduce_ray.wire.tls import (
+    check_certificate,
+    create_certificate,
+    key_fingerprint,
+    pinned_certificate,
+    self_signed,
+)
 
 SERVER, VALIDATOR, PLAIN, STRANGER = (key(n) for n in ("Server", "Validator", "Plain", "Stranger"))
 ED25519 = Keypair.create_from_uri("//Plain", crypto_type=CRYPTO_ED25519)
@@ -574,39 +576,26 @@ def test_a_tls_endpoint_answering_its_handshake_slowly_is_cut_off_at_the_deadlin
         listener.close()
 
 
-def self_signed(folder, name: str, dns: str = "mapreduce-ray", days: tuple[int, int] = (-1, 30)) -> tuple[str, str]:
+def self_signed_files(folder, name: str, dns: str = "mapreduce-ray", days: tuple[int, int] = (-1, 30)):
     """(certificate, key) files of a self-signed certificate naming `dns`, valid `days` around today."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now + datetime.timedelta(days=days[0]))
-        .not_valid_after(now + datetime.timedelta(days=days[1]))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns)]), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    cert, secret = folder / f"{name}.pem", folder / f"{name}.key"
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    pkcs8 = serialization.PrivateFormat.PKCS8
-    secret.write_bytes(key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption()))
-    return str(cert), str(secret)
+    pem, secret = self_signed(dns, now + datetime.timedelta(days=days[0]), now + datetime.timedelta(days=days[1]))
+    cert, key = folder / f"{name}.pem", folder / f"{name}.key"
+    cert.write_bytes(pem)
+    key.write_bytes(secret)
+    return str(cert), str(key)
 
 
 def test_a_certificate_callers_cannot_pin_is_refused_in_one_line_naming_the_fix(tmp_path):
     fix = "make one with python -m jobs.certificate cert=PATH key=PATH"
-    good = self_signed(tmp_path, "good")
+    good = self_signed_files(tmp_path, "good")
     check_certificate(*good)
-    expired = self_signed(tmp_path, "expired", days=(-30, -1))
+    expired = self_signed_files(tmp_path, "expired", days=(-30, -1))
     with pytest.raises(
         ValueError, match=rf"^{expired[0]} is valid from \d{{4}}-\d\d-\d\d to \d{{4}}-\d\d-\d\d, not now; {fix}$"
     ):
         check_certificate(*expired)
-    other_name = self_signed(tmp_path, "other", dns="miner.example")
+    other_name = self_signed_files(tmp_path, "other", dns="miner.example")
     with pytest.raises(
         ValueError, match=rf"^{other_name[0]} does not name mapreduce-ray \(callers ask for that name\); {fix}$"
     ):

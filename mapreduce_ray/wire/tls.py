@@ -33,10 +33,12 @@ CERTIFICATE_DAYS = 365
 
 def key_fingerprint(pem: bytes) -> str:
     """Hex SHA-256 of the public key (SubjectPublicKeyInfo, DER) of the PEM certificate `pem`."""
-    key = x509.load_pem_x509_certificate(pem).public_key()
-    return hashlib.sha256(
-        key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    ).hexdigest()
+    return hashlib.sha256(_spki(x509.load_pem_x509_certificate(pem).public_key())).hexdigest()
+
+
+def _spki(public_key) -> bytes:
+    """A public key as DER SubjectPublicKeyInfo: what the announced digest covers."""
+    return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 def check_certificate(cert_path: str, key_path: str) -> None:
@@ -61,8 +63,7 @@ def check_certificate(cert_path: str, key_path: str) -> None:
         names = []
     if TLS_NAME not in [n.value for n in names if isinstance(n, x509.DNSName)]:
         raise ValueError(f"{cert_path} does not name {TLS_NAME} (callers ask for that name); {fix}")
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(*spki) != certificate.public_key().public_bytes(*spki):
+    if _spki(key.public_key()) != _spki(certificate.public_key()):
         raise ValueError(f"{key_path} is not the private key of {cert_path}; pass the pair, or {fix}")
 
 
@@ -122,28 +123,35 @@ def create_certificate(cert_path: str, key_path: str) -> str:
     for path in (cert_path, key_path):
         if os.path.exists(path):
             raise FileExistsError(f"{path} exists; remove it, or pass other paths, to make a new certificate")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TLS_NAME)])
     now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=CERTIFICATE_DAYS))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_NAME)]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    secret = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    pem, secret = self_signed(
+        TLS_NAME, now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=CERTIFICATE_DAYS)
     )
     descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(descriptor, "wb") as out:
         out.write(secret)
-    pem = certificate.public_bytes(serialization.Encoding.PEM)
     with open(cert_path, "xb") as out:
         out.write(pem)
     return key_fingerprint(pem)
+
+
+def self_signed(name: str, valid_from: datetime.datetime, valid_until: datetime.datetime) -> tuple[bytes, bytes]:
+    """(certificate, private key), both PEM: a new P-256 key and a certificate for host `name`, signed by
+    itself and valid between the two times."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid_from)
+        .not_valid_after(valid_until)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    pkcs8 = serialization.PrivateFormat.PKCS8
+    secret = key.private_bytes(serialization.Encoding.PEM, pkcs8, serialization.NoEncryption())
+    return certificate.public_bytes(serialization.Encoding.PEM), secret
