@@ -50,7 +50,8 @@ from mapreduce_ray.wire.endpoint import Remote
 
 log = logging.getLogger(__name__)
 
-REPORT_INTERVAL_S = 0.5  # a peer reports its rounds to the validator at most this often
+REPORT_INTERVAL_S = 0.5  # a peer reports fewer rounds than a batch to the validator at most this often
+REPORTS_QUEUED = 8 * REPORT_BATCH  # round reports a peer keeps while the validator is slow to take them
 
 
 class Peer:
@@ -284,12 +285,13 @@ class Peer:
 
 
 class _Reporter:
-    """Sends round reports to the validator on a thread of its own, together, at most every REPORT_INTERVAL_S:
-    no round waits for the validator, and the validator gets one call per while, not one per round."""
+    """Sends round reports to the validator on a thread of its own, together: a full batch at once, a partial
+    one at most every REPORT_INTERVAL_S. No round waits for the validator, and the validator gets one call per
+    while or per REPORT_BATCH rounds, not one per round. At most REPORTS_QUEUED wait; more go unreported."""
 
     def __init__(self, validator: Remote):
         self._validator = validator
-        self._queue: queue.Queue = queue.Queue(REPORT_BATCH)
+        self._queue: queue.Queue = queue.Queue(REPORTS_QUEUED)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._send, name="round-reports", daemon=True)
         self._thread.start()
@@ -319,7 +321,8 @@ class _Reporter:
                     log.warning("%d round report(s) went unsent: %s", len(reports), e)
             if None in batch:
                 return
-            self._closing.wait(REPORT_INTERVAL_S)
+            if len(batch) < REPORT_BATCH:  # rounds come slowly: let them gather
+                self._closing.wait(REPORT_INTERVAL_S)
 
 
 def chain_config(network: str, netuid: int, state_dir: str | Path | None) -> ChainConfig:

@@ -3,12 +3,15 @@ and what a miner was shown to have sent."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from bittensor.sp_core import Keypair
 
 from mapreduce_ray.errors import JobError
 from mapreduce_ray.evidence import RoundEvidence, evidence_of
-from mapreduce_ray.messages import Delivery, Reduced, RoundReport, seal_body
+from mapreduce_ray.messages import REPORT_BATCH, Delivery, Reduced, Reports, RoundReport, parse, seal_body
+from mapreduce_ray.peer import _Reporter
 from mapreduce_ray.protocol import audience
 from mapreduce_ray.types import JobSpec, MinerSlot, TensorSpec
 
@@ -81,3 +84,28 @@ def test_misses_need_a_majority_of_the_peers():
     assert round_.on_time(1)  # one of three peers: no majority
     add(round_, 2, (), late=(1,))
     assert not round_.on_time(1) and round_.on_time(0)
+
+
+class CountingValidator:
+    """Stands for the validator's endpoint: records every report call, each taking `call_s`."""
+
+    def __init__(self, call_s: float):
+        self.call_s, self.batches = call_s, []
+
+    def call(self, name: str, payload: bytes) -> bytes:
+        time.sleep(self.call_s)
+        self.batches.append([r.seq for r in parse(Reports, payload).reports])
+        return b"{}"
+
+
+def test_a_peer_reports_every_round_of_a_fast_job_in_full_batches():
+    """Rounds far faster than the reporting interval: full batches go at once, so none is dropped."""
+    validator = CountingValidator(call_s=0.05)
+    reporter = _Reporter(validator)
+    rounds = 4 * REPORT_BATCH + 3
+    for seq in range(1, rounds + 1):
+        reporter.put(RoundReport(SPEC.job_id, seq, 1, (), ()))
+        time.sleep(0.001)
+    reporter.close(timeout_s=30)
+    assert sorted(seq for batch in validator.batches for seq in batch) == list(range(1, rounds + 1))
+    assert all(len(batch) <= REPORT_BATCH for batch in validator.batches)
