@@ -30,11 +30,11 @@ class ServedMiner:
     def host(self) -> str:
         return self.endpoint.rpartition(":")[0]
 
-    def slot(self, weight: float, throughput: float = 0.0, endpoint: str | None = None) -> MinerSlot:
-        """This miner in a job, with `weight` and `throughput` (see MinerSlot), its peers streaming to
+    def slot(self, weight: float, throughput: float = 0.0, endpoint: str | None = None, capacity: int = 0) -> MinerSlot:
+        """This miner in a job, with `weight`, `throughput` and `capacity` (see MinerSlot), its peers streaming to
         `endpoint` (one of its reducers; default: the endpoint it announced)."""
         where = endpoint or self.endpoint
-        return MinerSlot(self.uid, self.hotkey, where, weight, throughput, self.certificate or "")
+        return MinerSlot(self.uid, self.hotkey, where, weight, throughput, self.certificate or "", capacity)
 
 
 class MinerDirectory:

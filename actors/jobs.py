@@ -11,19 +11,18 @@ peers leaves (the others cannot go on without it), or when it has been idle for 
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from actors.directory import MinerDirectory
 from mapreduce_ray.errors import EndpointError, JobError, MapReduceError, RoundTimeoutError
 from mapreduce_ray.ledger import MinerLedger
-from mapreduce_ray.matching import Candidate, choose_miners
-from mapreduce_ray.messages import JobAdmission, JobLeave, JobRequest, encode
-from mapreduce_ray.plan import miner_loads
+from mapreduce_ray.matching import Candidate, capacity_wanted, choose_miners, job_capacity, require_fit, shares
+from mapreduce_ray.messages import JobAdmission, JobLeave, JobRequest, Outcome, encode
 from mapreduce_ray.types import JobSpec, MinerSlot
 from mapreduce_ray.validation import ValidatorConfig
 
@@ -35,6 +34,7 @@ UNREACHABLE = (EndpointError, RoundTimeoutError)  # what a miner that is down or
 @dataclass
 class Job:
     spec: JobSpec
+    benchmark_max_bytes: int  # the largest benchmark its peers let the validator run on its miners
     ranks: dict[int, str] = field(default_factory=dict)  # rank -> hotkey, of the peers still in it
     admitted: dict[int, str] = field(default_factory=dict)  # rank -> hotkey, of every peer admitted
     active_at: float = field(default_factory=time.monotonic)
@@ -43,8 +43,17 @@ class Job:
 class JobBook:
     """The open jobs, and the ones that ended recently (their last reports may still come)."""
 
-    def __init__(self, config: ValidatorConfig, ledger: MinerLedger, miners: MinerDirectory, describe: str):
-        self.config, self.ledger, self.miners = config, ledger, miners
+    def __init__(
+        self,
+        config: ValidatorConfig,
+        ledger: MinerLedger,
+        miners: MinerDirectory,
+        describe: str,
+        prove: Callable[[dict[int, int]], dict[int, Outcome]],
+    ):
+        """`prove({uid: bytes})` benchmarks those miners now at those sizes, records the results in the ledger,
+        and answers each one's outcome."""
+        self.config, self.ledger, self.miners, self._prove = config, ledger, miners, prove
         self._where = describe
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
@@ -137,21 +146,23 @@ class JobBook:
         ]
         if not candidates:
             raise JobError(self._why_no_miner(served))
-        shares = choose_miners(candidates, request.max_bytes or 0, self.config.max_miners, request.redundancy)
-        claimed = self.ledger.claim(sorted(shares))
-        if len(claimed) != len(shares):
+        chosen = choose_miners(candidates, self.config.max_miners, request.redundancy)
+        claimed = self.ledger.claim([c.uid for c in chosen])
+        if len(claimed) != len(chosen):
             self.ledger.release(claimed)
             raise JobError("the chosen miners were taken by another job or a benchmark meanwhile; join again")
-        capacity = {c.uid: c.capacity for c in candidates}
-        # contribution bytes/s a miner took in during its benchmark: the ledger has bytes/s per benchmark rank
-        throughput = {c.uid: c.throughput * self.config.benchmark.peers for c in candidates}
-        loads = dict(zip(shares, miner_loads(tuple(shares.values()), request.redundancy), strict=True))
         try:
-            places = {uid: self.miners.place(uid) for uid in shares}
+            chosen = self._fit(chosen, request)
+            places = {c.uid: self.miners.place(c.uid) for c in chosen}
         except MapReduceError:
             self.ledger.release(claimed)
             raise
-        slots = tuple(served[uid].slot(share, throughput[uid], places[uid]) for uid, share in shares.items())
+        weights = shares(chosen)
+        # contribution bytes/s a miner took in during its benchmark: the ledger has bytes/s per benchmark rank
+        slots = tuple(
+            served[c.uid].slot(weights[c.uid], c.throughput * self.config.benchmark.peers, places[c.uid], c.capacity)
+            for c in chosen
+        )
         spec = JobSpec(
             job_id=uuid.uuid4().hex[:12],
             name=name,
@@ -159,12 +170,45 @@ class JobBook:
             miners=slots,
             chunk_bytes=self.config.chunk_bytes,
             timeout_s=self.config.timeout_s,
-            max_bytes=math.floor(min(capacity[uid] / load for uid, load in loads.items())),
+            max_bytes=job_capacity(chosen, request.redundancy),
             redundancy=request.redundancy,
             reject_nonfinite=request.reject_nonfinite,
         )
-        job = self._jobs[name] = Job(spec)
+        job = self._jobs[name] = Job(spec, self._largest_benchmark(request))
         return job
+
+    def _fit(self, chosen: list[Candidate], request: JobRequest) -> list[Candidate]:
+        """The chosen (claimed) miners, once they hold the request's largest tensor: when it is over their
+        verified capacity, they are benchmarked now at the size their throughput share needs, up to the
+        smaller of the peer's and the validator's largest benchmark (capacity on demand)."""
+        tensor_bytes, redundancy = request.max_bytes or 0, request.redundancy
+        if tensor_bytes <= job_capacity(chosen, redundancy):
+            return chosen
+        largest = min(self._largest_benchmark(request), self.config.benchmark.max_size_bytes)
+        capacity = {c.uid: c.capacity for c in chosen}
+        sizes = {uid: min(need, largest) for uid, need in capacity_wanted(chosen, tensor_bytes, redundancy).items()}
+        sizes = {uid: size for uid, size in sizes.items() if size > capacity[uid]}
+        why = f" (benchmarks on demand go up to {largest} bytes: Peer(benchmark_max_size=) and the validator's "
+        why += "validator.benchmark.max_size_mib)"
+        if sizes:
+            log.info("proving capacity on demand for a %d byte tensor: %s", tensor_bytes, sizes)
+            failed = {uid: outcome for uid, outcome in self._prove(sizes).items() if outcome is not Outcome.EXACT}
+            if failed:
+                raise JobError(
+                    f"miner(s) {sorted(failed)} did not pass a benchmark at the size this job needs "
+                    f"({', '.join(o.value for o in failed.values())}); join again to be matched with other miners"
+                )
+            measured = {r.uid: r for r in self.ledger.records()}
+            chosen = [replace(c, capacity=measured[c.uid].capacity) for c in chosen]
+        require_fit(chosen, tensor_bytes, redundancy, why)
+        return chosen
+
+    def _largest_benchmark(self, request: JobRequest) -> int:
+        """The largest benchmark a request lets this validator run: benchmark_max_bytes, by default the request's
+        max_bytes (the validator's own limit when that is None too)."""
+        if request.benchmark_max_bytes is not None:
+            return request.benchmark_max_bytes
+        return request.max_bytes if request.max_bytes is not None else self.config.benchmark.max_size_bytes
 
     def _why_no_miner(self, served: dict) -> str:
         if not served:

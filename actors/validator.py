@@ -27,14 +27,17 @@ from actors.directory import MinerDirectory
 from actors.jobs import JobBook
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.epoch import run_epoch
-from mapreduce_ray.errors import NoValidatorPermitError
+from mapreduce_ray.errors import JobError, NoValidatorPermitError
 from mapreduce_ray.ledger import MinerLedger
 from mapreduce_ray.messages import (
+    BenchmarkRequest,
     BenchmarkResult,
     Dispute,
     JobAdmission,
     JobLeave,
     JobRequest,
+    Measurements,
+    MinerMeasurement,
     Outcome,
     Reports,
     parse,
@@ -55,13 +58,17 @@ from mapreduce_ray.wire.tls import announce_address
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = 32
-RULES = {name: Rule(fl.FlightMethod.DO_ACTION) for name in ("join", "leave", "report", "dispute", "miners")}
+RULES = {
+    name: Rule(fl.FlightMethod.DO_ACTION) for name in ("join", "leave", "report", "dispute", "benchmark", "miners")
+}
+PROVE_POLL_S = 0.05  # how often a benchmark on demand looks for a free bot and for results
 
 
 @dataclass
 class _Benchmark:
     uid: int
     bot: str  # the bot's hotkey
+    size: int  # bytes per rank
     started: float
 
 
@@ -78,6 +85,7 @@ class ValidatorEndpoint(Endpoint):
             "leave": self._leave,
             "report": self._report,
             "dispute": self._dispute,
+            "benchmark": self._benchmark,
             "miners": self._miners,
         }
 
@@ -97,6 +105,10 @@ class ValidatorEndpoint(Endpoint):
     def _dispute(self, caller, payload: bytes) -> bytes:
         ruling = self._validator.audit.arbitrate(parse(Dispute, payload), caller.hotkey)
         return seal_body(self._keypair, ruling, caller.hotkey)
+
+    def _benchmark(self, caller, payload: bytes) -> bytes:
+        measured = self._validator.measure_job(parse(BenchmarkRequest, payload), caller.hotkey)
+        return seal_body(self._keypair, measured, caller.hotkey)
 
     def _miners(self, caller, payload: bytes) -> bytes:
         return json.dumps({"miners": self._validator.miners(), "weights": self._validator.status()["weights"]}).encode()
@@ -136,12 +148,13 @@ class ValidatorActor:
         self.ledger = MinerLedger(chain.state_path / f"validator-{chain.netuid}-{self._identity.hotkey}.sqlite")
         self.ledger.recover()
         self._directory = MinerDirectory(self._metagraph, self._identity.keypair, wire)
-        self.jobs = JobBook(config, self.ledger, self._directory, self._chain.describe())
+        self.jobs = JobBook(config, self.ledger, self._directory, self._chain.describe(), self.prove)
         self.audit = Auditor(
             config, self.ledger, self.jobs, self._directory, self._identity.hotkey, chain.netuid, self._followed_now
         )
-        self._lock = threading.Lock()  # guards the benchmark table and the stats
-        self._benchmarks: dict[ray.ObjectRef, _Benchmark] = {}
+        self._lock = threading.Lock()  # guards the benchmark table, the bots in use and the stats
+        self._benchmarks: dict[ray.ObjectRef, _Benchmark] = {}  # the loop's
+        self._bots_in_use: set[str] = set()
         self._followed: dict[int, str] | None = None  # the miners the ledger last followed
         self._stats = {"benchmarks": 0, "epochs": 0}
         self._last_weights = self._chain.weights().get(self.uid, {})  # what it set before a restart
@@ -154,27 +167,98 @@ class ValidatorActor:
     # ---- benchmarks ------------------------------------------------------------------------------
 
     def _start_benchmarks(self) -> None:
-        bots = self._idle_bots()
-        if not bots:
-            return
         served = self._directory.miners
-        due = [uid for uid in self.ledger.due_for_benchmark(self.config.benchmark.interval_s) if uid in served]
-        for (bot_hotkey, bot), uid in zip(bots, due, strict=False):
-            if not self.ledger.claim([uid], failed_too=True):
+        size = self.config.benchmark.size_bytes
+        for uid in self.ledger.due_for_benchmark(self.config.benchmark.interval_s):
+            if uid not in served:
                 continue
-            try:
-                spec = self._benchmark_job(uid, bot_hotkey)
-                ref = bot.run.remote(spec, self.config.benchmark.size_bytes)
-            except Exception as e:  # the miner refused the admission, or cannot be reached
-                log.warning("could not start a benchmark of miner uid %d: %s", uid, e)
-                self.ledger.record_benchmark(uid, self.config.benchmark.size_bytes, 0.0, False)
+            bot = self._take_bot()
+            if bot is None:
+                return
+            if not self.ledger.claim([uid], failed_too=True):
+                self._free_bot(bot[0])
+                continue
+            ref = self._order_benchmark(uid, bot, size)
+            if ref is None:
                 self.ledger.release([uid])
                 continue
             with self._lock:
-                self._benchmarks[ref] = _Benchmark(uid, bot_hotkey, time.monotonic())
+                self._benchmarks[ref] = _Benchmark(uid, bot[0], size, time.monotonic())
 
-    def _benchmark_job(self, uid: int, bot_hotkey: str) -> JobSpec:
-        """A one-miner job with the bot at every rank, admitted at the miner."""
+    def prove(self, sizes: dict[int, int]) -> dict[int, Outcome]:
+        """Benchmark these miners ({uid: bytes per rank}) now, with the bots free (waiting for one within the
+        benchmark deadline), record the results, and answer each one's outcome (LATE when no bot or result came
+        in time). The miners are in a job of the caller's: they are not claimed here."""
+        deadline = time.monotonic() + self.config.benchmark.timeout_s
+        waiting, running, outcomes = dict(sizes), {}, {}
+        while (waiting or running) and time.monotonic() < deadline:
+            for uid in list(waiting):
+                bot = self._take_bot()
+                if bot is None:
+                    break
+                size = waiting.pop(uid)
+                ref = self._order_benchmark(uid, bot, size)
+                if ref is None:
+                    outcomes[uid] = Outcome.FAILED
+                else:
+                    running[ref] = _Benchmark(uid, bot[0], size, time.monotonic())
+            done, _ = ray.wait(list(running), num_returns=1, timeout=PROVE_POLL_S) if running else ([], [])
+            if not running:
+                time.sleep(PROVE_POLL_S)
+            for ref in done:
+                run = running.pop(ref)
+                outcomes[run.uid] = self._finish_benchmark(run, ref)
+        for run in running.values():  # its bot's round ends by its own deadline
+            outcomes[run.uid] = self._finish_benchmark(run, None)
+        for uid, size in waiting.items():
+            log.warning("no benchmark bot was free to benchmark miner uid %d at %d bytes in time", uid, size)
+            outcomes[uid] = Outcome.LATE
+        return outcomes
+
+    def measure_job(self, request: BenchmarkRequest, peer: str) -> Measurements:
+        """Benchmark a job's miners now, as one of its peers asks: each at the larger of the usual benchmark size
+        and the capacity it holds for the job, up to the job's and this validator's largest benchmark."""
+        job = self.jobs.find(request.job_id)
+        if job is None or job.ranks.get(request.rank) != peer:
+            raise JobError(f"hotkey {peer} holds no rank {request.rank} in a running job {request.job_id!r}")
+        largest = min(job.benchmark_max_bytes, self.config.benchmark.max_size_bytes)
+        if largest <= 0:
+            raise JobError(
+                f"job {job.spec.name!r} lets the validator run no benchmark; join with Peer(benchmark_max_size=...)"
+            )
+        usual = self.config.benchmark.size_bytes
+        sizes = {slot.uid: min(max(usual, slot.capacity), largest) for slot in job.spec.miners}
+        outcomes = self.prove(sizes)
+        records = {r.uid: r for r in self.ledger.records()}
+        return Measurements(
+            job.spec.job_id,
+            tuple(
+                MinerMeasurement(
+                    slot.uid,
+                    slot.hotkey,
+                    outcomes[slot.uid],
+                    sizes[slot.uid],
+                    records[slot.uid].throughput if slot.uid in records else 0.0,
+                    records[slot.uid].capacity if slot.uid in records else 0,
+                )
+                for slot in job.spec.miners
+            ),
+        )
+
+    def _order_benchmark(self, uid: int, bot: tuple[str, object], size: int) -> ray.ObjectRef | None:
+        """Admit `bot` at miner `uid` and start its benchmark of `size` bytes per rank; None (recorded as failed,
+        the bot freed) when the miner refused or could not be reached."""
+        hotkey, handle = bot
+        try:
+            return handle.run.remote(self._benchmark_job(uid, hotkey, size), size)
+        except Exception as e:  # the miner refused the admission, or cannot be reached
+            log.warning("could not start a benchmark of miner uid %d: %s", uid, e)
+            self._free_bot(hotkey)
+            self.ledger.record_benchmark(uid, size, 0.0, False)
+            return None
+
+    def _benchmark_job(self, uid: int, bot_hotkey: str, size: int) -> JobSpec:
+        """A one-miner job of `size` bytes per rank with the bot at every rank, admitted at the miner."""
         settings = self.config.benchmark
         miner = self._directory.miners[uid]
         spec = JobSpec(
@@ -184,7 +268,7 @@ class ValidatorActor:
             miners=(miner.slot(1.0, endpoint=self._directory.place(uid)),),
             chunk_bytes=self.config.chunk_bytes,
             timeout_s=settings.timeout_s,
-            max_bytes=settings.size_bytes,
+            max_bytes=size,
         )
         for rank in range(1, settings.peers + 1):
             refused = self.jobs.admit(spec, JobAdmission(spec, rank, bot_hotkey))
@@ -192,20 +276,26 @@ class ValidatorActor:
                 raise next(iter(refused.values()))
         return spec
 
-    def _idle_bots(self) -> list[tuple[str, object]]:
+    def _take_bot(self) -> tuple[str, object] | None:
+        """A free bot of this validator's, marked in use: (hotkey, actor handle); None if none is free."""
         graph = self._metagraph.get()
-        with self._lock:
-            busy = {b.bot for b in self._benchmarks.values()}
-        bots = []
         for hotkey in self.config.benchmark.bots:
             neuron = graph.by_hotkey(hotkey)
-            if neuron is None or hotkey in busy:
+            if neuron is None:
                 continue
             try:
-                bots.append((hotkey, ray.get_actor(benchmark_name(neuron.uid), namespace=self.config.namespace)))
+                handle = ray.get_actor(benchmark_name(neuron.uid), namespace=self.config.namespace)
             except ValueError:
                 continue  # registered, but not running in this validator's Ray
-        return bots
+            with self._lock:
+                if hotkey not in self._bots_in_use:
+                    self._bots_in_use.add(hotkey)
+                    return hotkey, handle
+        return None
+
+    def _free_bot(self, hotkey: str) -> None:
+        with self._lock:
+            self._bots_in_use.discard(hotkey)
 
     def _collect_benchmarks(self) -> None:
         with self._lock:
@@ -219,18 +309,27 @@ class ValidatorActor:
             with self._lock:
                 self._benchmarks.pop(ref, None)
             try:
-                self._record_benchmark(run.uid, ray.get(ref, timeout=0) if ref in done else None)
-            except Exception as e:
-                log.warning("benchmark of miner uid %d by bot %s failed: %s", run.uid, run.bot, e)
+                self._finish_benchmark(run, ref if ref in done else None)
             finally:
                 self.ledger.release([run.uid])
 
-    def _record_benchmark(self, uid: int, result: BenchmarkResult | None) -> None:
-        size = self.config.benchmark.size_bytes
+    def _finish_benchmark(self, run: _Benchmark, ref: ray.ObjectRef | None) -> Outcome:
+        """Record a benchmark's result (None: none came in time) and free its bot; the outcome."""
+        try:
+            result = None if ref is None else ray.get(ref, timeout=0)
+        except Exception as e:
+            log.warning("benchmark of miner uid %d by bot %s failed: %s", run.uid, run.bot, e)
+            result = None
+        finally:
+            self._free_bot(run.bot)
+        return self._record_benchmark(run.uid, run.size, result)
+
+    def _record_benchmark(self, uid: int, size: int, result: BenchmarkResult | None) -> Outcome:
         if result is None or result.miner_uid != uid or result.size_bytes != size:
+            outcome = Outcome.LATE if result is None else Outcome.FAILED
             self.ledger.record_benchmark(uid, size, 0.0, False)
-            record_benchmark(self._netuid, uid, Outcome.LATE if result is None else Outcome.FAILED)
-            return
+            record_benchmark(self._netuid, uid, outcome)
+            return outcome
         miner = self._directory.miners.get(uid)
         host = "" if miner is None else (miner.host if self.config.host_key == "ip" else miner.endpoint)
         passed = result.outcome is Outcome.EXACT
@@ -242,6 +341,7 @@ class ValidatorActor:
             evidence = {"benchmark": result.detail, "bytes": size}
             log.warning("strike for miner uid %d: %s", uid, evidence)
             self.ledger.strike(uid, self.config.verify.ban_s, evidence)
+        return result.outcome
 
     # ---- the loop --------------------------------------------------------------------------------
 
@@ -297,7 +397,7 @@ class ValidatorActor:
                 "endpoint": self.endpoint,
                 "pid": os.getpid(),
                 "jobs": len(self.jobs.summary()),
-                "benchmarks_running": len(self._benchmarks),
+                "benchmarks_running": len(self._bots_in_use),
                 "weights": dict(self._last_weights),
                 "weights_set_at": self.ledger.weights_set_at,
                 **self._stats,

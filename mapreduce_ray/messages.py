@@ -28,7 +28,8 @@ REPORT_BATCH = 64
 @dataclass(frozen=True)
 class JobRequest:
     """A peer asks to take `rank` in job `job` of `peer_count` peers, handing in tensors of up to `max_bytes`,
-    each segment reduced by `redundancy` miners, NaN and Inf refused when `reject_nonfinite`."""
+    each segment reduced by `redundancy` miners, NaN and Inf refused when `reject_nonfinite`. When `max_bytes`
+    is over the miners' verified capacity, the validator may benchmark them at up to `benchmark_max_bytes`."""
 
     job: str
     rank: int
@@ -36,6 +37,7 @@ class JobRequest:
     max_bytes: int | None  # None: any size the job's miners can take
     redundancy: int
     reject_nonfinite: bool
+    benchmark_max_bytes: int | None  # None: up to max_bytes; 0: no benchmark on demand
 
 
 @dataclass(frozen=True)
@@ -204,9 +206,39 @@ class BenchmarkResult:
     detail: str
 
 
+@dataclass(frozen=True)
+class BenchmarkRequest:
+    """A peer of job `job_id` (at `rank`) asks the validator to benchmark the job's miners now."""
+
+    job_id: str
+    rank: int
+
+
+@dataclass(frozen=True)
+class MinerMeasurement:
+    """A miner as a benchmark of `size_bytes` per rank just found it, and as the validator now records it:
+    throughput in bytes/s per benchmark rank (0 after a failed benchmark), verified capacity in bytes."""
+
+    uid: int
+    hotkey: str
+    outcome: Outcome
+    size_bytes: int
+    throughput: float
+    capacity: int
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """The validator's answer to a BenchmarkRequest: each of the job's miners, measured."""
+
+    job_id: str
+    miners: tuple[MinerMeasurement, ...]
+
+
 KINDS: dict[type, Kind] = {
     JobAdmission: Kind.JOB_SPEC,
     Ruling: Kind.RULING,
+    Measurements: Kind.MEASUREMENTS,
     Chunk: Kind.CHUNK,
     Await: Kind.AWAIT,
     Reduced: Kind.REDUCED,

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from mapreduce_ray.chain import DEFAULT_NETUID, ChainConfig
@@ -29,10 +30,13 @@ from mapreduce_ray.errors import (
 from mapreduce_ray.links import JobLinks
 from mapreduce_ray.messages import (
     REPORT_BATCH,
+    BenchmarkRequest,
     Dispute,
     JobAdmission,
     JobLeave,
     JobRequest,
+    Measurements,
+    MinerMeasurement,
     Reports,
     RoundReport,
     Ruling,
@@ -65,9 +69,16 @@ class Peer:
     validator_uid: the validator to ask for the job (its endpoint is read from the chain).
     network: "embedded" (the offline chain in `state_dir`), or a bittensor network:
         finney, test, local, or a ws:// or wss:// URL.
+    port_range: "first:last", the local ports this party's endpoints may bind (the firewall rule to
+        open). A peer binds none: it only dials out to the validator's and the miners' endpoints, so it
+        needs no open port; the range is checked and goes into `wire` for any endpoint this process serves.
+    benchmark_max_size: the largest benchmark, in bytes per rank, this job lets the validator run on its
+        miners: when `bandwidth` is over their verified capacity they are benchmarked at the size the job
+        needs, up to this, instead of the job being refused; `request_benchmark()` runs within it too.
+        None: up to `bandwidth`; 0: none.
     netuid: the subnet. state_dir: the embedded chain's directory (None: the default).
     job: peers that use the same job name (and validator) form one job.
-    connect_timeout_s: deadline for joining and leaving the job.
+    connect_timeout_s: deadline for joining (which may wait for benchmarks on demand) and leaving the job.
     redundancy: how many miners reduce each segment; peers compare their digests and the
         validator rules when they differ (the first peer to join sets it for the job).
     reject_nonfinite: miners refuse NaN and Inf, naming the peer that handed them in; by
@@ -83,11 +94,13 @@ class Peer:
         wallet=None,
         validator_uid: int = 0,
         network: str = "embedded",
+        port_range: str | None = None,
+        benchmark_max_size: int | None = None,
         *,
         netuid: int = DEFAULT_NETUID,
         state_dir: str | Path | None = None,
         job: str = "default",
-        connect_timeout_s: float = 30.0,
+        connect_timeout_s: float = 120.0,
         redundancy: int = 1,
         reject_nonfinite: bool = False,
         wire: WireConfig | None = None,
@@ -100,6 +113,8 @@ class Peer:
             raise ValueError(f"bandwidth must be a positive number of bytes or None, got {bandwidth!r}")
         if not isinstance(redundancy, int) or redundancy < 1:
             raise ValueError(f"redundancy must be an int >= 1, got {redundancy!r}")
+        if benchmark_max_size is not None and (not isinstance(benchmark_max_size, int) or benchmark_max_size < 0):
+            raise ValueError(f"benchmark_max_size must be an int >= 0 (bytes) or None, got {benchmark_max_size!r}")
         self.rank = rank
         self.peer_count = peer_count
         self.bandwidth = bandwidth
@@ -110,7 +125,10 @@ class Peer:
         self.chain = chain_config(network, netuid, state_dir)
         self.job = job
         self.connect_timeout_s = connect_timeout_s
+        self.benchmark_max_size = benchmark_max_size
         self.wire = wire or WireConfig()
+        if port_range is not None:
+            self.wire = replace(self.wire, port_range=port_range)
         self.spec: JobSpec | None = None
         self._identity: Identity | None = None
         self._verifier: Verifier | None = None
@@ -145,7 +163,13 @@ class Peer:
         who = f"validator uid {self.validator_uid}"
         remote = Remote(who, validator.endpoint, validator.hotkey, identity.keypair, self.wire, validator.certificate)
         request = JobRequest(
-            self.job, self.rank, self.peer_count, self.bandwidth, self.redundancy, self.reject_nonfinite
+            self.job,
+            self.rank,
+            self.peer_count,
+            self.bandwidth,
+            self.redundancy,
+            self.reject_nonfinite,
+            self.benchmark_max_size,
         )
         answer = remote.call("join", encode(request), self.connect_timeout_s)
         admission, _ = open_body(verifier, answer, JobAdmission, sender=validator.hotkey)
@@ -181,6 +205,21 @@ class Peer:
             reports.close(self.connect_timeout_s)
         if self._validator is not None:
             self._validator.call("leave", encode(JobLeave(spec.job_id, self.rank)), self.connect_timeout_s)
+
+    def request_benchmark(self, timeout_s: float | None = None) -> tuple[MinerMeasurement, ...]:
+        """Ask the validator to benchmark this job's miners now (each at the larger of its usual size and the
+        capacity it holds for the job, within `benchmark_max_size`), and return how each did: outcome, throughput
+        in bytes/s per rank, verified capacity in bytes. Call it between rounds: the job's miners serve the
+        benchmark then. `timeout_s`: the deadline (default: the job's round deadline, twice)."""
+        if self.spec is None or self._validator is None:
+            raise JobError(f"rank {self.rank} has not joined a job through a validator; call init_process_group()")
+        request = BenchmarkRequest(self.spec.job_id, self.rank)
+        deadline = 2 * self.spec.timeout_s if timeout_s is None else timeout_s
+        answer = self._validator.call("benchmark", encode(request), deadline)
+        measured, _ = open_body(self._verifier, answer, Measurements, sender=self._validator.hotkey)
+        if measured.job_id != self.spec.job_id:
+            raise JobError(f"validator uid {self.validator_uid} answered with another job's benchmarks")
+        return measured.miners
 
     def __enter__(self) -> Peer:
         self.init_process_group()

@@ -4,7 +4,9 @@ Cost model: a miner's time in a round is proportional to the elements it reduces
 divided by its throughput (its weight), and the round ends when the slowest miner
 ends. Giving miner i the contiguous share numel * w_i / sum(w) minimizes that
 maximum; shares are rounded to whole elements by largest remainder, so each is
-within one element of its ideal. Each segment is cut into chunks of at most
+within one element of its ideal. A miner holds no more than its verified capacity:
+a segment whose share would exceed it gets what fits, and the rest is split again
+among the others by weight (water-filling). Each segment is cut into chunks of at most
 `chunk_elems` elements so reduction and download overlap with upload. A segment also
 costs every party a few messages whatever its size, so a small tensor goes to fewer
 miners: at most one per MIN_SEGMENT_BYTES, the highest weights first.
@@ -24,6 +26,7 @@ from mapreduce_ray.types import JobSpec, TensorSpec
 
 PLANS_KEPT = 256
 MIN_SEGMENT_BYTES = 64 * 1024
+CAPACITY_ALIGN = 16  # bytes; every dtype's itemsize divides it, so a segment's limit holds whole elements of any
 
 
 @dataclass(frozen=True)
@@ -57,13 +60,48 @@ def split_by_weight(numel: int, weights: tuple[float, ...]) -> list[int]:
     return sizes
 
 
-def plan_segments(numel: int, weights: tuple[float, ...], chunk_elems: int) -> tuple[Segment, ...]:
-    """One segment per miner (possibly empty), covering [0, numel) in order."""
+def split_within(numel: int, weights: tuple[float, ...], limits: tuple[int, ...]) -> list[int]:
+    """Sizes summing to `numel`, none above its limit, proportional to `weights` where the limits allow: a size
+    that would exceed its limit is held at it and the rest split again among the others (water-filling).
+    When every weighted size is at its limit, what is left goes to the unweighted ones with room. ValueError if
+    the limits sum to less than `numel`."""
+    if len(limits) != len(weights) or any(limit < 0 for limit in limits):
+        raise ValueError(f"need one limit >= 0 per weight, got {limits} for {len(weights)} weights")
+    if sum(limits) < numel:
+        raise ValueError(f"{numel} elements exceed the segments' limits, {sum(limits)} in all")
+    sizes = [0] * len(weights)
+    left = numel
+    full: set[int] = set()
+    while left:
+        room = [i for i, w in enumerate(weights) if w > 0 and i not in full]
+        share = weights
+        if not room:  # the weighted ones are full: the rest goes by room left
+            room = [i for i in range(len(weights)) if i not in full and limits[i] > 0]
+            share = limits
+        split = split_by_weight(left, tuple(share[i] for i in room))
+        over = [i for i, size in zip(room, split, strict=True) if size > limits[i]]
+        if not over:
+            for i, size in zip(room, split, strict=True):
+                sizes[i] = size
+            break
+        for i in over:
+            sizes[i] = limits[i]
+            left -= limits[i]
+            full.add(i)
+    return sizes
+
+
+def plan_segments(
+    numel: int, weights: tuple[float, ...], chunk_elems: int, limits: tuple[int, ...] | None = None
+) -> tuple[Segment, ...]:
+    """One segment per miner (possibly empty), covering [0, numel) in order; at most `limits[i]` elements in
+    segment i (None: no limit)."""
     if chunk_elems < 1:
         raise ValueError(f"chunk_elems must be >= 1, got {chunk_elems}")
+    sizes = split_by_weight(numel, weights) if limits is None else split_within(numel, weights, limits)
     segments = []
     start = 0
-    for miner, size in enumerate(split_by_weight(numel, weights)):
+    for miner, size in enumerate(sizes):
         stop = start + size
         chunks = tuple((a, min(a + chunk_elems, stop)) for a in range(start, stop, chunk_elems))
         segments.append(Segment(miner, start, stop, chunks))
@@ -73,10 +111,27 @@ def plan_segments(numel: int, weights: tuple[float, ...], chunk_elems: int) -> t
 
 @functools.lru_cache(maxsize=PLANS_KEPT)
 def plan_round(job: JobSpec, tensor: TensorSpec) -> tuple[Segment, ...]:
-    """The plan of one round: the job's miner weights and chunk size applied to a tensor (kept for the next
-    rounds of the same shape)."""
-    chunk_elems = max(1, job.chunk_bytes // tensor.dtype_info.itemsize)
-    return plan_segments(tensor.numel, _weights_for(job.miner_weights, tensor.nbytes), chunk_elems)
+    """The plan of one round: the job's miner weights, capacities and chunk size applied to a tensor (kept for
+    the next rounds of the same shape)."""
+    itemsize = tensor.dtype_info.itemsize
+    chunk_elems = max(1, job.chunk_bytes // itemsize)
+    limits = segment_limits(tuple(m.capacity for m in job.miners), job.redundancy)
+    elems = None if limits is None else tuple(limit // itemsize for limit in limits)
+    return plan_segments(tensor.numel, _weights_for(job.miner_weights, tensor.nbytes), chunk_elems, elems)
+
+
+def segment_limits(capacities: tuple[int, ...], redundancy: int) -> tuple[int, ...] | None:
+    """Bytes of a tensor each segment may take when miner i holds at most `capacities[i]` bytes and each
+    segment goes to the first `redundancy` miners of its failover order: the least capacity among them, split
+    `redundancy` ways (so no miner holds more than its capacity), rounded down to CAPACITY_ALIGN. None when a
+    capacity is 0 (not told)."""
+    if not all(capacities):
+        return None
+    n = len(capacities)
+    return tuple(
+        min(capacities[m] for m in failover_order(s, n)[:redundancy]) // redundancy // CAPACITY_ALIGN * CAPACITY_ALIGN
+        for s in range(n)
+    )
 
 
 def _weights_for(weights: tuple[float, ...], nbytes: int) -> tuple[float, ...]:

@@ -36,7 +36,8 @@ class MinerSlot:
     """A miner taking part in a job: its uid, hotkey and endpoint (host:port, as announced on chain), its
     share of every tensor, and the contribution bytes/s it took in during its latest exact benchmark, as the
     validator measured (0: not told). `certificate`: the hex SHA-256 of its endpoint's TLS key, as announced
-    on chain; peers pin its certificate to it ("": it serves plain gRPC)."""
+    on chain; peers pin its certificate to it ("": it serves plain gRPC). `capacity`: the most bytes of a
+    tensor it may hold, its verified capacity (0: no limit told); segments are water-filled within it."""
 
     uid: int
     hotkey: str
@@ -44,6 +45,7 @@ class MinerSlot:
     weight: float
     throughput: float = 0.0
     certificate: str = ""
+    capacity: int = 0
 
     @property
     def name(self) -> str:

@@ -17,16 +17,19 @@ HOST_KEYS = ("ip", "endpoint")
 class BenchmarkConfig:
     """Benchmarks: `bots` are the hotkeys of the benchmark bots this validator orders; each benchmark
     runs one all_reduce of `size_mib` per rank across `peers` ranks through one miner, at most once
-    per `interval_s` per miner, within `timeout_s`."""
+    per `interval_s` per miner, within `timeout_s`. A job larger than its miners' verified capacity has them
+    benchmarked at the size it needs, up to `max_size_mib` (capacity on demand)."""
 
     bots: tuple[str, ...] = ()
     size_mib: float = 64.0
+    max_size_mib: float = 256.0
     peers: int = 2
     interval_s: float = 600.0
     timeout_s: float = 60.0
 
     def __post_init__(self):
         _require(self.size_mib > 0, "benchmark.size_mib", self.size_mib, "positive")
+        _require(self.max_size_mib >= 0, "benchmark.max_size_mib", self.max_size_mib, "at least 0")
         _require(self.peers >= 1, "benchmark.peers", self.peers, "at least 1")
         _require(self.interval_s >= 0, "benchmark.interval_s", self.interval_s, "at least 0")
         _require(self.timeout_s > 0, "benchmark.timeout_s", self.timeout_s, "positive")
@@ -34,6 +37,10 @@ class BenchmarkConfig:
     @property
     def size_bytes(self) -> int:
         return int(self.size_mib * MIB)
+
+    @property
+    def max_size_bytes(self) -> int:
+        return int(self.max_size_mib * MIB)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mapreduce_ray.plan import MIN_SEGMENT_BYTES, plan_round, plan_segments, split_by_weight
+from mapreduce_ray.plan import (
+    MIN_SEGMENT_BYTES,
+    plan_round,
+    plan_segments,
+    segment_limits,
+    split_by_weight,
+    split_within,
+)
 from mapreduce_ray.types import JobSpec, MinerSlot, TensorSpec
 
 weights_st = (
@@ -83,3 +90,34 @@ def test_a_small_tensor_goes_to_fewer_miners_the_heaviest_first():
     assert [s.numel for s in two] == [0, 19661, 13107]
     every = plan_round(job, TensorSpec("float32", (MIN_SEGMENT_BYTES,)))
     assert all(s.numel for s in every)
+
+
+def test_water_filling_holds_a_full_segment_at_its_limit_and_spreads_the_rest_by_weight():
+    assert split_within(100, (2.0, 1.0, 1.0), (30, 100, 100)) == [30, 35, 35]
+    assert split_within(100, (1.0, 0.0), (60, 50)) == [60, 40]  # the weighted one is full: the rest goes on
+    assert split_within(10, (1.0, 1.0), (100, 100)) == split_by_weight(10, (1.0, 1.0))
+    with pytest.raises(ValueError, match="100 elements exceed the segments' limits, 99 in all"):
+        split_within(100, (1.0, 1.0), (49, 50))
+
+
+@given(st.integers(0, 10**6), weights_st, st.data())
+def test_water_filled_sizes_cover_the_tensor_within_every_limit(numel, weights, data):
+    limits = tuple(data.draw(st.lists(st.integers(0, 10**6), min_size=len(weights), max_size=len(weights))))
+    if sum(limits) < numel:
+        with pytest.raises(ValueError, match="exceed the segments' limits"):
+            split_within(numel, weights, limits)
+        return
+    sizes = split_within(numel, weights, limits)
+    assert sum(sizes) == numel
+    assert all(0 <= size <= limit for size, limit in zip(sizes, limits, strict=True))
+    free = [i for i, (size, limit) in enumerate(zip(sizes, limits, strict=True)) if size < limit and weights[i]]
+    for i in free:  # an unsaturated miner got at least its weight's share of what the unsaturated ones hold
+        rest = sum(sizes[j] for j in free)
+        assert sizes[i] >= rest * Fraction(weights[i]) / sum(Fraction(weights[j]) for j in free) - 1
+
+
+def test_segment_limits_split_the_least_capacity_among_a_segments_miners():
+    assert segment_limits((64, 32, 64), 1) == (64, 32, 64)
+    assert segment_limits((64, 32, 64), 2) == (16, 16, 32)
+    assert segment_limits((64, 0), 1) is None  # a capacity not told: no limit
+    assert segment_limits((100,), 1) == (96,)  # whole elements of any dtype

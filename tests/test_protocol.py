@@ -39,6 +39,9 @@ from mapreduce_ray.messages import (
     JobAdmission,
     JobLeave,
     JobRequest,
+    Measurements,
+    MinerMeasurement,
+    Outcome,
     Reduced,
     RoundFailed,
     Ruling,
@@ -164,6 +167,11 @@ def inner_of(keypair: Keypair, kind: Kind, body: dict, receiver: Keypair, timest
 ROUND_TRIPS = {
     "job_spec": (JobAdmission(SPEC, 2, PEER.ss58_address), VALIDATOR, PEER),
     "ruling": (Ruling(SPEC.job_id, 3, 1, None, "miner-2: differs"), VALIDATOR, PEER),
+    "measurements": (
+        Measurements(SPEC.job_id, (MinerMeasurement(2, MINER.ss58_address, Outcome.EXACT, 1 << 20, 5e8, 1 << 26),)),
+        VALIDATOR,
+        PEER,
+    ),
     "chunk": (REQUEST, PEER, MINER),
     "chunk of a broadcast": (
         Chunk(SPEC.job_id, 4, RoundKind.BROADCAST, None, 2, TensorSpec("int64", ()), 1, 2, 0, "bb" * 32),
@@ -488,22 +496,30 @@ def chunk(**changes) -> dict:
     return {**json.loads(canonical(dataclasses.asdict(REQUEST))), **changes}
 
 
-REQUEST_FIELDS = {"job": "default", "rank": 1, "peer_count": 2, "max_bytes": None, "redundancy": 1}
+REQUEST_FIELDS = {
+    "job": "default",
+    "rank": 1,
+    "peer_count": 2,
+    "max_bytes": None,
+    "redundancy": 1,
+    "benchmark_max_bytes": None,
+}
 
 # A call's body (JSON authenticated by btauth): (body class, the JSON, the error's message)
 MALFORMED_CALLS = {
     "a missing field": (
         JobRequest,
         {k: v for k, v in REQUEST_FIELDS.items() if k != "rank"} | {"reject_nonfinite": False},
-        r"^JobRequest has fields \['job', 'max_bytes', 'peer_count', 'redundancy', 'reject_nonfinite'\], "
-        r"expected \['job', 'max_bytes', 'peer_count', 'rank', 'redundancy', 'reject_nonfinite'\]$",
+        r"^JobRequest has fields \['benchmark_max_bytes', 'job', 'max_bytes', 'peer_count', 'redundancy', "
+        r"'reject_nonfinite'\], expected \['benchmark_max_bytes', 'job', 'max_bytes', 'peer_count', 'rank', "
+        r"'redundancy', 'reject_nonfinite'\]$",
     ),
     "an extra field": (
         JobRequest,
         {**REQUEST_FIELDS, "reject_nonfinite": False, "priority": 9},
-        r"^JobRequest has fields \['job', 'max_bytes', 'peer_count', 'priority', 'rank', 'redundancy', "
-        r"'reject_nonfinite'\], expected \['job', 'max_bytes', 'peer_count', 'rank', 'redundancy', "
-        r"'reject_nonfinite'\]$",
+        r"^JobRequest has fields \['benchmark_max_bytes', 'job', 'max_bytes', 'peer_count', 'priority', 'rank', "
+        r"'redundancy', 'reject_nonfinite'\], expected \['benchmark_max_bytes', 'job', 'max_bytes', 'peer_count', "
+        r"'rank', 'redundancy', 'reject_nonfinite'\]$",
     ),
     "a string for an int": (
         JobRequest,
@@ -607,8 +623,8 @@ def test_a_job_spec_with_a_malformed_miner_slot_is_malformed(world):
     wire = seal(VALIDATOR, Kind.JOB_SPEC, body, PEER.ss58_address, world.clock.ns)
     with refused(
         MalformedMessageError,
-        r"^JobAdmission.spec.miners has fields \['certificate', 'endpoint', 'hotkey', 'throughput', 'uid'\], "
-        r"expected \['certificate', 'endpoint', 'hotkey', 'throughput', 'uid', 'weight'\]$",
+        r"^JobAdmission.spec.miners has fields \['capacity', 'certificate', 'endpoint', 'hotkey', 'throughput', "
+        r"'uid'\], expected \['capacity', 'certificate', 'endpoint', 'hotkey', 'throughput', 'uid', 'weight'\]$",
     ):
         open_body(world.verifier(PEER), wire, JobAdmission)
 

@@ -109,8 +109,8 @@ def test_jobs_get_free_miners_only_and_impossible_requests_get_a_reason(subnets)
             Peer(1, 1, **{**options, "job": "second"}).init_process_group()
     finally:
         holder.destroy_process_group()
-    with pytest.raises(JobError, match=r"^a 16777216 byte tensor needs more than miner\(s\) \[\d+\] can hold"):
-        Peer(1, 1, bandwidth=16 * MIB, **{**options, "job": "too-big"}).init_process_group()
+    with pytest.raises(JobError, match=r"^a 16777216 byte tensor exceeds the verified capacity of the 1 available"):
+        Peer(1, 1, 16 * MIB, benchmark_max_size=0, **{**options, "job": "too-big"}).init_process_group()
     with Peer(1, 1, **{**options, "job": "after"}) as peer:
         assert peer.spec.max_bytes == 8 * MIB
         with pytest.raises(Exception, match=r"verified capacity for 8388608 bytes"):

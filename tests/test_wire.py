@@ -6,6 +6,7 @@ A real Flight endpoint serves on loopback, its callers checked against an embedd
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -233,11 +234,48 @@ def test_unframe_of_a_frame_of_any_bytes_returns_exactly_them(data: bytes, start
         ({"streams_per_hotkey": -1}, r"wire\.streams_per_hotkey must be at least 1, got -1"),
         ({"call_timeout_s": 0.0}, r"wire\.call_timeout_s must be positive"),
         ({"tls_cert": "cert.pem"}, r"wire\.tls_cert and wire\.tls_key go together"),
+        ({"port_range": "9000"}, r"wire\.port_range must be FIRST:LAST with 1 <= FIRST <= LAST <= 65535, got '9000'"),
+        ({"port_range": "9010:9000"}, r"wire\.port_range must be FIRST:LAST .*, got '9010:9000'"),
+        ({"port_range": "0:10"}, r"wire\.port_range must be FIRST:LAST"),
     ],
 )
 def test_wire_config_refuses_settings_that_cannot_work(changes: dict, match: str):
     with pytest.raises(ValueError, match=match):
         WireConfig(**changes)
+
+
+def test_endpoints_bind_the_first_free_ports_of_the_port_range(chain):
+    start = free_port_run(3)
+    config = WireConfig(port_range=f"{start}:{start + 2}")
+    metagraph = MetagraphCache(chain)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", start))  # something else holds the first port
+    taken.listen()
+    first = Probe(metagraph, config)
+    second = Probe(metagraph, config)
+    try:
+        assert (first.port, second.port) == (start + 1, start + 2)
+        with pytest.raises(EndpointError, match=rf"^no port of wire\.port_range {start}:{start + 2} is free on 127"):
+            Probe(metagraph, config)
+        with pytest.raises(EndpointError, match=rf"^port 1 is outside wire\.port_range {start}:{start + 2}; listen"):
+            Endpoint("127.0.0.1:1", SERVER, metagraph, RULES, config)
+    finally:
+        first.shutdown()
+        second.shutdown()
+        taken.close()
+
+
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive ports that are free now."""
+    for start in range(20000, 60000, 97):
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(start, start + count):
+                    held.enter_context(socket.socket()).bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return start
+    raise RuntimeError("no free run of ports")
 
 
 # --- a served endpoint --------------------------------------------------------------------------------------------

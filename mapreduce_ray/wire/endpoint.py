@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -48,8 +49,32 @@ def address_of(uri: bytes, who: str) -> str:
     return match[1]
 
 
+def _addresses(host: str, port: int, config: WireConfig) -> Iterator[str]:
+    """Where an endpoint told to listen on host:port may bind: there, or with port 0 and a `port_range`, each port
+    of the range that looks free."""
+    ports = config.ports
+    if ports is None or port != 0:
+        if ports is not None and port not in ports:
+            raise EndpointError(
+                f"port {port} is outside wire.port_range {config.port_range}; listen on port 0 (the first free port "
+                "of the range) or on one inside it"
+            )
+        yield f"{host}:{port}"
+        return
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
+    for candidate in ports:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((bare, candidate))
+            except OSError:
+                continue
+        yield f"{host}:{candidate}"
+
+
 class Endpoint(fl.FlightServerBase):
-    """A Flight server speaking for `keypair`'s hotkey on `listen` (host:port; port 0 picks a free one).
+    """A Flight server speaking for `keypair`'s hotkey on `listen` (host:port; port 0 picks a free one, within
+    `config.port_range` when set).
 
     Subclasses list their calls in `rules` and their actions in `actions()`; exchanges and tickets
     override `do_exchange` / `do_get` and start with `accept(context, payload)`.
@@ -64,8 +89,18 @@ class Endpoint(fl.FlightServerBase):
             with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
                 tls = [fl.CertKeyPair(cert.read(), key.read())]
         auth = Authenticator(self.hotkey, metagraph, rules, config)
-        super().__init__(location(listen, config.tls), tls_certificates=tls, middleware={"auth": auth})
-        self.host = listen.rpartition(":")[0]
+        self.host, _, port = listen.rpartition(":")
+        for address in _addresses(self.host, int(port), config):
+            try:
+                super().__init__(location(address, config.tls), tls_certificates=tls, middleware={"auth": auth})
+                return
+            except pa.ArrowException:
+                if config.ports is None:
+                    raise
+        raise EndpointError(
+            f"no port of wire.port_range {config.port_range} is free on {self.host}; widen the range, or stop what "
+            "holds its ports"
+        )
 
     @property
     def address(self) -> str:
