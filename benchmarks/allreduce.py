@@ -168,7 +168,8 @@ def main() -> None:
     )
     port = free_port()
     bench_peer = ray.remote(num_cpus=0)(BenchPeer)
-    options = {**subnet.peer_options, "redundancy": args.redundancy}
+    # the largest tensor: a job over its miners' proven capacity has them benchmarked at the size it needs
+    options = {**subnet.peer_options, "redundancy": args.redundancy, "bandwidth": max(SIZES[s] for s in sizes)}
     peers = [bench_peer.remote(r, args.peers, f"127.0.0.1:{port}", options) for r in range(1, args.peers + 1)]
     groups = {m: peers for m in methods if m in ("relay", "gloo")}
     if "ray.util.collective" in methods:
