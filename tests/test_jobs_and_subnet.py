@@ -142,9 +142,15 @@ def test_wire_and_relay_settings_take_command_line_overrides_and_refuse_unknown_
     cert, key = str(tmp_path / "e.pem"), str(tmp_path / "e.key")
     create_certificate(cert, key)
     cfg = job_config(
-        "miner", "+wallet=dev-miner", f"wire.tls_cert={cert}", f"wire.tls_key={key}", "relay.retention_s=5"
+        "miner",
+        "+wallet=dev-miner",
+        f"wire.tls_cert={cert}",
+        f"wire.tls_key={key}",
+        "wire.port_range=9000:9010",
+        "relay.retention_s=5",
     )
-    assert wire_config(cfg) == WireConfig(tls_cert=cert, tls_key=key)
+    assert wire_config(cfg) == WireConfig(tls_cert=cert, tls_key=key, port_range="9000:9010")
+    assert wire_config(cfg).ports == range(9000, 9011)
     assert relay_settings(cfg) == RelaySettings(retention_s=5.0)
     with pytest.raises(ConfigCompositionException, match=r"^Error merging override wire\.window_bytes=many$"):
         job_config("validator", "+wallet=dev-validator", "wire.window_bytes=many")
