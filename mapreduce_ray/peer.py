@@ -69,9 +69,9 @@ class Peer:
     validator_uid: the validator to ask for the job (its endpoint is read from the chain).
     network: "embedded" (the offline chain in `state_dir`), or a bittensor network:
         finney, test, local, or a ws:// or wss:// URL.
-    port_range: "first:last", the local ports this party's endpoints may bind (the firewall rule to
-        open). A peer binds none: it only dials out to the validator's and the miners' endpoints, so it
-        needs no open port; the range is checked and goes into `wire` for any endpoint this process serves.
+    port_range: "first:last", the seed's firewall rule: the local ports a party's endpoints may bind
+        (`wire.port_range` of miners and validators). A peer binds none: it only dials out to the validator's
+        and the miners' endpoints, so it needs no open port, and its range is only checked.
     benchmark_max_size: the largest benchmark, in bytes per rank, this job lets the validator run on its
         miners: when `bandwidth` is over their verified capacity they are benchmarked at the size the job
         needs, up to this, instead of the job being refused; `request_benchmark()` runs within it too.

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from wire_world import COLD, key
 
+from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import (
     BadSignatureError,
@@ -263,6 +264,12 @@ def test_endpoints_bind_the_first_free_ports_of_the_port_range(chain):
         first.shutdown()
         second.shutdown()
         taken.close()
+
+
+def test_a_peer_takes_the_seeds_port_range_and_checks_it():
+    assert Peer(1, 1, None, None, 0, "embedded", "9000:9010").wire.ports == range(9000, 9011)
+    with pytest.raises(ValueError, match=r"^wire\.port_range must be FIRST:LAST with 1 <= FIRST <= LAST <= 65535"):
+        Peer(1, 1, port_range="9000-9010")
 
 
 def free_port_run(count: int) -> int:
