@@ -320,7 +320,14 @@ class Peer:
             return identity_of(self.wallet)
         if self.chain.backend != "embedded":
             raise WalletError(f"pass wallet= (a bittensor.Wallet registered on netuid {self.chain.netuid})")
-        return identity_of(dev_peer_wallet(self.chain.state_path, self.rank))
+        try:
+            return identity_of(dev_peer_wallet(self.chain.state_path, self.rank))
+        except WalletError:
+            raise WalletError(
+                f"no development wallet for rank {self.rank} in {self.chain.state_path}: start the local subnet with "
+                f"peers >= {self.rank}, or make and register one: python -m jobs.register +wallet=dev-peer "
+                f"wallet.hotkey=rank-{self.rank}"
+            ) from None
 
 
 class _Reporter:

@@ -28,6 +28,7 @@ from mapreduce_ray.errors import (
     NotRegisteredError,
     NoValidatorPermitError,
     ReplayedMessageError,
+    WalletError,
     WrongReceiverError,
 )
 from mapreduce_ray.messages import (
@@ -433,3 +434,13 @@ def test_a_round_one_miner_refuses_leaves_every_tensor_untouched(subnets):
     finally:
         for peer in peers:
             peer.destroy_process_group()
+
+
+def test_a_rank_without_its_development_wallet_is_told_how_to_make_one(tmp_path):
+    peer = Peer(3, 4, state_dir=tmp_path)
+    with pytest.raises(
+        WalletError,
+        match=rf"^no development wallet for rank 3 in {re.escape(str(tmp_path.resolve()))}: start the local subnet "
+        r"with peers >= 3, or make and register one: python -m jobs.register \+wallet=dev-peer wallet.hotkey=rank-3$",
+    ):
+        peer.init_process_group()
