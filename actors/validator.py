@@ -314,12 +314,13 @@ class ValidatorActor:
                 self.ledger.release([run.uid])
 
     def _finish_benchmark(self, run: _Benchmark, ref: ray.ObjectRef | None) -> Outcome:
-        """Record a benchmark's result (None: none came in time) and free its bot; the outcome."""
+        """Record a benchmark's result (None: none came in time) and free its bot; the outcome. A bot that
+        failed (it died, say) measured nothing: nothing is recorded against the miner."""
         try:
             result = None if ref is None else ray.get(ref, timeout=0)
         except Exception as e:
             log.warning("benchmark of miner uid %d by bot %s failed: %s", run.uid, run.bot, e)
-            result = None
+            return Outcome.FAILED
         finally:
             self._free_bot(run.bot)
         return self._record_benchmark(run.uid, run.size, result)
