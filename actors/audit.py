@@ -6,7 +6,10 @@ stale), each miner's reliability counts the round, and a random `verify.fraction
 checked: a few chunks of each delivered segment (`verify.chunks`; 0: all) are fetched from the
 miner by ticket and recomputed here (actors.checks). A wrong result, or a miner whose own
 signatures show it sent peers different results, is a strike: score zeroed, banned for
-`verify.ban_s`, evidence in the ledger. A chunk the miner cannot serve is a missed round. In a
+`verify.ban_s`, evidence in the ledger. A chunk the miner cannot serve is a missed round. A
+report may carry evidence that a chunk failed its peer's check (the miner's signed Reduced of
+it): that chunk is checked here at once, and the peer's answer names the job's miners struck
+now, which its next rounds leave out. In a
 job with redundancy, peers whose miners disagree ask for a ruling (`dispute`): every replica is
 checked chunk by chunk, the wrong ones are struck, and every peer asking gets the same answer.
 """
@@ -24,9 +27,9 @@ from actors.checks import ChunkCheck, Unverifiable, check_chunk
 from actors.directory import MinerDirectory
 from actors.jobs import Job, JobBook
 from mapreduce_ray.errors import JobError
-from mapreduce_ray.evidence import RoundEvidence, evidence_of
+from mapreduce_ray.evidence import RoundEvidence, evidence_of, signed_result
 from mapreduce_ray.ledger import MinerLedger
-from mapreduce_ray.messages import Dispute, RoundReport, Ruling
+from mapreduce_ray.messages import Dispute, Excluded, RoundReport, Ruling, WrongChunk
 from mapreduce_ray.metrics import record_check
 from mapreduce_ray.plan import failover_order
 from mapreduce_ray.types import JobSpec
@@ -60,6 +63,7 @@ class Auditor:
         self._rounds: dict[tuple[str, int], RoundEvidence] = {}
         self._closed: dict[tuple[str, int], RoundEvidence] = {}  # complete rounds of jobs with redundancy
         self._rulings: dict[tuple[str, int, int], Future] = {}
+        self._accused: dict[tuple[str, int, int, int], Future] = {}  # (job_id, seq, miner, segment) -> its check
         self._checks = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="check")
         self._queued = 0
         self.stats = {"checks": 0, "check_failures": 0, "checks_skipped": 0, "checks_unverifiable": 0}
@@ -86,15 +90,51 @@ class Auditor:
                 self._closed[(job.spec.job_id, report.seq)] = round_
         if complete:
             self._close(job, round_)
+        for wrong in report.wrong:
+            self._check_evidence(job, report, wrong)
+
+    def excluded(self, job_id: str) -> Excluded:
+        """The miners of a job (indexes) that are struck or banned now."""
+        job = self.jobs.find(job_id)
+        if job is None:
+            return Excluded(job_id, ())
+        struck = {r.uid for r in self.ledger.records() if r.struck}
+        return Excluded(job_id, tuple(i for i, slot in enumerate(job.spec.miners) if slot.uid in struck))
+
+    def _check_evidence(self, job: Job, report: RoundReport, wrong: WrongChunk) -> None:
+        """A peer's evidence that a miner's chunk failed its check: the chunk is recomputed here now, once per
+        miner and segment of a round (a second peer's evidence waits for that check), and the miner struck if it
+        is wrong."""
+        body = signed_result(job.spec, report, wrong.miner, wrong.segment, wrong.reduced)
+        key = (job.spec.job_id, report.seq, wrong.miner, wrong.segment)
+        with self._lock:
+            check = self._accused.setdefault(key, Future())
+            first = check.set_running_or_notify_cancel() if not (check.running() or check.done()) else False
+        if not first:
+            check.result(timeout=job.spec.timeout_s)
+            return
+        spec = job.spec
+        uid, endpoint = spec.miners[wrong.miner].uid, spec.miners[wrong.miner].endpoint
+        chunk = ChunkCheck(
+            spec, dict(job.admitted), report.seq, wrong.miner, wrong.segment, body.chunk, body.digest, body.proofs
+        )
+        try:
+            verdict = check_chunk(self.miners.remote(uid, endpoint), chunk, self._validator, spec.timeout_s)
+            self._record(uid, spec.job_id, report.seq, wrong.segment, verdict)
+        except (Unverifiable, JobError) as e:
+            log.warning("miner uid %d could not be checked on rank %d's evidence: %s", uid, report.rank, e)
+        finally:
+            check.set_result(None)
 
     def tick(self) -> None:
-        """Close rounds whose reports stopped coming; forget what no dispute can need any more."""
+        """Close rounds whose reports stopped coming; forget what no dispute or evidence can need any more."""
         now = time.monotonic()
         live = self.jobs.live_ids()
         with self._lock:
             stale = [k for k, r in self._rounds.items() if now - r.opened_at > 2 * r.spec.timeout_s]
             rounds = [self._rounds.pop(k) for k in stale]
             self._rulings = {k: r for k, r in self._rulings.items() if k[0] in live}
+            self._accused = {k: c for k, c in self._accused.items() if k[0] in live}
             self._closed = {k: r for k, r in self._closed.items() if now - r.opened_at <= 2 * r.spec.timeout_s}
         for round_ in rounds:
             job = self.jobs.find(round_.spec.job_id)
@@ -166,15 +206,19 @@ class Auditor:
             return None
         if verdict is None:
             return None
+        self._record(uid, round_.spec.job_id, round_.seq, segment, verdict)
+        return verdict
+
+    def _record(self, uid: int, job_id: str, seq: int, segment: int, verdict: Verdict) -> None:
+        """Count a check, and strike the miner it found wrong."""
         with self._lock:
             self.stats["checks"] += 1
             self.stats["check_failures"] += not verdict.ok
         record_check(self._netuid, uid, verdict.ok)
         if not verdict.ok:
-            evidence = {"job": round_.spec.job_id, "seq": round_.seq, "segment": segment, "reason": verdict.reason}
+            evidence = {"job": job_id, "seq": seq, "segment": segment, "reason": verdict.reason}
             log.warning("strike for miner uid %d: %s", uid, evidence)
             self.ledger.strike(uid, self.config.verify.ban_s, evidence)
-        return verdict
 
     # ---- disputes -----------------------------------------------------------------------------------
 

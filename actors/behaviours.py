@@ -87,6 +87,18 @@ class ZerosRelay(Cheater):
         out.zero_()
 
 
+class SketchDroppingRelay(Cheater):
+    """Reduces honestly but relays no sketch of rank 2's chunks (in real jobs only, with `live_only`)."""
+
+    def _falsify(self, index, out):
+        pass
+
+    def relay_proofs(self, state, proofs):
+        if self._live_only and is_benchmark(state):
+            return proofs
+        return tuple("" if rank == 2 else proof for rank, proof in enumerate(proofs, 1))
+
+
 class ReplayingRelay(Cheater):
     """Returns the chunks of the first round it served again in every later round of the same shape."""
 

@@ -17,11 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from mapreduce_ray.chain import ChainConfig
-from mapreduce_ray.errors import MapReduceError, RoundMismatchError, RoundTimeoutError
+from mapreduce_ray.errors import MapReduceError, RoundMismatchError, RoundTimeoutError, WrongResultError
 from mapreduce_ray.messages import BenchmarkResult, Outcome
 from mapreduce_ray.peer import Peer
 from mapreduce_ray.protocol import MetagraphCache, Verifier
 from mapreduce_ray.reference import reference_reduce
+from mapreduce_ray.sketch import SECRET_BYTES
 from mapreduce_ray.types import JobSpec
 from mapreduce_ray.wallets import WalletConfig, load_identity
 from mapreduce_ray.wire.config import WireConfig
@@ -53,8 +54,9 @@ class BenchmarkActor:
         tensors = [torch.randn(numel, generator=generator, dtype=DTYPE) for _ in range(spec.peer_count)]
         expected = reference_reduce(tensors, OP)
         peers = [Peer(rank, spec.peer_count, job=spec.name, wire=self._wire) for rank in range(1, spec.peer_count + 1)]
+        secret = secrets.token_bytes(SECRET_BYTES)  # its results are checked as a live job's are
         for peer in peers:  # a verifier each: every rank gets the miner's messages, each sealed once for all
-            peer.attach(spec, self._identity, Verifier(self._identity.hotkey, self._metagraph))
+            peer.attach(spec, self._identity, Verifier(self._identity.hotkey, self._metagraph), secret=secret)
         start = time.perf_counter()
         try:
             with ThreadPoolExecutor(len(peers)) as pool:
@@ -65,7 +67,7 @@ class BenchmarkActor:
             detail = f"rank(s) {wrong} got a result that differs from the reference" if wrong else ""
         except RoundTimeoutError as e:
             seconds, outcome, detail = time.perf_counter() - start, Outcome.LATE, str(e)
-        except RoundMismatchError as e:  # a signed result of the wrong size, or signed for other chunks
+        except (RoundMismatchError, WrongResultError) as e:  # signed for other chunks, or failing the check
             seconds, outcome, detail = time.perf_counter() - start, Outcome.WRONG, str(e)
         except MapReduceError as e:
             seconds, outcome, detail = time.perf_counter() - start, Outcome.FAILED, str(e)

@@ -27,7 +27,8 @@ from mapreduce_ray.wire.frames import check_schema, digest, unframe
 @dataclass(frozen=True)
 class ChunkCheck:
     """Chunk `chunk` of `segment` of round `seq` of job `spec`, reduced by its miner `miner`, which every
-    peer reported receiving with digest `sent`; `admitted` maps each rank to its peer's hotkey."""
+    peer reported receiving with digest `sent`; `admitted` maps each rank to its peer's hotkey. `proofs`: the
+    sealed sketches a peer got beside the result, when it hands them in as evidence (they must be its peers' own)."""
 
     spec: JobSpec
     admitted: dict[int, str]
@@ -36,6 +37,7 @@ class ChunkCheck:
     segment: int
     chunk: int
     sent: str
+    proofs: tuple[str, ...] | None = None
 
 
 class Unverifiable(MapReduceError):
@@ -82,6 +84,8 @@ def check_chunk(remote: Remote, check: ChunkCheck, validator: str, timeout_s: fl
         return Verdict(False, "served a result its own signed digests do not match")
     if reduced.digest != check.sent:
         return Verdict(False, "served another result than the one it sent the peers")
+    if check.proofs is not None and check.proofs != tuple(body.proof for body, _ in chunks):
+        return Verdict(False, f"chunk {check.chunk}: relayed sketches other than the ones its peers sent")
     dtype = first.tensor.dtype_info
     op = ReduceOp.SUM if first.kind is RoundKind.BROADCAST else first.op
     verdict = check_exact([from_buffer(d, dtype) for d in datas], from_buffer(data, dtype), dtype.name, op)

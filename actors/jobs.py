@@ -11,6 +11,7 @@ peers leaves (the others cannot go on without it), or when it has been idle for 
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -23,6 +24,7 @@ from mapreduce_ray.errors import EndpointError, JobError, MapReduceError, RoundT
 from mapreduce_ray.ledger import MinerLedger
 from mapreduce_ray.matching import Candidate, capacity_wanted, choose_miners, job_capacity, require_fit, shares
 from mapreduce_ray.messages import JobAdmission, JobLeave, JobRequest, Outcome, encode
+from mapreduce_ray.sketch import SECRET_BYTES
 from mapreduce_ray.types import JobSpec, MinerSlot
 from mapreduce_ray.validation import ValidatorConfig
 
@@ -35,6 +37,7 @@ UNREACHABLE = (EndpointError, RoundTimeoutError)  # what a miner that is down or
 class Job:
     spec: JobSpec
     benchmark_max_bytes: int  # the largest benchmark its peers let the validator run on its miners
+    secret: str  # hex; keys the checks of its results, given to its peers and never to its miners ("": none)
     ranks: dict[int, str] = field(default_factory=dict)  # rank -> hotkey, of the peers still in it
     admitted: dict[int, str] = field(default_factory=dict)  # rank -> hotkey, of every peer admitted
     active_at: float = field(default_factory=time.monotonic)
@@ -68,8 +71,8 @@ class JobBook:
             while True:
                 job = self._jobs.get(name) or self._new_job(name, request)
                 _check_fits(job, request, peer)
-                admission = JobAdmission(job.spec, rank, peer)
-                refused = self.admit(job.spec, admission)
+                admission = JobAdmission(job.spec, rank, peer, job.secret)
+                refused = self.admit(job.spec, JobAdmission(job.spec, rank, peer))
                 if not refused:
                     break
                 unreachable = {uid: e for uid, e in refused.items() if isinstance(e, UNREACHABLE)}
@@ -174,7 +177,8 @@ class JobBook:
             redundancy=request.redundancy,
             reject_nonfinite=request.reject_nonfinite,
         )
-        job = self._jobs[name] = Job(spec, self._largest_benchmark(request))
+        secret = secrets.token_hex(SECRET_BYTES) if request.verify_results else ""
+        job = self._jobs[name] = Job(spec, self._largest_benchmark(request), secret)
         return job
 
     def _fit(self, chosen: list[Candidate], request: JobRequest) -> list[Candidate]:
@@ -239,6 +243,11 @@ def _check_fits(job: Job, request: JobRequest, peer: str) -> None:
         )
     if not 1 <= rank <= spec.peer_count:
         raise JobError(f"job {name!r} has ranks 1..{spec.peer_count}, not {rank}")
+    if request.verify_results != bool(job.secret):
+        raise JobError(
+            f"job {name!r} runs with verify_results={bool(job.secret)} but rank {rank} asks for "
+            f"verify_results={request.verify_results}; pass the same on every peer"
+        )
     if (request.redundancy, request.reject_nonfinite) != (spec.redundancy, spec.reject_nonfinite):
         raise JobError(
             f"job {name!r} runs with redundancy={spec.redundancy}, reject_nonfinite={spec.reject_nonfinite} but "

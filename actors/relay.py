@@ -145,6 +145,7 @@ class _Result:
     frame: pa.RecordBatch
     digest: str
     inputs: tuple[str, ...]
+    proofs: tuple[str, ...]
     wire: pa.Buffer
 
 
@@ -160,7 +161,8 @@ class _Round:
         self.opened = now
         self.deadline = now + job.spec.timeout_s
         self.contribution_deadline = now + job.spec.contribution_timeout_s
-        self.inputs: dict[int, dict[int, tuple[pa.Buffer, bytes, str]]] = {}  # chunk -> rank -> (bytes, wire, digest)
+        # chunk -> rank -> (bytes, wire, digest, sealed sketch)
+        self.inputs: dict[int, dict[int, tuple[pa.Buffer, bytes, str, str]]] = {}
         self.results: list[_Result] = []
         self.receivers: dict[int, int] = {}  # rank -> results it was sent
         self.heard: set[int] = set()  # ranks that sent anything for this round
@@ -439,7 +441,7 @@ class Relay(Endpoint):
             if state.key not in self._rounds:
                 return
             inputs = state.inputs.setdefault(chunk.chunk, {})
-            inputs[chunk.rank] = (data, wire, chunk.digest)
+            inputs[chunk.rank] = (data, wire, chunk.digest, chunk.proof)
             state.bytes_in += nbytes
             stream.pending += nbytes
             self._counters["bytes_in"] += nbytes
@@ -535,8 +537,11 @@ class Relay(Endpoint):
         result_digest = inputs[state.src][2] if is_copy else digest(result.column(0).buffers()[1])
         spec = state.job.spec
         inputs_digests = tuple(inputs[r][2] for r in ranks)
-        reduced = Reduced(spec.job_id, state.seq, state.segment, index, state.tensor, result_digest, inputs_digests)
-        sealed = _Result(index, result, result_digest, inputs_digests, self._seal(reduced, spec.job_id))
+        proofs = self.relay_proofs(state, tuple(inputs[r][3] for r in ranks))
+        reduced = Reduced(
+            spec.job_id, state.seq, state.segment, index, state.tensor, result_digest, inputs_digests, proofs
+        )
+        sealed = _Result(index, result, result_digest, inputs_digests, proofs, self._seal(reduced, spec.job_id))
         with self._lock:
             if state.key not in self._rounds:
                 return
@@ -558,6 +563,11 @@ class Relay(Endpoint):
 
     def delay(self, state: _Round, index: int) -> None:
         """Wait before sending a reduced chunk (the misbehaving miners of actors.behaviours override this)."""
+
+    def relay_proofs(self, state: _Round, proofs: tuple[str, ...]) -> tuple[str, ...]:
+        """The peers' sealed sketches to send beside a reduced chunk, in rank order (the misbehaving miners of
+        actors.behaviours override this)."""
+        return proofs
 
     def _take_accumulator(self) -> torch.Tensor:
         """A float32 block for half-type sums, this thread's until handed back."""
@@ -660,7 +670,14 @@ class Relay(Endpoint):
                 result = next(r for r in state.results if r.chunk == wanted.chunk)
         items = [(frame_buffer(inputs[rank][0]), pa.py_buffer(inputs[rank][1])) for rank in state.contributors]
         reduced = Reduced(
-            wanted.job_id, wanted.seq, wanted.segment, result.chunk, state.tensor, result.digest, result.inputs
+            wanted.job_id,
+            wanted.seq,
+            wanted.segment,
+            result.chunk,
+            state.tensor,
+            result.digest,
+            result.inputs,
+            result.proofs,
         )
         items.append((result.frame, pa.py_buffer(seal_body(self._keypair, reduced, caller.hotkey))))
         return fl.GeneratorStream(CHUNK_SCHEMA, iter(items))

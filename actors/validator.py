@@ -98,9 +98,11 @@ class ValidatorEndpoint(Endpoint):
         return b"{}"
 
     def _report(self, caller, payload: bytes) -> bytes:
-        for report in parse(Reports, payload).reports:
+        reports = parse(Reports, payload).reports
+        for report in reports:
             self._validator.audit.report(report, caller.hotkey)
-        return b"{}"
+        excluded = self._validator.audit.excluded(reports[-1].job_id if reports else "")
+        return seal_body(self._keypair, excluded, caller.hotkey)
 
     def _dispute(self, caller, payload: bytes) -> bytes:
         ruling = self._validator.audit.arbitrate(parse(Dispute, payload), caller.hotkey)

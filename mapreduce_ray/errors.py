@@ -38,6 +38,10 @@ class MinerFaultError(MapReduceError):
     peers hand its segment to the next miner."""
 
 
+class WrongResultError(MinerFaultError):
+    """A miner sent a reduced chunk that fails the peers' check of it: a wrong result, proven."""
+
+
 class IdentityError(MapReduceError):
     """Who a party is, or what it may do, could not be established."""
 

@@ -22,20 +22,30 @@ from mapreduce_ray.types import JobSpec
 def evidence_of(spec: JobSpec, report: RoundReport, delivery: Delivery) -> tuple[str, ...]:
     """The result digests `delivery.miner` sent the job's peers for a segment, chunk by chunk, if its
     signatures vouch for them."""
-    if not 0 <= delivery.miner < len(spec.miners) or not 0 <= delivery.segment < len(spec.miners):
+    _require_place(spec, report, delivery.miner, delivery.segment)
+    bodies = [signed_result(spec, report, delivery.miner, delivery.segment, wire) for wire in delivery.reduced]
+    if [body.chunk for body in bodies] != list(range(len(bodies))):
+        raise JobError(f"the report of rank {report.rank} forwards signatures of another round or chunk")
+    return tuple(body.digest for body in bodies)
+
+
+def signed_result(spec: JobSpec, report: RoundReport, miner: int, segment: int, wire: str) -> Reduced:
+    """The Reduced message a report forwards, if the job's `miner` signed it for the job's peers, for the
+    reported round and `segment`."""
+    _require_place(spec, report, miner, segment)
+    try:
+        signed = attest(wire.encode(), Kind.REDUCED, spec.miners[miner].hotkey, audience(spec.job_id))
+        body = decode(Reduced, signed.body, "Reduced")
+    except MessageRejectedError as e:
+        raise JobError(f"the report of rank {report.rank} forwards a message its miner did not sign: {e}") from None
+    if (body.job_id, body.seq, body.segment) != (report.job_id, report.seq, segment):
+        raise JobError(f"the report of rank {report.rank} forwards signatures of another round or chunk")
+    return body
+
+
+def _require_place(spec: JobSpec, report: RoundReport, miner: int, segment: int) -> None:
+    if not 0 <= miner < len(spec.miners) or not 0 <= segment < len(spec.miners):
         raise JobError(f"the report of rank {report.rank} names a miner or segment job {spec.name!r} does not have")
-    hotkey = spec.miners[delivery.miner].hotkey
-    digests = []
-    for index, wire in enumerate(delivery.reduced):
-        try:
-            body = decode(Reduced, attest(wire.encode(), Kind.REDUCED, hotkey, audience(spec.job_id)).body, "Reduced")
-        except MessageRejectedError as e:
-            raise JobError(f"the report of rank {report.rank} forwards a message its miner did not sign: {e}") from None
-        where = (body.job_id, body.seq, body.segment, body.chunk)
-        if where != (report.job_id, report.seq, delivery.segment, index):
-            raise JobError(f"the report of rank {report.rank} forwards signatures of another round or chunk")
-        digests.append(body.digest)
-    return tuple(digests)
 
 
 @dataclass

@@ -38,15 +38,19 @@ class JobRequest:
     redundancy: int
     reject_nonfinite: bool
     benchmark_max_bytes: int | None  # None: up to max_bytes; 0: no benchmark on demand
+    verify_results: bool  # peers check every reduced chunk before use (mapreduce_ray.sketch)
 
 
 @dataclass(frozen=True)
 class JobAdmission:
-    """The validator admits hotkey `peer` as `rank` of the job `spec`; sent to the peer and to every miner."""
+    """The validator admits hotkey `peer` as `rank` of the job `spec`; sent to the peer and to every miner. The
+    peer's copy alone carries the job's `secret` (hex), which keys the checks of its results (mapreduce_ray.sketch):
+    miners never see it ("": the job's results go unchecked)."""
 
     spec: JobSpec
     rank: int
     peer: str
+    secret: str = ""
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,7 @@ class Chunk:
     rank: int
     chunk: int
     digest: str
+    proof: str = ""  # the peer's sketch of the chunk, sealed for the job's peers ("": unchecked)
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,8 @@ class Reduced:
     """Beside each reduced chunk a miner streams, sealed once for every peer of the job (its receiver is
     `protocol.audience(job_id)`): the chunk's digest, and the digests of the inputs it reduced, in rank order
     (for a broadcast, the source's alone): the receipt. `tensor` is the round's tensor (for a broadcast, the
-    source's). To a broadcast source it comes without a frame."""
+    source's). `proofs`: the inputs' sealed sketches, as their peers sent them, in the same order. To a broadcast
+    source it comes without a frame."""
 
     job_id: str
     seq: int
@@ -107,6 +113,7 @@ class Reduced:
     tensor: TensorSpec
     digest: str
     inputs: tuple[str, ...]
+    proofs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -132,15 +139,35 @@ class Delivery:
 
 
 @dataclass(frozen=True)
+class WrongChunk:
+    """A reduced chunk that failed a peer's check: the miner's signed Reduced message of it (a UTF-8 wire)."""
+
+    miner: int
+    segment: int
+    reduced: str
+
+
+@dataclass(frozen=True)
 class RoundReport:
     """After a round, a peer tells the validator which miners delivered which segments (with their signed
-    receipts, for checks) and which died, failed or missed the deadline (`late`, indexes into the job's miners)."""
+    receipts, for checks), which died, failed or missed the deadline (`late`, indexes into the job's miners),
+    and which sent a chunk that failed its check (`wrong`: the evidence, for the validator to rule on)."""
 
     job_id: str
     seq: int
     rank: int
     deliveries: tuple[Delivery, ...]
     late: tuple[int, ...]
+    wrong: tuple[WrongChunk, ...] = ()
+
+
+@dataclass(frozen=True)
+class Excluded:
+    """The validator's answer to a peer's reports: the miners of its job (indexes) that are struck or banned
+    now, which the peer leaves out of its later rounds."""
+
+    job_id: str
+    miners: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -239,6 +266,7 @@ KINDS: dict[type, Kind] = {
     JobAdmission: Kind.JOB_SPEC,
     Ruling: Kind.RULING,
     Measurements: Kind.MEASUREMENTS,
+    Excluded: Kind.EXCLUDED,
     Chunk: Kind.CHUNK,
     Await: Kind.AWAIT,
     Reduced: Kind.REDUCED,

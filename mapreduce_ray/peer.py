@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from mapreduce_ray.messages import (
     REPORT_BATCH,
     BenchmarkRequest,
     Dispute,
+    Excluded,
     JobAdmission,
     JobLeave,
     JobRequest,
@@ -47,6 +49,7 @@ from mapreduce_ray.metrics import record_round
 from mapreduce_ray.protocol import MetagraphCache, Verifier
 from mapreduce_ray.rounds import Round
 from mapreduce_ray.shards import FlatTensor, Tensor, flatten
+from mapreduce_ray.sketch import Sketcher
 from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, RoundSpec, TensorSpec
 from mapreduce_ray.wallets import Identity, dev_peer_wallet, identity_of
 from mapreduce_ray.wire.config import WireConfig
@@ -83,6 +86,9 @@ class Peer:
         validator rules when they differ (the first peer to join sets it for the job).
     reject_nonfinite: miners refuse NaN and Inf, naming the peer that handed them in; by
         default they propagate as in torch.distributed.
+    verify_results: every reduced chunk is checked before use against sketches its peers sealed with a
+        secret miners never see (mapreduce_ray.sketch); a chunk that fails goes to the next miner. False
+        (every peer of the job alike) skips the checks and their cost, and miners can see that it does.
     wire: limits and deadlines of this peer's calls (mapreduce_ray.wire.WireConfig).
     """
 
@@ -103,6 +109,7 @@ class Peer:
         connect_timeout_s: float = 120.0,
         redundancy: int = 1,
         reject_nonfinite: bool = False,
+        verify_results: bool = True,
         wire: WireConfig | None = None,
     ):
         if not isinstance(peer_count, int) or peer_count < 1:
@@ -120,6 +127,7 @@ class Peer:
         self.bandwidth = bandwidth
         self.redundancy = redundancy
         self.reject_nonfinite = reject_nonfinite
+        self.verify_results = verify_results
         self.wallet = wallet
         self.validator_uid = validator_uid
         self.chain = chain_config(network, netuid, state_dir)
@@ -135,6 +143,8 @@ class Peer:
         self._validator: Remote | None = None
         self._links: JobLinks | None = None
         self._reports: _Reporter | None = None
+        self._sketcher: Sketcher | None = None
+        self._excluded: frozenset[int] = frozenset()  # the job's miners the validator struck: left out of rounds
         self._seq = 0
 
     def init_process_group(self) -> JobSpec:
@@ -170,20 +180,31 @@ class Peer:
             self.redundancy,
             self.reject_nonfinite,
             self.benchmark_max_size,
+            self.verify_results,
         )
         answer = remote.call("join", encode(request), self.connect_timeout_s)
         admission, _ = open_body(verifier, answer, JobAdmission, sender=validator.hotkey)
         if (admission.rank, admission.peer, admission.spec.name) != (self.rank, identity.hotkey, self.job):
             raise JobError(f"validator uid {self.validator_uid} admitted someone else; refusing its job spec")
-        return self.attach(admission.spec, identity, verifier, remote)
+        return self.attach(admission.spec, identity, verifier, remote, bytes.fromhex(admission.secret))
 
-    def attach(self, spec: JobSpec, identity: Identity, verifier: Verifier, validator: Remote | None = None) -> JobSpec:
+    def attach(
+        self,
+        spec: JobSpec,
+        identity: Identity,
+        verifier: Verifier,
+        validator: Remote | None = None,
+        secret: bytes = b"",
+    ) -> JobSpec:
         """Take part in a job admitted by other means (a benchmark bot's); rounds are reported to
-        `validator` when given."""
+        `validator` when given, and results checked with the job's `secret` when given (every peer of the
+        job holds the same one, or none)."""
         self._identity, self._verifier, self._validator = identity, verifier, validator
+        self._sketcher = Sketcher(secret, spec.job_id) if secret else None
+        self._excluded = frozenset()
         self.spec = spec
         self._links = JobLinks(spec, self.rank, identity.keypair, verifier, self.wire, self._miner_remote)
-        self._reports = _Reporter(validator) if validator is not None else None
+        self._reports = _Reporter(self._send_reports) if validator is not None else None
         self._seq = 0
         return spec
 
@@ -262,12 +283,16 @@ class Peer:
 
     def _run(self, spec: RoundSpec, flat: FlatTensor | None) -> FlatTensor:
         """Run one round; the flat tensor written (a new one for a broadcast receiver that passed none)."""
-        round_ = Round(spec, self.rank, self._links, flat, self._dispute if self._validator else None)
+        dispute = self._dispute if self._validator else None
+        round_ = Round(spec, self.rank, self._links, flat, dispute, self._sketcher, self._excluded)
         try:
             round_.run()
         finally:
             if self._reports is not None and not round_.reported:
-                self._reports.put(round_.report())
+                if round_.wrong:  # evidence: the validator rules now, and the next round leaves the miner out
+                    self._report_now(round_.report())
+                else:
+                    self._reports.put(round_.report())
         record_round(spec, self.rank, round_.tensor.nbytes, time.monotonic() - round_.started)
         return round_.flat
 
@@ -306,7 +331,7 @@ class Peer:
         """Report the round, then ask the validator, by the round's deadline, which of the segment's miners is
         right."""
         if not round_.reported:
-            self._validator.call("report", encode(Reports((round_.report(),))))
+            self._send_reports((round_.report(),))
             round_.reported = True
         dispute = Dispute(self.spec.job_id, round_.spec.seq, segment, self.rank)
         answer = self._validator.call("dispute", encode(dispute), max(round_.deadline - time.monotonic(), 0.001))
@@ -314,6 +339,21 @@ class Peer:
         if (ruling.job_id, ruling.seq, ruling.segment) != (dispute.job_id, dispute.seq, segment):
             raise JobError(f"round {dispute.seq} of job {self.job!r}: the validator ruled on another segment")
         return ruling
+
+    def _send_reports(self, reports: tuple[RoundReport, ...]) -> None:
+        """Hand the validator round reports; its answer names the job's miners it struck, left out from now on."""
+        answer = self._validator.call("report", encode(Reports(reports)))
+        excluded, _ = open_body(self._verifier, answer, Excluded, sender=self._validator.hotkey)
+        if self.spec is not None and excluded.job_id == self.spec.job_id:
+            if excluded.miners != tuple(sorted(self._excluded)):
+                log.warning("the validator struck miner(s) %s of job %r: they are left out", excluded.miners, self.job)
+            self._excluded = frozenset(excluded.miners)
+
+    def _report_now(self, report: RoundReport) -> None:
+        try:
+            self._send_reports((report,))
+        except MapReduceError as e:
+            log.warning("round %d's report, with evidence of wrong results, went unsent: %s", report.seq, e)
 
     def _load_identity(self) -> Identity:
         if self.wallet is not None:
@@ -331,12 +371,13 @@ class Peer:
 
 
 class _Reporter:
-    """Sends round reports to the validator on a thread of its own, together: a full batch at once, a partial
-    one at most every REPORT_INTERVAL_S. No round waits for the validator, and the validator gets one call per
-    while or per REPORT_BATCH rounds, not one per round. At most REPORTS_QUEUED wait; more go unreported."""
+    """Sends round reports to the validator (with `send`) on a thread of its own, together: a full batch at once,
+    a partial one at most every REPORT_INTERVAL_S. No round waits for the validator, and the validator gets one
+    call per while or per REPORT_BATCH rounds, not one per round. At most REPORTS_QUEUED wait; more go
+    unreported."""
 
-    def __init__(self, validator: Remote):
-        self._validator = validator
+    def __init__(self, send: Callable[[tuple[RoundReport, ...]], None]):
+        self._send_batch = send
         self._queue: queue.Queue = queue.Queue(REPORTS_QUEUED)
         self._closing = threading.Event()
         self._thread = threading.Thread(target=self._send, name="round-reports", daemon=True)
@@ -362,7 +403,7 @@ class _Reporter:
             reports = tuple(r for r in batch if r is not None)
             if reports:
                 try:
-                    self._validator.call("report", encode(Reports(reports)))
+                    self._send_batch(reports)
                 except MapReduceError as e:
                     log.warning("%d round report(s) went unsent: %s", len(reports), e)
             if None in batch:

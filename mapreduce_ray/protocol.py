@@ -53,13 +53,14 @@ class Kind(str, Enum):
     JOB_SPEC = "job_spec"  # validator -> peer, the answer to a join
     RULING = "ruling"  # validator -> peer, the answer to a dispute
     MEASUREMENTS = "measurements"  # validator -> peer, the answer to a benchmark request
+    EXCLUDED = "excluded"  # validator -> peer, the answer to its reports
     CHUNK = "chunk"  # peer -> miner, beside each frame of its contribution
     AWAIT = "await"  # peer -> miner, a broadcast receiver asks for a segment
     REDUCED = "reduced"  # miner -> peer, beside each reduced chunk (or alone, as a receipt)
     ROUND_FAILED = "round_failed"  # miner -> peer
 
 
-VALIDATOR_ONLY = frozenset({Kind.JOB_SPEC, Kind.RULING, Kind.MEASUREMENTS})
+VALIDATOR_ONLY = frozenset({Kind.JOB_SPEC, Kind.RULING, Kind.MEASUREMENTS, Kind.EXCLUDED})
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@ A `Round` hands each segment of the plan to the first miner of the segment's fai
 the first `redundancy` of them), streaming this peer's chunks of it (a broadcast receiver only asks
 for it). Every reduced chunk that comes back is checked before it is kept: signed by that miner,
 for this peer, this round and segment; a receipt naming this peer's own chunk digest among the
-inputs; a frame of exactly the planned size whose bytes match the signed digest. A miner that
+inputs; a frame of exactly the planned size whose bytes match the signed digest; and, when the job's
+results are checked, a sum that fits every peer's sealed sketch of its own chunk (mapreduce_ray.sketch:
+a check the miner cannot predict). A miner that
 fails, breaks off, sends anything else or misses its deadline loses the segment to the next miner
 of the order (every peer derives the same order, so they meet there), and its chunks go out again.
 Replicas of a segment must agree digest for digest; when they do not, the validator rules. The
@@ -31,11 +33,23 @@ from mapreduce_ray.errors import (
     MinerFaultError,
     RoundMismatchError,
     RoundTimeoutError,
+    WrongResultError,
 )
 from mapreduce_ray.links import JobLinks, MinerLink
-from mapreduce_ray.messages import Await, Chunk, Delivery, Reduced, RoundFailed, RoundReport, Ruling, seal_body
+from mapreduce_ray.messages import (
+    Await,
+    Chunk,
+    Delivery,
+    Reduced,
+    RoundFailed,
+    RoundReport,
+    Ruling,
+    WrongChunk,
+    seal_body,
+)
 from mapreduce_ray.plan import Segment, failover_order, plan_round
-from mapreduce_ray.shards import FlatTensor, flatten, new_tensor
+from mapreduce_ray.shards import FlatTensor, flatten, from_buffer, new_tensor
+from mapreduce_ray.sketch import Sketcher, SketchError, check, real_count, sign_dtype, sketch
 from mapreduce_ray.types import RoundKind, RoundSpec, TensorSpec
 from mapreduce_ray.wire.errors import KNOWN
 from mapreduce_ray.wire.frames import digest, frame, unframe
@@ -72,13 +86,22 @@ Dispute = Callable[["Round", int], Ruling]  # (round, segment) -> the validator'
 
 class Round:
     """`spec` as the peer at `rank` runs it over `links`, with its flat tensor (None: a broadcast receiver
-    that handed in none). `dispute` asks the validator to rule when replicas disagree (None: no validator)."""
+    that handed in none). `dispute` asks the validator to rule when replicas disagree (None: no validator).
+    `sketcher` seals this peer's sketches and checks every result against the peers' (None: unchecked).
+    `excluded`: the job's miners (indexes) the validator struck, which get no segment of this round."""
 
     def __init__(
-        self, spec: RoundSpec, rank: int, links: JobLinks, flat: FlatTensor | None, dispute: Dispute | None = None
+        self,
+        spec: RoundSpec,
+        rank: int,
+        links: JobLinks,
+        flat: FlatTensor | None,
+        dispute: Dispute | None = None,
+        sketcher: Sketcher | None = None,
+        excluded: frozenset[int] = frozenset(),
     ):
         self.spec, self.rank, self.links, self.flat = spec, rank, links, flat
-        self._dispute = dispute
+        self._dispute, self._sketcher = dispute, sketcher
         job = spec.job
         self.started = time.monotonic()
         self.deadline = self.started + job.timeout_s
@@ -91,11 +114,12 @@ class Round:
         else:
             self.segments = list(range(len(job.miners)))
         self._cond = threading.Condition()
-        self._untried = {s: list(failover_order(s, len(job.miners))) for s in self.segments}
+        self._untried = {s: [m for m in failover_order(s, len(job.miners)) if m not in excluded] for s in self.segments}
         self._attempts: list[_Attempt] = []
         self._digests: dict[tuple[int, int], str] = {}  # (segment, chunk) -> digest of this peer's chunk
         self._sent_to: set[int] = set()
         self.failed: set[int] = set()
+        self.wrong: list[WrongChunk] = []  # chunks that failed this peer's check: evidence for the validator
         self.reported = False  # the validator has this round's report
         small = self.sending and spec.tensor.nbytes <= SEND_NOW_BYTES
         self._first: list | None = [] if small else None  # the first sends, when they go out on this thread
@@ -140,6 +164,9 @@ class Round:
         if self._fatal is not None:
             raise self._fatal
         missing = sorted(s for s in self.segments if not self._complete(s))
+        wrong = [a.error for a in self._attempts if isinstance(a.error, WrongResultError) and a.segment in missing]
+        if wrong:
+            raise WrongResultError(f"{self.describe()}: no miner delivered segment(s) {missing} exactly: {wrong[0]}")
         if missing:
             failed = sorted(self.spec.job.miners[m].name for m in self.failed)
             raise RoundTimeoutError(
@@ -198,11 +225,19 @@ class Round:
     def _make_chunk(self, keypair, hotkey: str, segment: int, index: int, a: int, b: int):
         """(signed Chunk, frame) of this peer's chunk `index` of `segment`: elements [a, b)."""
         r = self.spec
-        batch = frame(self.flat.flat[a:b])
+        values = self.flat.flat[a:b]
+        batch = frame(values)
         key = (segment, index)
         if key not in self._digests:
             self._digests[key] = digest(batch.column(0).buffers()[1])
-        body = Chunk(r.job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, segment, self.rank, index, self._digests[key])
+        proof = ""
+        if self._sketcher is not None:  # on the sending thread, while earlier chunks travel
+            dtype = self.flat.dtype
+            signs = self._sketcher.signs(real_count(dtype, b - a), sign_dtype(dtype))
+            proof = self._sketcher.seal(sketch(values, dtype, signs), r.seq, segment, index, self.rank)
+        body = Chunk(
+            r.job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, segment, self.rank, index, self._digests[key], proof
+        )
         return seal_body(keypair, body, hotkey), batch
 
     def _settle_if_empty(self, attempt: _Attempt) -> None:
@@ -242,8 +277,11 @@ class Round:
         try:
             kept = self._check(attempt, body, data)
         except MapReduceError as e:
+            fault = WrongResultError if isinstance(e, WrongResultError) else MinerFaultError
             with self._cond:
-                self._fail(attempt, MinerFaultError(f"miner {self._name(attempt)!r} {e}"))
+                if fault is WrongResultError:
+                    self.wrong.append(WrongChunk(attempt.miner, attempt.segment, wire.decode()))
+                self._fail(attempt, fault(f"miner {self._name(attempt)!r} {e}"))
             return
         with self._cond:
             if not attempt.running:
@@ -290,7 +328,29 @@ class Round:
             raise MinerFaultError(
                 f"sent chunk {body.chunk} of segment {attempt.segment} whose bytes do not match its signed digest"
             )
+        if self._sketcher is not None:
+            try:
+                self._verify(attempt.segment, body, kept, b - a)
+            except SketchError as e:
+                raise WrongResultError(
+                    f"sent chunk {body.chunk} of segment {attempt.segment} that fails its check: {e}"
+                ) from None
         return kept
+
+    def _verify(self, segment: int, body: Reduced, kept: pa.Buffer, numel: int) -> None:
+        """SketchError unless the reduced chunk fits the sketches its peers sealed (on the link's thread)."""
+        r, dtype = self.spec, self.tensor.dtype_info
+        ranks = range(1, r.job.peer_count + 1) if r.kind is RoundKind.ALL_REDUCE else (r.src,)
+        if len(body.proofs) != len(ranks):
+            raise SketchError(f"it came with {len(body.proofs)} sketches for {len(ranks)} contributions")
+        seal = self._sketcher
+        parts = [
+            seal.open(proof, dtype.is_integer, r.seq, segment, body.chunk, rank)
+            for proof, rank in zip(body.proofs, ranks, strict=True)
+        ]
+        signs = seal.signs(real_count(dtype, numel), sign_dtype(dtype))
+        result = sketch(from_buffer(kept, dtype), dtype, signs)
+        check(result, parts, dtype, r.op if r.kind is RoundKind.ALL_REDUCE else None, numel)
 
     def _learn(self, tensor: TensorSpec) -> None:
         """The round's tensor as a miner states it: a broadcast receiver learns it from the first."""
@@ -355,7 +415,8 @@ class Round:
                 for a in self._attempts
                 if a.done and a.received
             )
-            return RoundReport(self.spec.job.job_id, self.spec.seq, self.rank, deliveries, tuple(sorted(self.failed)))
+            late = tuple(sorted(self.failed))
+            return RoundReport(self.spec.job.job_id, self.spec.seq, self.rank, deliveries, late, tuple(self.wrong))
 
     def _name(self, attempt: _Attempt) -> str:
         return self.spec.job.miners[attempt.miner].name

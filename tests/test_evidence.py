@@ -10,7 +10,7 @@ from bittensor.sp_core import Keypair
 
 from mapreduce_ray.errors import JobError
 from mapreduce_ray.evidence import RoundEvidence, evidence_of
-from mapreduce_ray.messages import REPORT_BATCH, Delivery, Reduced, Reports, RoundReport, parse, seal_body
+from mapreduce_ray.messages import REPORT_BATCH, Delivery, Reduced, RoundReport, seal_body
 from mapreduce_ray.peer import _Reporter
 from mapreduce_ray.protocol import audience
 from mapreduce_ray.types import JobSpec, MinerSlot, TensorSpec
@@ -87,21 +87,20 @@ def test_misses_need_a_majority_of_the_peers():
 
 
 class CountingValidator:
-    """Stands for the validator's endpoint: records every report call, each taking `call_s`."""
+    """Stands for the validator's endpoint: records every batch of reports, each taking `call_s` to send."""
 
     def __init__(self, call_s: float):
         self.call_s, self.batches = call_s, []
 
-    def call(self, name: str, payload: bytes) -> bytes:
+    def send(self, reports: tuple[RoundReport, ...]) -> None:
         time.sleep(self.call_s)
-        self.batches.append([r.seq for r in parse(Reports, payload).reports])
-        return b"{}"
+        self.batches.append([r.seq for r in reports])
 
 
 def test_a_peer_reports_every_round_of_a_fast_job_in_full_batches():
     """Rounds far faster than the reporting interval: full batches go at once, so none is dropped."""
     validator = CountingValidator(call_s=0.05)
-    reporter = _Reporter(validator)
+    reporter = _Reporter(validator.send)
     rounds = 4 * REPORT_BATCH + 3
     for seq in range(1, rounds + 1):
         reporter.put(RoundReport(SPEC.job_id, seq, 1, (), ()))

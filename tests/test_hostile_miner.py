@@ -23,10 +23,12 @@ import pytest
 import torch
 from wire_world import COLD, WireWorld, key, on_every_peer
 
+from actors.behaviours import SketchDroppingRelay
 from mapreduce_ray.errors import EndpointError, JobError, NoValidatorPermitError, RoundTimeoutError
 from mapreduce_ray.messages import Chunk, JobAdmission, Reduced, decode, encode, seal_body
 from mapreduce_ray.protocol import Kind, attest, audience
 from mapreduce_ray.reference import reference_reduce
+from mapreduce_ray.sketch import SECRET_BYTES
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote, address_of
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, digest
@@ -150,12 +152,9 @@ def world(tmp_path_factory):
     world.close()
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_what_a_hostile_miner_sends_is_refused_and_the_next_miner_takes_its_segment(world, mode, tmp_path, caplog):
-    hostile = HostileMiner(world, mode, tmp_path / "planted")
-    honest = world.relay(f"honest-{MODES.index(mode)}")
-    spec = world.job([honest], 2, first=((hostile.keypair.ss58_address, hostile.address),))
-    peers = world.attached(spec, WIRE)
+def exact_sum_with_failovers(peers, caplog, cleanup=lambda: None) -> list[str]:
+    """Sum two peers' random tensors, check that both got the exact sum, and return what their rounds logged when
+    they handed a segment on (then `cleanup()`)."""
     tensors = [torch.randn(2000, generator=torch.Generator().manual_seed(r)) for r in (1, 2)]
     expected = reference_reduce([t.clone() for t in tensors], "sum")
     try:
@@ -164,14 +163,33 @@ def test_what_a_hostile_miner_sends_is_refused_and_the_next_miner_takes_its_segm
     finally:
         for peer in peers:
             peer.destroy_process_group()
-        hostile.close()
+        cleanup()
     assert all(torch.equal(t, expected) for t in tensors)
-    failovers = [r.getMessage() for r in caplog.records if r.name == "mapreduce_ray.rounds"]
+    return sorted(r.getMessage() for r in caplog.records if r.name == "mapreduce_ray.rounds")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_what_a_hostile_miner_sends_is_refused_and_the_next_miner_takes_its_segment(world, mode, tmp_path, caplog):
+    hostile = HostileMiner(world, mode, tmp_path / "planted")
+    honest = world.relay(f"honest-{MODES.index(mode)}")
+    spec = world.job([honest], 2, first=((hostile.keypair.ss58_address, hostile.address),))
+    failovers = exact_sum_with_failovers(world.attached(spec, WIRE), caplog, hostile.close)
     assert failovers, "no peer handed the segment on"
     for message in failovers:
         assert message.startswith("all_reduce #1 of job 'wire': miner 'miner-1' "), message
         assert REFUSALS[mode] in message and message.endswith("; segment 0 goes to the next miner"), message
     assert not (tmp_path / "planted").exists()
+
+
+def test_a_miner_that_drops_a_peers_sketch_fails_the_check_and_the_next_miner_takes_its_segment(world, caplog):
+    dropping = world.relay("sketch-dropping", SketchDroppingRelay)
+    honest = world.relay("honest-after-sketch-dropping")
+    spec = world.job([dropping, honest], 2)
+    failovers = exact_sum_with_failovers(world.attached(spec, WIRE, secret=bytes(range(SECRET_BYTES))), caplog)
+    assert failovers == 2 * [
+        "all_reduce #1 of job 'wire': miner 'miner-1' sent chunk 0 of segment 0 that fails its check: rank 2's "
+        "sketch is missing or forged; segment 0 goes to the next miner"
+    ]
 
 
 def test_with_no_other_miner_the_round_fails_and_the_tensor_is_as_it_was(world, tmp_path):

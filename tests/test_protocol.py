@@ -36,6 +36,7 @@ from mapreduce_ray.messages import (
     Await,
     BenchmarkResult,
     Chunk,
+    Excluded,
     JobAdmission,
     JobLeave,
     JobRequest,
@@ -167,6 +168,7 @@ def inner_of(keypair: Keypair, kind: Kind, body: dict, receiver: Keypair, timest
 ROUND_TRIPS = {
     "job_spec": (JobAdmission(SPEC, 2, PEER.ss58_address), VALIDATOR, PEER),
     "ruling": (Ruling(SPEC.job_id, 3, 1, None, "miner-2: differs"), VALIDATOR, PEER),
+    "excluded": (Excluded(SPEC.job_id, (1, 3)), VALIDATOR, PEER),
     "measurements": (
         Measurements(SPEC.job_id, (MinerMeasurement(2, MINER.ss58_address, Outcome.EXACT, 1 << 20, 5e8, 1 << 26),)),
         VALIDATOR,
@@ -503,6 +505,7 @@ REQUEST_FIELDS = {
     "max_bytes": None,
     "redundancy": 1,
     "benchmark_max_bytes": None,
+    "verify_results": True,
 }
 
 # A call's body (JSON authenticated by btauth): (body class, the JSON, the error's message)
@@ -511,15 +514,15 @@ MALFORMED_CALLS = {
         JobRequest,
         {k: v for k, v in REQUEST_FIELDS.items() if k != "rank"} | {"reject_nonfinite": False},
         r"^JobRequest has fields \['benchmark_max_bytes', 'job', 'max_bytes', 'peer_count', 'redundancy', "
-        r"'reject_nonfinite'\], expected \['benchmark_max_bytes', 'job', 'max_bytes', 'peer_count', 'rank', "
-        r"'redundancy', 'reject_nonfinite'\]$",
+        r"'reject_nonfinite', 'verify_results'\], expected \['benchmark_max_bytes', 'job', 'max_bytes', "
+        r"'peer_count', 'rank', 'redundancy', 'reject_nonfinite', 'verify_results'\]$",
     ),
     "an extra field": (
         JobRequest,
         {**REQUEST_FIELDS, "reject_nonfinite": False, "priority": 9},
         r"^JobRequest has fields \['benchmark_max_bytes', 'job', 'max_bytes', 'peer_count', 'priority', 'rank', "
-        r"'redundancy', 'reject_nonfinite'\], expected \['benchmark_max_bytes', 'job', 'max_bytes', 'peer_count', "
-        r"'rank', 'redundancy', 'reject_nonfinite'\]$",
+        r"'redundancy', 'reject_nonfinite', 'verify_results'\], expected \['benchmark_max_bytes', 'job', "
+        r"'max_bytes', 'peer_count', 'rank', 'redundancy', 'reject_nonfinite', 'verify_results'\]$",
     ),
     "a string for an int": (
         JobRequest,

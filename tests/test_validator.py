@@ -2,6 +2,8 @@
 
 import re
 import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import ray
@@ -13,6 +15,7 @@ from actors.subnet import start_validator
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import JobError
+from mapreduce_ray.reference import reference_reduce
 
 MIB = 1024 * 1024
 ROUNDS = 3
@@ -73,7 +76,11 @@ def test_a_wrong_benchmark_result_earns_nothing_and_is_a_strike(benchmarked):
     history = ray.get(subnet.validator.history.remote(zeros))
     assert [event for event, _ in history] == ["benchmark", "strike"]
     assert history[0][1]["passed"] is False
-    assert history[1][1]["benchmark"] == "rank(s) [1, 2] got a result that differs from the reference"
+    assert re.match(  # the bot's peers check the chunks as live peers do: the first wrong one ends the round
+        r"^all_reduce #1 of job 'benchmark-of-miner-\d+': no miner delivered segment\(s\) \[0\] exactly: miner "
+        r"'miner-\d+' sent chunk \d+ of segment 0 that fails its check: its sketch is off the contributions' by ",
+        history[1][1]["benchmark"],
+    ), history[1][1]["benchmark"]
     assert ray.get(subnet.validator.epoch.remote()).get(zeros, 0.0) == 0.0
 
 
@@ -125,8 +132,12 @@ LIVE_CHEATERS = {
 }
 
 
-def test_every_cheater_is_caught_in_every_checked_round(local_ray, run_peers):
-    """Cheaters that behave in benchmarks and cheat in real jobs; every round is checked."""
+BAN_S = 20  # long enough to leave a struck cheater out of a job's later rounds, short enough to wait out
+
+
+@pytest.fixture(scope="module")
+def cheaters(local_ray):
+    """An honest miner and one of each cheater, honest in benchmarks and cheating in real jobs."""
     plans = [MinerPlan()] + [MinerPlan(cls, {"live_only": True}) for cls in LIVE_CHEATERS.values()]
     subnet = start_local_subnet(
         plans,
@@ -137,35 +148,74 @@ def test_every_cheater_is_caught_in_every_checked_round(local_ray, run_peers):
         chain=ChainConfig(netuid=112),
         validator={
             "benchmark": {"size_mib": 2, "interval_s": 3600},
-            "verify": {"fraction": 1.0, "chunks": 0, "max_pending": 5 * ROUNDS},
+            "verify": {"fraction": 1.0, "chunks": 0, "max_pending": 5 * ROUNDS, "ban_s": BAN_S},
         },
     )
+    yield subnet
+    subnet.shutdown()
+
+
+def round_inputs(k: int) -> list[torch.Tensor]:
+    """Round k's 1M float32 contributions of ranks 1 and 2."""
+    return [torch.randn(1_000_000, generator=torch.Generator().manual_seed(10 * k + r)) for r in (1, 2)]
+
+
+def strikes_of(subnet, uid: int) -> list[dict]:
+    return [d for e, d in ray.get(subnet.validator.history.remote(uid)) if e == "strike"]
+
+
+def test_without_the_peers_checks_the_validators_checks_strike_every_cheater(cheaters, run_peers):
+    """verify_results=False: the cheaters' sums reach the peers, and the validator's checks of every round strike
+    them (then their peers leave them out, as soon as the validator's answer says so)."""
+    subnet = cheaters
+    honest, *cheating = uids_of(subnet)
+
+    def rounds(peer):
+        assert len(peer.spec.miners) == 5
+        for k in range(ROUNDS):
+            peer.all_reduce(round_inputs(k)[peer.rank - 1])
+
+    run_peers(subnet, 2, rounds, verify_results=False)
+    for uid, role in zip(cheating, LIVE_CHEATERS, strict=True):
+        wait_for(lambda uid=uid: strikes_of(subnet, uid), f"a strike of the {role} cheater")
+        first = 2 if role == "stale-replay" else 1  # its first round is the one it replays
+        assert min(s["seq"] for s in strikes_of(subnet, uid)) == first, role  # checks of rounds run side by side
+        for evidence in strikes_of(subnet, uid):
+            assert re.match(r"^chunk \d+: \d+ of \d+ elements differ; first at element \d+", evidence["reason"])
+    assert not strikes_of(subnet, honest)
+
+
+def test_peers_check_every_chunk_never_apply_a_wrong_sum_and_the_cheater_is_struck_and_left_out(cheaters):
+    """With the checks on (the default) every result is the reference's: a cheater's chunks fail the peers'
+    checks, its segments go to the next miner, the peers' evidence has it struck in that round, and it gets no
+    segment of the job's later rounds. (After the test above: the replaying cheater now replays in every round.)"""
+    subnet = cheaters
+    honest, *cheating = uids_of(subnet)
+    wait_for(lambda: max(r["banned_until"] for r in ledger(subnet).values()) < time.time(), "the bans to run out")
+    job = uuid.uuid4().hex
+    peers = [Peer(rank, 2, job=job, **subnet.peer_options) for rank in (1, 2)]
+    for peer in peers:
+        peer.init_process_group()
     try:
-        honest, *cheaters = uids_of(subnet)
-        inputs = [
-            [torch.randn(1_000_000, generator=torch.Generator().manual_seed(10 * k + r)) for r in (1, 2)]
-            for k in range(ROUNDS)
-        ]
-
-        def rounds(peer):
-            assert len(peer.spec.miners) == 5
-            for k in range(ROUNDS):
-                peer.all_reduce(inputs[k][peer.rank - 1])
-
-        run_peers(subnet, 2, rounds)
-        wait_for(lambda: ray.get(subnet.validator.status.remote())["checks"] >= 5 * ROUNDS, "every round checked")
-        status = ray.get(subnet.validator.status.remote())
-        assert (status["checks"], status["check_failures"]) == (5 * ROUNDS, 4 * ROUNDS - 1)
-        rows = ledger(subnet)
-        assert rows[honest]["strikes"] == 0 and rows[honest]["state"] == "available"
-        for uid, role in zip(cheaters, LIVE_CHEATERS, strict=True):
-            cheated = ROUNDS - 1 if role == "stale-replay" else ROUNDS  # its first round is the one it replays
-            strikes = [d for e, d in ray.get(subnet.validator.history.remote(uid)) if e == "strike"]
-            assert len(strikes) == cheated, role
-            assert rows[uid]["state"] == "banned", role
-            for evidence in strikes:
-                assert re.match(r"^chunk \d+: \d+ of \d+ elements differ; first at element \d+", evidence["reason"]), (
-                    evidence
-                )
+        assert len(peers[0].spec.miners) == 5
+        job_id = peers[0].spec.job_id
+        took_in = []
+        for k in range(ROUNDS):
+            inputs = round_inputs(k)
+            with ThreadPoolExecutor(2) as pool:
+                results = list(pool.map(lambda p, x=inputs: p.all_reduce(x[p.rank - 1].clone()), peers))
+            assert all(torch.equal(r, reference_reduce(inputs, "avg")) for r in results), k
+            took_in.append({uid: s["bytes_in"] for uid, s in zip(uids_of(subnet), statuses(subnet), strict=True)})
     finally:
-        subnet.shutdown()
+        for peer in peers:
+            peer.destroy_process_group()
+    for uid, role in zip(cheating, LIVE_CHEATERS, strict=True):
+        mine = [s for s in strikes_of(subnet, uid) if s["job"] == job_id]
+        assert {s["seq"] for s in mine} == {1}, role  # struck in the round it cheated (per segment it failed)
+        assert took_in[0][uid] == took_in[-1][uid], role  # nothing of rounds 2 and 3 reached it
+    assert not strikes_of(subnet, honest)
+    assert took_in[-1][honest] > took_in[0][honest]
+
+
+def statuses(subnet) -> list[dict]:
+    return ray.get([m.status.remote() for m in subnet.miners], timeout=60)

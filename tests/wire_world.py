@@ -93,13 +93,15 @@ class WireWorld:
                 remote.close()
         return spec
 
-    def attached(self, spec: JobSpec, wire: WireConfig | None = None) -> list[Peer]:
-        """Peers 1..peer_count of `spec`, attached (no validator to report to)."""
+    def attached(self, spec: JobSpec, wire: WireConfig | None = None, secret: bytes = b"") -> list[Peer]:
+        """Peers 1..peer_count of `spec`, attached (no validator to report to), checking results with `secret`
+        when given."""
         peers = []
         for rank in range(1, spec.peer_count + 1):
             peer = Peer(rank, spec.peer_count, job=spec.name, wire=wire)
             keypair = self.peers[rank - 1]
-            peer.attach(spec, Identity(keypair, None), Verifier(keypair.ss58_address, MetagraphCache(self.chain)))
+            verifier = Verifier(keypair.ss58_address, MetagraphCache(self.chain))
+            peer.attach(spec, Identity(keypair, None), verifier, secret=secret)
             peers.append(peer)
         return peers
 
