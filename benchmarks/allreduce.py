@@ -143,6 +143,11 @@ def main() -> None:
         "(a subset, e.g. relay alone, is for profiling; the ratio to gloo then shows '-')",
     )
     parser.add_argument("--tls", action="store_true", help="every endpoint serves grpc+tls (one new certificate)")
+    parser.add_argument(
+        "--unchecked",
+        action="store_true",
+        help="relay peers skip the checks of every reduced chunk (Peer(verify_results=False)), to measure their cost",
+    )
     parser.add_argument("--output", help="also write the table as markdown to this file")
     args = parser.parse_args()
     sizes = [s.strip() for s in args.sizes.split(",")]
@@ -169,7 +174,12 @@ def main() -> None:
     port = free_port()
     bench_peer = ray.remote(num_cpus=0)(BenchPeer)
     # the largest tensor: a job over its miners' proven capacity has them benchmarked at the size it needs
-    options = {**subnet.peer_options, "redundancy": args.redundancy, "bandwidth": max(SIZES[s] for s in sizes)}
+    options = {
+        **subnet.peer_options,
+        "redundancy": args.redundancy,
+        "bandwidth": max(SIZES[s] for s in sizes),
+        "verify_results": not args.unchecked,
+    }
     peers = [bench_peer.remote(r, args.peers, f"127.0.0.1:{port}", options) for r in range(1, args.peers + 1)]
     groups = {m: peers for m in methods if m in ("relay", "gloo")}
     if "ray.util.collective" in methods:
@@ -211,7 +221,9 @@ def main() -> None:
             args.output,
             f"{args.peers} peers, {args.miners} miners, redundancy {args.redundancy}, chunk {args.chunk_mib:g} MiB, "
             f"float32, {args.reps} reps (median), validator checking {args.verify_fraction:g} of relay rounds "
-            "between repetitions" + (", every endpoint over grpc+tls" if args.tls else ""),
+            "between repetitions"
+            + (", every endpoint over grpc+tls" if args.tls else "")
+            + (", peers not checking results" if args.unchecked else ", peers checking every reduced chunk"),
             table,
         )
     subnet.shutdown()
