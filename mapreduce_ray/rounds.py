@@ -49,7 +49,7 @@ from mapreduce_ray.messages import (
 )
 from mapreduce_ray.plan import Segment, failover_order, plan_round
 from mapreduce_ray.shards import FlatTensor, flatten, from_buffer, new_tensor
-from mapreduce_ray.sketch import Sketcher, SketchError, check, real_count, sign_dtype, sketch
+from mapreduce_ray.sketch import Sketcher, SketchError, check, real_count, sign_dtype, signed_sum, sketch
 from mapreduce_ray.types import RoundKind, RoundSpec, TensorSpec
 from mapreduce_ray.wire.errors import KNOWN
 from mapreduce_ray.wire.frames import digest, frame, unframe
@@ -349,7 +349,7 @@ class Round:
             for proof, rank in zip(body.proofs, ranks, strict=True)
         ]
         signs = seal.signs(real_count(dtype, numel), sign_dtype(dtype))
-        result = sketch(from_buffer(kept, dtype), dtype, signs)
+        result = signed_sum(from_buffer(kept, dtype), dtype, signs)
         check(result, parts, dtype, r.op if r.kind is RoundKind.ALL_REDUCE else None, numel)
 
     def _learn(self, tensor: TensorSpec) -> None:

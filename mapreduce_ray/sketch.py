@@ -14,8 +14,8 @@ it:
   errors δ (rank-order sum in the accumulate type, then the division and the cast) do not
   depend on r, which the miner never learns, so r·δ is a sum of independent ±δ_i and, by Hoeffding's inequality,
   P(|r·δ| ≥ t) ≤ 2·exp(−t²/(2·V)) with V ≥ Σδ_i². V comes from the sketches' norms:
-  Σδ_i² ≤ 2·γ²·n·Σ_p |x_p|² + 2·(2·k·u_out)²·|y|² with γ = (n−1)u_acc/(1−(n−1)u_acc), and |y| taken
-  no larger than Σ_p |x_p|/k, which no honest result exceeds (so a miner cannot widen t). With t set
+  Σδ_i² ≤ 2·γ²·n·Σ_p |x_p|² + 2·(2·k·u_out)²·|y|² with γ = (n−1)u_acc/(1−(n−1)u_acc), and |y|
+  bounded by Σ_p |x_p|/k, which no honest result exceeds (so the miner's y cannot widen t). With t set
   for FALSE_ALARM, an honest chunk fails at most once in 2^40 checks, and an error e in y is
   caught (with the same odds) once k·|r·e| > 2t: for one wrong element, once k·|e_i| > 2t. The
   peers' own float64 arithmetic adds at most `_compute_error` on top.
@@ -107,12 +107,21 @@ class Sketcher:
 
 
 def sketch(values: torch.Tensor, dtype: DType, signs: torch.Tensor) -> Sketch:
-    """The sketch of a flat chunk of `dtype` under `signs` (from `Sketcher.signs` with `sign_dtype(dtype)`)."""
+    """The sketch of a peer's own flat chunk of `dtype` under `signs` (from `Sketcher.signs` with
+    `sign_dtype(dtype)`): r·x and x·x."""
+    if dtype.is_integer:
+        return Sketch(signed_sum(values, dtype, signs), 0.0)
+    reals = _reals(values)
+    return Sketch(signed_sum(values, dtype, signs), float(np.einsum("i,i->", reals, reals, dtype=np.float64)))
+
+
+def signed_sum(values: torch.Tensor, dtype: DType, signs: torch.Tensor) -> float | int:
+    """r·x of a flat chunk: in float64 (numpy widens as it goes, with no float64 copy of the chunk), or for
+    integers mod 2^64."""
     reals = _reals(values)
     if dtype.is_integer:
-        return Sketch(int(torch.dot(reals.to(torch.int64), signs)) & (2**64 - 1), 0.0)
-    wide = reals.to(torch.float64)
-    return Sketch(float(torch.dot(wide, signs)), float(torch.dot(wide, wide)))
+        return int(torch.dot(reals.to(torch.int64), signs)) & (2**64 - 1)
+    return float(np.einsum("i,i->", reals, signs.numpy(), dtype=np.float64))
 
 
 def sign_dtype(dtype: DType) -> torch.dtype:
@@ -124,35 +133,35 @@ def real_count(dtype: DType, numel: int) -> int:
     return 2 * numel if dtype.torch_dtype.is_complex else numel
 
 
-def check(result: Sketch, parts: list[Sketch], dtype: DType, op: ReduceOp | None, numel: int) -> None:
-    """Raise SketchError unless `result`, the sketch of a reduced chunk of `numel` elements, fits the sketches
-    of the contributions it reduced (in rank order; one for a broadcast) under `op` (None: a copy)."""
+def check(result: float | int, parts: list[Sketch], dtype: DType, op: ReduceOp | None, numel: int) -> None:
+    """Raise SketchError unless `result`, r·y of a reduced chunk y of `numel` elements (`signed_sum`), fits the
+    sketches of the contributions it reduced (in rank order; one for a broadcast) under `op` (None: a copy)."""
     if dtype.is_integer:
         bits = 8 * dtype.itemsize
-        if (result.value - sum(p.value for p in parts)) % 2**bits:
+        if (result - sum(p.value for p in parts)) % 2**bits:
             raise SketchError("its sketch differs from the sum of the contributions' sketches (exact for integers)")
         return
     n = len(parts)
     k = n if op is ReduceOp.AVG else 1
     if not all(math.isfinite(v) for p in parts for v in (p.value, p.norm2)):
         return  # a contribution holds NaN or Inf, which propagate as in torch.distributed
-    if not (math.isfinite(result.value) and math.isfinite(result.norm2)):
+    if not math.isfinite(result):
         largest = math.fsum(math.sqrt(p.norm2) for p in parts)  # no element of the sum can be larger
         if largest < torch.finfo(dtype.accumulate).max / 2 and largest / k < torch.finfo(dtype.torch_dtype).max / 2:
             raise SketchError("it holds NaN or Inf, which no contribution holds and no sum of them reaches")
         return
     total = math.fsum(p.value for p in parts)
-    off = abs(k * result.value - total)
-    honest_norm2 = (math.fsum(math.sqrt(p.norm2) for p in parts) / k) ** 2  # no honest result is longer
-    norms2 = [p.norm2 for p in parts]
-    limit = bound(dtype, norms2, min(result.norm2, honest_norm2), k, real_count(dtype, numel))
+    off = abs(k * result - total)
+    limit = bound(dtype, [p.norm2 for p in parts], k, real_count(dtype, numel))
     if off > limit:
         raise SketchError(f"its sketch is off the contributions' by {off:.6g}, over the {limit:.6g} rounding allows")
 
 
-def bound(dtype: DType, norms2: list[float], result_norm2: float, k: int, reals: int) -> float:
-    """The most an honest chunk's sketch may be off (see the module docstring)."""
+def bound(dtype: DType, norms2: list[float], k: int, reals: int) -> float:
+    """The most an honest chunk's sketch may be off (see the module docstring), from the contributions' squared
+    norms: |y| ≤ Σ_p |x_p|/k for an honest result y."""
     n = len(norms2)
+    result_norm2 = (math.fsum(math.sqrt(v) for v in norms2) / k) ** 2
     u_acc = torch.finfo(dtype.accumulate).eps / 2
     u_out = torch.finfo(dtype.torch_dtype).eps / 2
     gamma = (n - 1) * u_acc / (1 - (n - 1) * u_acc)
@@ -169,5 +178,11 @@ def _compute_error(norms2: list[float], result_norm2: float, k: int, reals: int)
     return 2 * gamma * math.sqrt(reals) * (k * math.sqrt(result_norm2) + math.fsum(math.sqrt(v) for v in norms2))
 
 
-def _reals(values: torch.Tensor) -> torch.Tensor:
-    return torch.view_as_real(values).reshape(-1) if values.is_complex() else values.reshape(-1)
+def _reals(values: torch.Tensor):
+    """The real components of a flat chunk: an int64-ready tensor for integers, else a numpy array (bfloat16,
+    which numpy lacks, widened to float32 exactly)."""
+    values = values.detach()
+    reals = torch.view_as_real(values).reshape(-1) if values.is_complex() else values.reshape(-1)
+    if reals.dtype.is_floating_point:
+        return (reals.float() if reals.dtype == torch.bfloat16 else reals).numpy()
+    return reals
