@@ -74,13 +74,13 @@ class LocalSubnet:
             ray.kill(actor)
 
     def wait_benchmarked(self, timeout_s: float, miners: list | None = None) -> list[dict]:
-        """Wait until the validator has benchmarked `miners` (default: all of the subnet's); their ledger
-        rows. RuntimeError naming the miners that did not pass in time."""
+        """Wait until the validator has benchmarked `miners` (default: all of the subnet's) and freed them for
+        jobs; their ledger rows. RuntimeError naming the miners that did not pass in time."""
         uids = {ray.get(m.status.remote(), timeout=timeout_s)["uid"] for m in miners or self.miners}
         deadline = time.monotonic() + timeout_s
         while True:
             rows = [r for r in ray.get(self.validator.miners.remote(), timeout=timeout_s) if r["uid"] in uids]
-            unproven = sorted(uids - {r["uid"] for r in rows if r["capacity"] > 0})
+            unproven = sorted(uids - {r["uid"] for r in rows if r["capacity"] > 0 and r["state"] != "busy"})
             if not unproven:
                 return rows
             if time.monotonic() > deadline:

@@ -194,6 +194,8 @@ class ValidatorActor:
         deadline = time.monotonic() + self.config.benchmark.timeout_s
         waiting, running, outcomes = dict(sizes), {}, {}
         while (waiting or running) and time.monotonic() < deadline:
+            if waiting:
+                self._collect_benchmarks()  # frees the loop's bots that are done: the loop may wait for our caller
             for uid in list(waiting):
                 bot = self._take_bot()
                 if bot is None:
@@ -309,7 +311,8 @@ class ValidatorActor:
         for ref in set(done) | set(overdue):
             run = pending[ref]
             with self._lock:
-                self._benchmarks.pop(ref, None)
+                if self._benchmarks.pop(ref, None) is None:
+                    continue  # another thread collected it
             try:
                 self._finish_benchmark(run, ref if ref in done else None)
             finally:
