@@ -3,8 +3,11 @@
 A peer's signed JobRequest (the `join` call) opens a job, or joins the open job of that name.
 A new job gets the available miners (not busy, not banned, benchmarked) best score first, with
 segments sized by measured throughput within verified capacity (mapreduce_ray.matching); the
-miners are marked busy. Each peer is admitted at every miner of its job (the miners' `admit`
-calls, in parallel) before it gets its JobAdmission, signed for it. A job ends when one of its
+miners are marked busy. A job whose largest tensor is over their capacity has them benchmarked
+at the size it needs first, within the peer's and the validator's largest benchmark. Each peer
+is admitted at every miner of its job (the miners' `admit` calls, in parallel) before it gets
+its JobAdmission, signed for it, with the job's secret for checking results (never sent to the
+miners). A job ends when one of its
 peers leaves (the others cannot go on without it), or when it has been idle for `job_idle_s`.
 """
 

@@ -1,9 +1,11 @@
 """ValidatorActor: a validator in its own Ray, reached by other parties only through its endpoint.
 
 It serves the validator's Flight endpoint, announced on chain: peers `join` and `leave` jobs
-(actors.jobs), `report` their rounds and `dispute` results (actors.audit), and anyone may read
-its `miners` table. A loop benchmarks miners with the validator's bots (BenchmarkActors in the
-same Ray, which reach the miners over the miners' endpoints), closes stale rounds, ends idle
+(actors.jobs), `report` their rounds (with evidence of chunks that failed their checks; the answer
+names the job's struck miners) and `dispute` results (actors.audit), ask for a `benchmark` of
+their job's miners, and anyone may read its `miners` table. A loop benchmarks miners with the
+validator's bots (BenchmarkActors in the same Ray, which reach the miners over the miners'
+endpoints), closes stale rounds, ends idle
 jobs, and every `epoch_blocks` turns the ledger's measurements into EMA scores and weights on
 chain (mapreduce_ray.epoch). Everything it learns lives in its SQLite ledger in the chain's state
 dir, so a restarted validator resumes.
