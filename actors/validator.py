@@ -5,10 +5,9 @@ It serves the validator's Flight endpoint, announced on chain: peers `join` and 
 names the job's struck miners) and `dispute` results (actors.audit), ask for a `benchmark` of
 their job's miners, and anyone may read its `miners` table. A loop benchmarks miners with the
 validator's bots (BenchmarkActors in the same Ray, which reach the miners over the miners'
-endpoints), closes stale rounds, ends idle
-jobs, and every `epoch_blocks` turns the ledger's measurements into EMA scores and weights on
-chain (mapreduce_ray.epoch). Everything it learns lives in its SQLite ledger in the chain's state
-dir, so a restarted validator resumes.
+endpoints), closes stale rounds, ends idle jobs, and every `epoch_blocks` turns the ledger's
+measurements into EMA scores and weights on chain (mapreduce_ray.epoch). Everything it learns lives
+in its SQLite ledger in the chain's state dir, so a restarted validator resumes.
 """
 
 from __future__ import annotations
