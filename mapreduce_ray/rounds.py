@@ -116,7 +116,8 @@ class Round:
         self._cond = threading.Condition()
         self._untried = {s: [m for m in failover_order(s, len(job.miners)) if m not in excluded] for s in self.segments}
         self._attempts: list[_Attempt] = []
-        self._digests: dict[tuple[int, int], str] = {}  # (segment, chunk) -> digest of this peer's chunk
+        # (segment, chunk) -> digest and sealed sketch of this peer's chunk, made once for every miner it goes to
+        self._signed: dict[tuple[int, int], tuple[str, str]] = {}
         self._sent_to: set[int] = set()
         self.failed: set[int] = set()
         self.wrong: list[WrongChunk] = []  # chunks that failed this peer's check: evidence for the validator
@@ -228,16 +229,15 @@ class Round:
         values = self.flat.flat[a:b]
         batch = frame(values)
         key = (segment, index)
-        if key not in self._digests:
-            self._digests[key] = digest(batch.column(0).buffers()[1])
-        proof = ""
-        if self._sketcher is not None:  # on the sending thread, while earlier chunks travel
-            dtype = self.flat.dtype
-            signs = self._sketcher.signs(real_count(dtype, b - a), sign_dtype(dtype))
-            proof = self._sketcher.seal(sketch(values, dtype, signs), r.seq, segment, index, self.rank)
-        body = Chunk(
-            r.job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, segment, self.rank, index, self._digests[key], proof
-        )
+        if key not in self._signed:
+            proof = ""
+            if self._sketcher is not None:  # on the sending thread, while earlier chunks travel
+                dtype = self.flat.dtype
+                signs = self._sketcher.signs(real_count(dtype, b - a), sign_dtype(dtype))
+                proof = self._sketcher.seal(sketch(values, dtype, signs), r.seq, segment, index, self.rank)
+            self._signed[key] = (digest(batch.column(0).buffers()[1]), proof)
+        chunk_digest, proof = self._signed[key]
+        body = Chunk(r.job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, segment, self.rank, index, chunk_digest, proof)
         return seal_body(keypair, body, hotkey), batch
 
     def _settle_if_empty(self, attempt: _Attempt) -> None:
@@ -310,7 +310,7 @@ class Round:
         chunks = self.plan[attempt.segment].chunks
         if not 0 <= body.chunk < len(chunks) or body.chunk in attempt.received:
             raise MinerFaultError(f"sent chunk {body.chunk} of segment {attempt.segment} twice or outside the plan")
-        mine = self._digests.get((attempt.segment, body.chunk))
+        mine = self._signed.get((attempt.segment, body.chunk), (None,))[0]
         if self.spec.kind is RoundKind.ALL_REDUCE:
             expected = len(body.inputs) == self.spec.job.peer_count and body.inputs[self.rank - 1] == mine
         else:

@@ -109,16 +109,18 @@ class Sketcher:
 def sketch(values: torch.Tensor, dtype: DType, signs: torch.Tensor) -> Sketch:
     """The sketch of a peer's own flat chunk of `dtype` under `signs` (from `Sketcher.signs` with
     `sign_dtype(dtype)`): r·x and x·x."""
-    if dtype.is_integer:
-        return Sketch(signed_sum(values, dtype, signs), 0.0)
     reals = _reals(values)
-    return Sketch(signed_sum(values, dtype, signs), float(np.einsum("i,i->", reals, reals, dtype=np.float64)))
+    norm2 = 0.0 if dtype.is_integer else float(np.einsum("i,i->", reals, reals, dtype=np.float64))
+    return Sketch(_signed_sum(reals, dtype, signs), norm2)
 
 
 def signed_sum(values: torch.Tensor, dtype: DType, signs: torch.Tensor) -> float | int:
     """r·x of a flat chunk: in float64 (numpy widens as it goes, with no float64 copy of the chunk), or for
     integers mod 2^64."""
-    reals = _reals(values)
+    return _signed_sum(_reals(values), dtype, signs)
+
+
+def _signed_sum(reals, dtype: DType, signs: torch.Tensor) -> float | int:
     if dtype.is_integer:
         return int(torch.dot(reals.to(torch.int64), signs)) & (2**64 - 1)
     return float(np.einsum("i,i->", reals, signs.numpy(), dtype=np.float64))
