@@ -9,12 +9,17 @@ hotkey, as a benchmark bot's do) and cheats in real jobs.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 
 import torch
 
 from actors.relay import Relay, _Round
+from mapreduce_ray.shards import from_buffer
+from mapreduce_ray.sketch import real_count, smallest_caught
+from mapreduce_ray.types import ReduceOp
+from mapreduce_ray.wire.frames import frame
 
 MIB = 1024 * 1024
 
@@ -66,11 +71,21 @@ class Cheater(Relay):
 
 
 class OneElementOffRelay(Cheater):
-    """Adds a small amount (1e-3) to the first element of its segment."""
+    """Moves the first element of its segment by the smallest error the peers' check claims to catch
+    (mapreduce_ray.sketch.smallest_caught, from the contributions' norms), rounded away from the sum."""
 
-    def _falsify(self, index, out):
-        if index == 0:
-            out[0] += 1e-3
+    def falsify(self, state, index, out):
+        if index or (self._live_only and is_benchmark(state)):
+            return out
+        dtype = state.tensor.dtype_info
+        views = [from_buffer(state.inputs[index][rank][0], dtype).double() for rank in state.contributors]
+        k = len(views) if state.op is ReduceOp.AVG else 1
+        error = smallest_caught(dtype, [float(v.dot(v)) for v in views], k, real_count(dtype, len(out)))
+        wrong = torch.tensor(float(out[0]) + error, dtype=out.dtype)
+        if float(wrong) - float(out[0]) < error:
+            wrong = torch.nextafter(wrong, torch.tensor(math.inf, dtype=out.dtype))
+        out[0] = wrong
+        return out
 
 
 class ScalingRelay(Cheater):
@@ -97,6 +112,21 @@ class SketchDroppingRelay(Cheater):
         if self._live_only and is_benchmark(state):
             return proofs
         return tuple("" if rank == 2 else proof for rank, proof in enumerate(proofs, 1))
+
+
+class TwoFacedRelay(Cheater):
+    """Reduces honestly, and sends the right sum to rank 1 but a wrong one (first element +1) to every other rank
+    (in real jobs only, with `live_only`)."""
+
+    def _falsify(self, index, out):
+        pass
+
+    def deliver(self, state, rank, result):
+        if rank == 1 or (self._live_only and is_benchmark(state)):
+            return result
+        wrong = from_buffer(result.frame.column(0).buffers()[1], state.tensor.dtype_info).clone()
+        wrong[0] += 1
+        return self.result(state, result.chunk, frame(wrong), result.inputs, result.proofs)
 
 
 class ReplayingRelay(Cheater):

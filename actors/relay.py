@@ -10,7 +10,9 @@ Calls (btauth on each, mapreduce_ray.wire.auth):
   beside a signed `Reduced` (its digest, and the digests of the inputs: the receipt), or a signed
   `RoundFailed`. A miner reduces chunk c of a segment, in rank order, as soon as every peer's
   chunk c is in, and streams it down at once. A stream reads no further while its unreduced bytes
-  exceed `wire.window_bytes`.
+  exceed `wire.window_bytes`. In jobs whose results are checked, each receiving peer then sends a
+  signed `Verdict` on the segment, and the miner relays them all in one `Settled` (at once when one
+  refuses).
 - `ticket` (validators only): every input of one chunk of a retained round, then the result,
   each beside its signed message, so a validator recomputes it on its own hardware.
 - `reducers` (validators only, flight info): the locations of the miner's reducers; a validator
@@ -50,8 +52,10 @@ from mapreduce_ray.messages import (
     JobAdmission,
     Reduced,
     RoundFailed,
+    Settled,
     StreamOpen,
     Ticket,
+    Verdict,
     open_body,
     parse,
     seal_body,
@@ -167,6 +171,8 @@ class _Round:
         self.receivers: dict[int, int] = {}  # rank -> results it was sent
         self.heard: set[int] = set()  # ranks that sent anything for this round
         self.receipted = False  # a broadcast's source was sent its receipts
+        self.verdicts: dict[int, str] = {}  # rank -> its verdict's tag, in checked jobs
+        self.settled = False  # every peer was sent the verdicts
         self.bytes_in = 0
         self.bytes_out = 0  # bytes of the reduced chunks (once, not per receiver)
         if tensor is not None:
@@ -365,11 +371,13 @@ class Relay(Endpoint):
             if metadata is None or metadata.size > self.config.max_metadata_bytes:
                 raise JobError(f"{who} sent a frame without its signed message, or one over the size limit")
             wire = metadata.to_pybytes()
-            body, _ = open_body(self._verifier, wire, (Chunk, Await), sender=stream.hotkey)
+            body, _ = open_body(self._verifier, wire, (Chunk, Await, Verdict), sender=stream.hotkey)
             if isinstance(body, Chunk):
                 self._take_chunk(job, stream, body, wire, message.data, who)
-            else:
+            elif isinstance(body, Await):
                 self._take_await(job, stream, body)
+            else:
+                self._take_verdict(job, stream, body)
 
     def _close_stream(self, job: _Job, stream: _Stream) -> None:
         """The peer closed its stream or lost it: it left the job; rounds still waiting for it fail."""
@@ -466,6 +474,29 @@ class Relay(Endpoint):
             state.receivers.setdefault(wanted.rank, 0)
             self._send_results(state)
 
+    def _take_verdict(self, job: _Job, stream: _Stream, verdict: Verdict) -> None:
+        """A peer's verdict on a segment it received: relayed to every peer once one refuses or all are in."""
+        self._check_place(job, verdict.job_id, verdict.rank, verdict.segment, stream)
+        key = (job.spec.job_id, verdict.seq, verdict.segment)
+        with self._lock:
+            state = self._rounds.get(key) or self._retained.get(key, time.monotonic())
+            if state is None or state.settled:
+                return  # a round that failed, was forgotten, or was settled by a refusal
+            if verdict.rank not in state.audience:
+                raise JobError(f"{state.describe()}: rank {verdict.rank} receives nothing of it and has no verdict")
+            state.verdicts.setdefault(verdict.rank, verdict.tag)
+            if verdict.tag and len(state.verdicts) < len(state.audience):
+                return
+            state.settled = True
+            settled = Settled(
+                job.spec.job_id, state.seq, state.segment, tuple(state.verdicts.get(r, "") for r in state.audience)
+            )
+            sealed = self._seal(settled, job.spec.job_id)
+            for rank in range(1, job.spec.peer_count + 1):
+                peer = job.streams.get(rank)
+                if peer is not None:
+                    peer.put(sealed)
+
     def _check_place(self, job: _Job, job_id: str, rank: int, segment: int, stream: _Stream) -> None:
         if job_id != job.spec.job_id or rank != stream.rank:
             raise JobError(f"rank {stream.rank} of job {job.spec.name!r} signed a message for another job or rank")
@@ -534,14 +565,10 @@ class Relay(Endpoint):
             return
         self.delay(state, index)
         is_copy = state.kind is RoundKind.BROADCAST
-        result_digest = inputs[state.src][2] if is_copy else digest(result.column(0).buffers()[1])
-        spec = state.job.spec
+        result_digest = inputs[state.src][2] if is_copy else ""
         inputs_digests = tuple(inputs[r][2] for r in ranks)
         proofs = self.relay_proofs(state, tuple(inputs[r][3] for r in ranks))
-        reduced = Reduced(
-            spec.job_id, state.seq, state.segment, index, state.tensor, result_digest, inputs_digests, proofs
-        )
-        sealed = _Result(index, result, result_digest, inputs_digests, proofs, self._seal(reduced, spec.job_id))
+        sealed = self.result(state, index, result, inputs_digests, proofs, result_digest)
         with self._lock:
             if state.key not in self._rounds:
                 return
@@ -556,6 +583,20 @@ class Relay(Endpoint):
                     state.receivers.setdefault(rank, 0)
             self._send_results(state)
             self._lock.notify_all()
+
+    def result(
+        self, state: _Round, index: int, batch: pa.RecordBatch, inputs: tuple[str, ...], proofs, known: str = ""
+    ) -> _Result:
+        """Reduced chunk `index` as sent: its frame beside its Reduced, sealed for the job (`known`: the frame's
+        digest, when known already)."""
+        spec = state.job.spec
+        result_digest = known or digest(batch.column(0).buffers()[1])
+        reduced = Reduced(spec.job_id, state.seq, state.segment, index, state.tensor, result_digest, inputs, proofs)
+        return _Result(index, batch, result_digest, inputs, proofs, self._seal(reduced, spec.job_id))
+
+    def deliver(self, state: _Round, rank: int, result: _Result) -> _Result:
+        """The reduced chunk to send `rank` (the misbehaving miners of actors.behaviours override this)."""
+        return result
 
     def falsify(self, state: _Round, index: int, out: torch.Tensor) -> torch.Tensor:
         """The reduced chunk to send (the misbehaving miners of actors.behaviours override this)."""
@@ -580,7 +621,8 @@ class Relay(Endpoint):
         for rank, sent in list(state.receivers.items()):
             stream = state.job.streams.get(rank)
             for result in state.results[sent:] if stream is not None else ():
-                stream.put(result.wire, result.frame)
+                sent_result = self.deliver(state, rank, result)
+                stream.put(sent_result.wire, sent_result.frame)
             state.receivers[rank] = len(state.results)
         if state.kind is RoundKind.BROADCAST and state.reduced and not state.receipted:
             source = state.job.streams.get(state.src)

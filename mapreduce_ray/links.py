@@ -2,7 +2,7 @@
 
 Up, a thread of its own writes what rounds hand it, in order: each item is a function that makes
 the frame and its signed message when its turn comes, so hashing and signing overlap sending.
-Down, another thread reads the miner's signed messages (`Reduced`, `RoundFailed`) and hands each,
+Down, another thread reads the miner's signed messages (`Reduced`, `RoundFailed`, `Settled`) and hands each,
 with its frame, to the round that is running. A stream that breaks, or a miner that sends
 anything outside the protocol, ends the link with a MinerFaultError naming the miner; the next
 round that needs the miner opens a new one.
@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from mapreduce_ray.errors import PEER_FAULTS, FrameRejectedError, MapReduceError, MinerFaultError
-from mapreduce_ray.messages import Reduced, RoundFailed, StreamOpen, encode, open_body
+from mapreduce_ray.messages import Reduced, RoundFailed, Settled, StreamOpen, encode, open_body
 from mapreduce_ray.protocol import Verifier, audience
 from mapreduce_ray.types import MinerSlot
 from mapreduce_ray.wire.config import WireConfig
@@ -34,7 +34,7 @@ CLOSE_TIMEOUT_S = 5.0
 CAUSE_GRACE_S = 1.0  # how long a failed write waits for the reading side to say why the stream broke
 
 Outgoing = Callable[[], tuple[bytes, pa.RecordBatch | None]]  # makes (signed message, frame or None)
-Incoming = Callable[["MinerLink", Reduced | RoundFailed, bytes, pa.RecordBatch | None], None]
+Incoming = Callable[["MinerLink", Reduced | RoundFailed | Settled, bytes, pa.RecordBatch | None], None]
 
 
 class MinerLink:
@@ -157,7 +157,8 @@ class MinerLink:
                     self._fail("sent a frame without a signed message, or with one over the size limit")
                     return
                 wire = metadata.to_pybytes()
-                body, _ = open_body(self._verifier, wire, (Reduced, RoundFailed), self.slot.hotkey, self._audience)
+                expected = (Reduced, RoundFailed, Settled)
+                body, _ = open_body(self._verifier, wire, expected, self.slot.hotkey, self._audience)
                 self._incoming(self, body, wire, message.data)
         except FrameRejectedError as e:
             self._end(MinerFaultError(str(e)))  # it names the miner already

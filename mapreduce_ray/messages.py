@@ -129,6 +129,32 @@ class RoundFailed:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """A peer's word on `segment` of round `seq` as the miner delivered it to the peer at `rank`: `tag`,
+    sealed with the job's secret over the digests it kept (mapreduce_ray.sketch.Sketcher.vouch), when every
+    chunk passed its checks; "" when one failed. Sent only in jobs whose results are checked."""
+
+    job_id: str
+    seq: int
+    segment: int
+    rank: int
+    tag: str
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A miner relays its peers' verdicts on `segment` of round `seq` (sealed for every peer of the job),
+    as soon as one refuses or all are in: `tags` in rank order of the ranks that receive ("": refused or
+    missing). A peer keeps the segment only when every tag vouches for the digests it kept itself, so
+    every peer keeps the same segment or none does."""
+
+    job_id: str
+    seq: int
+    segment: int
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Delivery:
     """What a peer got from one miner for one segment: the miner's signed Reduced message of every chunk
     (UTF-8 wires, in chunk order)."""
@@ -271,6 +297,8 @@ KINDS: dict[type, Kind] = {
     Await: Kind.AWAIT,
     Reduced: Kind.REDUCED,
     RoundFailed: Kind.ROUND_FAILED,
+    Verdict: Kind.VERDICT,
+    Settled: Kind.SETTLED,
 }
 
 

@@ -145,6 +145,7 @@ class Peer:
         self._reports: _Reporter | None = None
         self._sketcher: Sketcher | None = None
         self._excluded: frozenset[int] = frozenset()  # the job's miners the validator struck: left out of rounds
+        self._refused: frozenset[int] = frozenset()  # the job's miners whose result a peer refused: left out too
         self._seq = 0
 
     def init_process_group(self) -> JobSpec:
@@ -201,7 +202,7 @@ class Peer:
         job holds the same one, or none)."""
         self._identity, self._verifier, self._validator = identity, verifier, validator
         self._sketcher = Sketcher(secret, spec.job_id) if secret else None
-        self._excluded = frozenset()
+        self._excluded = self._refused = frozenset()
         self.spec = spec
         self._links = JobLinks(spec, self.rank, identity.keypair, verifier, self.wire, self._miner_remote)
         self._reports = _Reporter(self._send_reports) if validator is not None else None
@@ -284,10 +285,14 @@ class Peer:
     def _run(self, spec: RoundSpec, flat: FlatTensor | None) -> FlatTensor:
         """Run one round; the flat tensor written (a new one for a broadcast receiver that passed none)."""
         dispute = self._dispute if self._validator else None
-        round_ = Round(spec, self.rank, self._links, flat, dispute, self._sketcher, self._excluded)
+        round_ = Round(spec, self.rank, self._links, flat, dispute, self._sketcher, self._excluded | self._refused)
         try:
             round_.run()
         finally:
+            if round_.refused - self._refused:
+                names = [spec.job.miners[m].name for m in sorted(round_.refused - self._refused)]
+                log.warning("job %r: a peer refused a result of miner(s) %s: they are left out", self.job, names)
+                self._refused |= round_.refused
             if self._reports is not None and not round_.reported:
                 if round_.wrong:  # evidence: the validator rules now, and the next round leaves the miner out
                     self._report_now(round_.report())

@@ -58,6 +58,8 @@ class Kind(str, Enum):
     AWAIT = "await"  # peer -> miner, a broadcast receiver asks for a segment
     REDUCED = "reduced"  # miner -> peer, beside each reduced chunk (or alone, as a receipt)
     ROUND_FAILED = "round_failed"  # miner -> peer
+    VERDICT = "verdict"  # peer -> miner, whether a segment it delivered passed the peer's checks
+    SETTLED = "settled"  # miner -> peer, every peer's verdict on a segment
 
 
 VALIDATOR_ONLY = frozenset({Kind.JOB_SPEC, Kind.RULING, Kind.MEASUREMENTS, Kind.EXCLUDED})

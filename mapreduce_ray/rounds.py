@@ -9,9 +9,12 @@ results are checked, a sum that fits every peer's sealed sketch of its own chunk
 a check the miner cannot predict). A miner that
 fails, breaks off, sends anything else or misses its deadline loses the segment to the next miner
 of the order (every peer derives the same order, so they meet there), and its chunks go out again.
-Replicas of a segment must agree digest for digest; when they do not, the validator rules. The
-user's tensor is written once, at the end, after every segment came back: a round that fails
-leaves it as it was.
+When results are checked, each peer then gives the miner its verdict on the segment, and keeps the
+segment only once the miner relays every peer's verdict vouching for the same digests: so a miner
+that gives one peer a right sum and another a wrong one loses the segment at every peer, and they
+all meet at the next miner (and leave it out of the job's later rounds). Replicas of a segment
+must agree digest for digest; when they do not, the validator rules. The user's tensor is written
+once, at the end, after every segment came back: a round that fails leaves it as it was.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from mapreduce_ray.messages import (
     RoundFailed,
     RoundReport,
     Ruling,
+    Settled,
+    Verdict,
     WrongChunk,
     seal_body,
 )
@@ -70,6 +75,7 @@ class _Attempt:
     received: dict[int, tuple[pa.Buffer | None, str, bytes]] = field(default_factory=dict)  # chunk -> (bytes,
     # digest, the signed Reduced)
     error: MapReduceError | None = None
+    refused: MapReduceError | None = None  # why this peer refused the segment, in a checked job
     done: bool = False
 
     @property
@@ -88,7 +94,8 @@ class Round:
     """`spec` as the peer at `rank` runs it over `links`, with its flat tensor (None: a broadcast receiver
     that handed in none). `dispute` asks the validator to rule when replicas disagree (None: no validator).
     `sketcher` seals this peer's sketches and checks every result against the peers' (None: unchecked).
-    `excluded`: the job's miners (indexes) the validator struck, which get no segment of this round."""
+    `excluded`: the job's miners (indexes) the validator struck or a peer refused, which get no segment of this
+    round."""
 
     def __init__(
         self,
@@ -121,6 +128,7 @@ class Round:
         self._sent_to: set[int] = set()
         self.failed: set[int] = set()
         self.wrong: list[WrongChunk] = []  # chunks that failed this peer's check: evidence for the validator
+        self.refused: set[int] = set()  # miners whose segment a peer refused: every peer leaves them out from now on
         self.reported = False  # the validator has this round's report
         small = self.sending and spec.tensor.nbytes <= SEND_NOW_BYTES
         self._first: list | None = [] if small else None  # the first sends, when they go out on this thread
@@ -158,7 +166,8 @@ class Round:
             running = [a for a in self._attempts if a.running]
             for attempt in running:
                 if now >= attempt.deadline:
-                    self._fail(attempt, MinerFaultError(f"miner {self._name(attempt)!r} missed its deadline"))
+                    late = MinerFaultError(f"miner {self._name(attempt)!r} missed its deadline")
+                    self._fail(attempt, attempt.refused or late)
             if self._fatal is None and not all(self._settled(s) for s in self.segments):
                 deadlines = [a.deadline for a in self._attempts if a.running]
                 self._cond.wait(timeout=max(min(deadlines, default=now) - time.monotonic(), 0.001))
@@ -258,13 +267,18 @@ class Round:
 
     # ---- what miners send (called on the links' threads) ----------------------------------------
 
-    def received(self, link: MinerLink, body: Reduced | RoundFailed, wire: bytes, data: pa.RecordBatch | None):
+    def received(
+        self, link: MinerLink, body: Reduced | RoundFailed | Settled, wire: bytes, data: pa.RecordBatch | None
+    ):
         """A message from miner `link.index` for this round."""
         if body.job_id != self.spec.job.job_id or body.seq != self.spec.seq:
             return  # a round that ended here already
         with self._cond:
             attempt = self._running(body.segment, link.index)
-            if attempt is None:
+            if attempt is None or (attempt.refused is not None and isinstance(body, Reduced)):
+                return
+            if isinstance(body, Settled):
+                self._settle(attempt, body)
                 return
             if isinstance(body, RoundFailed):
                 error = KNOWN.get(body.error)
@@ -281,15 +295,60 @@ class Round:
             with self._cond:
                 if fault is WrongResultError:
                     self.wrong.append(WrongChunk(attempt.miner, attempt.segment, wire.decode()))
-                self._fail(attempt, fault(f"miner {self._name(attempt)!r} {e}"))
+                self._refuse(link, attempt, fault(f"miner {self._name(attempt)!r} {e}"))
             return
         with self._cond:
-            if not attempt.running:
+            if not attempt.running or attempt.refused is not None:
                 return
             attempt.received[body.chunk] = (kept, body.digest, wire)
-            if len(attempt.received) == len(self.plan[attempt.segment].chunks):
+            if len(attempt.received) < len(self.plan[attempt.segment].chunks):
+                return
+            if self._sketcher is None:
                 attempt.done = True
                 self._cond.notify_all()
+            elif self.receiving:
+                tag = self._sketcher.vouch(self.spec.seq, attempt.segment, self.rank, attempt.digests)
+                self._give_verdict(link, attempt, tag)
+
+    def _refuse(self, link: MinerLink, attempt: _Attempt, error: MapReduceError) -> None:
+        """This peer refuses what the miner sent it of a segment. In a checked job the other peers learn it
+        from the miner, and the segment fails over at all of them at once (or at its deadline, if the miner
+        keeps it to itself); otherwise it fails over here now (lock held)."""
+        if self._sketcher is None:
+            self._fail(attempt, error)
+        elif attempt.refused is None:
+            attempt.refused = error
+            self._give_verdict(link, attempt, "")
+
+    def _give_verdict(self, link: MinerLink, attempt: _Attempt, tag: str) -> None:
+        r, keypair, hotkey = self.spec, self.links.keypair, link.slot.hotkey
+        verdict = Verdict(r.job.job_id, r.seq, attempt.segment, self.rank, tag)
+        link.send(lambda: (seal_body(keypair, verdict, hotkey), None))
+
+    def _settle(self, attempt: _Attempt, settled: Settled) -> None:
+        """Every receiving peer's verdict on a segment: kept if all vouch for what this peer kept (lock held)."""
+        seq, segment, name = self.spec.seq, attempt.segment, self._name(attempt)
+        verdicts = list(zip(self._receivers(), settled.tags, strict=False))
+        refused = [rank for rank, tag in verdicts if not tag]
+        if len(settled.tags) != len(verdicts):
+            why = f"relayed {len(settled.tags)} verdicts for {len(verdicts)} peers"
+        elif refused:
+            self.refused.add(attempt.miner)  # every peer read the same refusal
+            why = f"delivered segment {segment} that rank(s) {refused} refused"
+        elif len(attempt.received) < len(self.plan[segment].chunks):
+            why = f"relayed verdicts on segment {segment} before it delivered it"
+        elif not all(self._sketcher.vouches(tag, seq, segment, rank, attempt.digests) for rank, tag in verdicts):
+            why = f"sent the peers different chunks of segment {segment}"
+        else:
+            attempt.done = True
+            self._cond.notify_all()
+            return
+        self._fail(attempt, attempt.refused or MinerFaultError(f"miner {name!r} {why}"))
+
+    def _receivers(self) -> list[int]:
+        """The ranks that receive a segment, in order."""
+        ranks = range(1, self.spec.job.peer_count + 1)
+        return [rank for rank in ranks if self.spec.kind is RoundKind.ALL_REDUCE or rank != self.spec.src]
 
     def broken(self, link: MinerLink, error: MapReduceError) -> None:
         """A link ended: its running attempts fail, or the round does if the miner refused this peer's job."""

@@ -21,10 +21,16 @@ it:
   peers' own float64 arithmetic adds at most `_compute_error` on top.
 
 A broadcast is the same with one contribution, the source's, and nothing rounded.
+
+A peer's verdict on a segment is a tag under the same secret over the digests it kept (`vouch`):
+the miner relays every peer's to every peer, which keeps the segment only if all vouch for what it
+kept itself, so a miner that sends one peer a right sum and another a wrong one loses the segment
+at every peer.
 """
 
 from __future__ import annotations
 
+import hmac
 import math
 import struct
 import threading
@@ -102,6 +108,14 @@ class Sketcher:
         value, norm2 = struct.unpack("<Qd" if integer else "<dd", plain)
         return Sketch(value, norm2)
 
+    def vouch(self, seq: int, segment: int, rank: int, digests: tuple[str, ...]) -> str:
+        """`rank`'s tag (hex) saying it kept segment `segment` of round `seq` as the chunks of `digests`."""
+        return self._prf(b"verdict", f"{seq}|{segment}|{rank}|{','.join(digests)}", 16).hex()
+
+    def vouches(self, tag: str, seq: int, segment: int, rank: int, digests: tuple[str, ...]) -> bool:
+        """Whether `tag` is `rank`'s word that it kept exactly the chunks of `digests`."""
+        return hmac.compare_digest(tag, self.vouch(seq, segment, rank, digests))
+
     def _prf(self, purpose: bytes, where: str, length: int) -> bytes:
         return blake3.blake3(purpose + b"|" + f"{self._job}|{where}".encode(), key=self._secret).digest(length)
 
@@ -170,6 +184,12 @@ def bound(dtype: DType, norms2: list[float], k: int, reals: int) -> float:
     rounding = 0.0 if n == 1 and k == 1 else 2 * u_out  # per element, of |y_i|: the division and the cast
     variance = 2 * gamma**2 * n * math.fsum(norms2) + 2 * (k * rounding) ** 2 * result_norm2
     return math.sqrt(_Z2 * variance) + _compute_error(norms2, result_norm2, k, reals)
+
+
+def smallest_caught(dtype: DType, norms2: list[float], k: int, reals: int) -> float:
+    """The smallest error in one element of a reduced chunk that its check catches (but for FALSE_ALARM odds):
+    k·|e| must exceed twice the bound."""
+    return 2 * bound(dtype, norms2, k, reals) / k
 
 
 def _compute_error(norms2: list[float], result_norm2: float, k: int, reals: int) -> float:

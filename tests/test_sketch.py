@@ -23,6 +23,7 @@ from mapreduce_ray.sketch import (
     sign_dtype,
     signed_sum,
     sketch,
+    smallest_caught,
 )
 from mapreduce_ray.types import ReduceOp
 
@@ -163,9 +164,8 @@ def test_one_element_off_by_twice_the_bound_is_caught(name, op):
         result = reference_reduce(tensors, op)
         mine, parts = sketches(name, tensors, result)
         k = 4 if op is ReduceOp.AVG else 1
-        limit = bound(dtype, [p.norm2 for p in parts], k, real_count(dtype, result.numel()))
+        step = smallest_caught(dtype, [p.norm2 for p in parts], k, real_count(dtype, result.numel())) * 1.01
         wrong = result.clone()
-        step = 2 * limit / k * 1.01  # k·r·y moves by k·e
         wrong[seed] = (wrong[seed].to(torch.complex128 if dtype.torch_dtype.is_complex else torch.float64) + step).to(
             dtype.torch_dtype
         )

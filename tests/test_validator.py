@@ -10,7 +10,14 @@ import ray
 import torch
 
 from actors import MinerPlan, start_local_subnet
-from actors.behaviours import OneElementOffRelay, ReplayingRelay, ScalingRelay, ZerosRelay
+from actors.behaviours import (
+    OneElementOffRelay,
+    ReplayingRelay,
+    ScalingRelay,
+    SketchDroppingRelay,
+    TwoFacedRelay,
+    ZerosRelay,
+)
 from actors.subnet import start_validator
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
@@ -124,11 +131,16 @@ def test_jobs_get_free_miners_only_and_impossible_requests_get_a_reason(subnets)
             peer.all_reduce(torch.ones(2 * MIB + 1))
 
 
-LIVE_CHEATERS = {
-    "one-element-off": OneElementOffRelay,
+WRONG_SUMS = {
+    "one-element-off": OneElementOffRelay,  # by the smallest error the peers' check claims to catch
     "scaled": ScalingRelay,
     "stale-replay": ReplayingRelay,
     "zeros": ZerosRelay,
+}
+LIVE_CHEATERS = {
+    **WRONG_SUMS,
+    "two-faced": TwoFacedRelay,  # right for rank 1, wrong for rank 2
+    "sketch-dropping": SketchDroppingRelay,  # the right sum, without rank 2's sketches
 }
 
 
@@ -137,7 +149,8 @@ BAN_S = 20  # long enough to leave a struck cheater out of a job's later rounds,
 
 @pytest.fixture(scope="module")
 def cheaters(local_ray):
-    """An honest miner and one of each cheater, honest in benchmarks and cheating in real jobs."""
+    """An honest miner and one of each cheater (in LIVE_CHEATERS' order), honest in benchmarks and cheating in
+    real jobs."""
     plans = [MinerPlan()] + [MinerPlan(cls, {"live_only": True}) for cls in LIVE_CHEATERS.values()]
     subnet = start_local_subnet(
         plans,
@@ -165,18 +178,18 @@ def strikes_of(subnet, uid: int) -> list[dict]:
 
 
 def test_without_the_peers_checks_the_validators_checks_strike_every_cheater(cheaters, run_peers):
-    """verify_results=False: the cheaters' sums reach the peers, and the validator's checks of every round strike
-    them (then their peers leave them out, as soon as the validator's answer says so)."""
+    """verify_results=False: the cheaters' wrong sums reach the peers, and the validator's checks of every round
+    strike them (then their peers leave them out, as soon as the validator's answer says so)."""
     subnet = cheaters
     honest, *cheating = uids_of(subnet)
 
     def rounds(peer):
-        assert len(peer.spec.miners) == 5
+        assert len(peer.spec.miners) == 1 + len(LIVE_CHEATERS)
         for k in range(ROUNDS):
             peer.all_reduce(round_inputs(k)[peer.rank - 1])
 
     run_peers(subnet, 2, rounds, verify_results=False)
-    for uid, role in zip(cheating, LIVE_CHEATERS, strict=True):
+    for uid, role in zip(cheating, WRONG_SUMS, strict=False):
         wait_for(lambda uid=uid: strikes_of(subnet, uid), f"a strike of the {role} cheater")
         first = 2 if role == "stale-replay" else 1  # its first round is the one it replays
         assert min(s["seq"] for s in strikes_of(subnet, uid)) == first, role  # checks of rounds run side by side
@@ -197,7 +210,7 @@ def test_peers_check_every_chunk_never_apply_a_wrong_sum_and_the_cheater_is_stru
     for peer in peers:
         peer.init_process_group()
     try:
-        assert len(peers[0].spec.miners) == 5
+        assert len(peers[0].spec.miners) == 1 + len(LIVE_CHEATERS)
         job_id = peers[0].spec.job_id
         took_in = []
         for k in range(ROUNDS):
