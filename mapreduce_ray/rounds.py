@@ -54,7 +54,7 @@ from mapreduce_ray.messages import (
 )
 from mapreduce_ray.plan import Segment, failover_order, plan_round
 from mapreduce_ray.shards import FlatTensor, flatten, from_buffer, new_tensor
-from mapreduce_ray.sketch import Sketcher, SketchError, check, real_count, sign_dtype, signed_sum, sketch
+from mapreduce_ray.sketch import Sketcher, SketchError, check, real_count, signed_sum, sketch
 from mapreduce_ray.types import RoundKind, RoundSpec, TensorSpec
 from mapreduce_ray.wire.errors import KNOWN
 from mapreduce_ray.wire.frames import digest, frame, unframe
@@ -242,7 +242,7 @@ class Round:
             proof = ""
             if self._sketcher is not None:  # on the sending thread, while earlier chunks travel
                 dtype = self.flat.dtype
-                signs = self._sketcher.signs(real_count(dtype, b - a), sign_dtype(dtype))
+                signs = self._sketcher.signs(real_count(dtype, b - a))
                 proof = self._sketcher.seal(sketch(values, dtype, signs), r.seq, segment, index, self.rank)
             self._signed[key] = (digest(batch.column(0).buffers()[1]), proof)
         chunk_digest, proof = self._signed[key]
@@ -407,7 +407,7 @@ class Round:
             seal.open(proof, dtype.is_integer, r.seq, segment, body.chunk, rank)
             for proof, rank in zip(body.proofs, ranks, strict=True)
         ]
-        signs = seal.signs(real_count(dtype, numel), sign_dtype(dtype))
+        signs = seal.signs(real_count(dtype, numel))
         result = signed_sum(from_buffer(kept, dtype), dtype, signs)
         check(result, parts, dtype, r.op if r.kind is RoundKind.ALL_REDUCE else None, numel)
 

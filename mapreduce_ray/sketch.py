@@ -49,9 +49,6 @@ SEALED_HEX = 2 * (16 + 16)  # the ciphertext of a sketch and its tag, in hex
 _Z2 = 2 * math.log(2 / FALSE_ALARM)  # t² = _Z2 · V
 
 
-_BITS_AS_SIGNS = torch.tensor(np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1), dtype=torch.int64) * 2 - 1
-
-
 class SketchError(ValueError):
     """A sealed sketch that does not open, or a reduced chunk whose sketch is off."""
 
@@ -71,18 +68,17 @@ class Sketcher:
         if len(secret) != SECRET_BYTES:
             raise ValueError(f"a job secret is {SECRET_BYTES} bytes, got {len(secret)}")
         self._secret, self._job = secret, job_id
-        self._signs: dict[torch.dtype, torch.Tensor] = {}  # the longest run of signs made so far, by dtype
+        self._signs = np.empty(0, np.int8)  # the longest run of signs made so far
         self._lock = threading.Lock()
 
-    def signs(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """The job's first n random signs (±1 of `dtype`; never write to them)."""
+    def signs(self, n: int) -> np.ndarray:
+        """The job's first n random signs (±1, int8; never write to them)."""
         with self._lock:
-            made = self._signs.get(dtype)
-            if made is None or len(made) < n:
+            if len(self._signs) < n:
                 stream = self._prf(b"signs", "", (n + 7) // 8)  # a longer stream starts with the shorter one
-                bytes_ = torch.frombuffer(bytearray(stream), dtype=torch.uint8).long()
-                made = self._signs[dtype] = _BITS_AS_SIGNS.to(dtype).index_select(0, bytes_).reshape(-1)
-        return made[:n]
+                bits = np.unpackbits(np.frombuffer(stream, np.uint8)).view(np.int8)
+                self._signs = bits * np.int8(2) - np.int8(1)
+            return self._signs[:n]
 
     def seal(self, sketch: Sketch, seq: int, segment: int, chunk: int, rank: int) -> str:
         """The sketch of `rank`'s chunk, encrypted and tagged for the job's peers (hex)."""
@@ -120,28 +116,24 @@ class Sketcher:
         return blake3.blake3(purpose + b"|" + f"{self._job}|{where}".encode(), key=self._secret).digest(length)
 
 
-def sketch(values: torch.Tensor, dtype: DType, signs: torch.Tensor) -> Sketch:
-    """The sketch of a peer's own flat chunk of `dtype` under `signs` (from `Sketcher.signs` with
-    `sign_dtype(dtype)`): r·x and x·x."""
-    reals = _reals(values)
-    norm2 = 0.0 if dtype.is_integer else float(np.einsum("i,i->", reals, reals, dtype=np.float64))
-    return Sketch(_signed_sum(reals, dtype, signs), norm2)
+def sketch(values: torch.Tensor, dtype: DType, signs: np.ndarray) -> Sketch:
+    """The sketch of a peer's own flat chunk of `dtype` under `signs` (`Sketcher.signs`): r·x and x·x."""
+    value, norm2 = _sketch(_reals(values), dtype, signs, norm=not dtype.is_integer)
+    return Sketch(value, norm2)
 
 
-def signed_sum(values: torch.Tensor, dtype: DType, signs: torch.Tensor) -> float | int:
-    """r·x of a flat chunk: in float64 (numpy widens as it goes, with no float64 copy of the chunk), or for
-    integers mod 2^64."""
-    return _signed_sum(_reals(values), dtype, signs)
+def signed_sum(values: torch.Tensor, dtype: DType, signs: np.ndarray) -> float | int:
+    """r·x of a flat chunk: in float64, or for integers mod 2^64."""
+    return _sketch(_reals(values), dtype, signs, norm=False)[0]
 
 
-def _signed_sum(reals, dtype: DType, signs: torch.Tensor) -> float | int:
-    if dtype.is_integer:
-        return int(torch.dot(reals.to(torch.int64), signs)) & (2**64 - 1)
-    return float(np.einsum("i,i->", reals, signs.numpy(), dtype=np.float64))
-
-
-def sign_dtype(dtype: DType) -> torch.dtype:
-    return torch.int64 if dtype.is_integer else torch.float64
+def _sketch(reals: np.ndarray, dtype: DType, signs: np.ndarray, norm: bool) -> tuple[float | int, float]:
+    """(r·x, x·x if `norm`): numpy widens each element to 64 bits as it goes, with no wide copy of the chunk
+    (integer sums wrap mod 2^64, as they should)."""
+    wide = np.int64 if dtype.is_integer else np.float64
+    value = np.einsum("i,i->", reals, signs, dtype=wide, casting="unsafe")
+    norm2 = float(np.einsum("i,i->", reals, reals, dtype=np.float64)) if norm else 0.0
+    return (int(value) & (2**64 - 1) if dtype.is_integer else float(value)), norm2
 
 
 def real_count(dtype: DType, numel: int) -> int:
@@ -200,11 +192,8 @@ def _compute_error(norms2: list[float], result_norm2: float, k: int, reals: int)
     return 2 * gamma * math.sqrt(reals) * (k * math.sqrt(result_norm2) + math.fsum(math.sqrt(v) for v in norms2))
 
 
-def _reals(values: torch.Tensor):
-    """The real components of a flat chunk: an int64-ready tensor for integers, else a numpy array (bfloat16,
-    which numpy lacks, widened to float32 exactly)."""
+def _reals(values: torch.Tensor) -> np.ndarray:
+    """The real components of a flat chunk (bfloat16, which numpy lacks, widened to float32 exactly)."""
     values = values.detach()
     reals = torch.view_as_real(values).reshape(-1) if values.is_complex() else values.reshape(-1)
-    if reals.dtype.is_floating_point:
-        return (reals.float() if reals.dtype == torch.bfloat16 else reals).numpy()
-    return reals
+    return (reals.float() if reals.dtype == torch.bfloat16 else reals).numpy()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -20,7 +21,6 @@ from mapreduce_ray.sketch import (
     bound,
     check,
     real_count,
-    sign_dtype,
     signed_sum,
     sketch,
     smallest_caught,
@@ -53,7 +53,7 @@ def contributions(name: str, peers: int, numel: int, seed: int, scale: float = 1
 def sketches(name: str, tensors: list[torch.Tensor], result: torch.Tensor, seq: int = 1):
     """(r·y of the result, the parts' sketches as they come out of their seals)."""
     dtype = dtype_named(name)
-    signs = SKETCHER.signs(real_count(dtype, result.numel()), sign_dtype(dtype))
+    signs = SKETCHER.signs(real_count(dtype, result.numel()))
     sealed = [SKETCHER.seal(sketch(t, dtype, signs), seq, 0, 0, rank) for rank, t in enumerate(tensors, 1)]
     parts = [SKETCHER.open(s, dtype.is_integer, seq, 0, 0, rank) for rank, s in enumerate(sealed, 1)]
     return signed_sum(result, dtype, signs), parts
@@ -107,12 +107,12 @@ def test_a_job_secret_has_its_size():
 
 
 def test_signs_are_the_jobs_random_signs_however_many_are_asked_for():
-    signs = SKETCHER.signs(10_000, torch.float64)
-    assert set(signs.unique().tolist()) == {-1.0, 1.0} and abs(float(signs.mean())) < 0.05
-    assert torch.equal(SKETCHER.signs(30_000, torch.float64)[:10_000], signs)  # longer: the same ones first
-    assert torch.equal(SKETCHER.signs(5, torch.int64), signs[:5].long())
-    assert not torch.equal(Sketcher(bytes(SECRET_BYTES), "job-1").signs(10_000, torch.float64), signs)
-    assert not torch.equal(Sketcher(SECRET, "job-2").signs(10_000, torch.float64), signs)
+    signs = SKETCHER.signs(10_000)
+    assert signs.dtype == np.int8 and set(np.unique(signs).tolist()) == {-1, 1} and abs(signs.mean()) < 0.05
+    assert np.array_equal(SKETCHER.signs(30_000)[:10_000], signs)  # longer: the same ones first
+    assert np.array_equal(SKETCHER.signs(5), signs[:5])
+    assert not np.array_equal(Sketcher(bytes(SECRET_BYTES), "job-1").signs(10_000), signs)
+    assert not np.array_equal(Sketcher(SECRET, "job-2").signs(10_000), signs)
 
 
 # --- honest rounding passes ----------------------------------------------------------------------------------------
