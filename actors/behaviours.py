@@ -3,8 +3,9 @@
 Each is a Relay (serve one with MinerActor(..., relay_class=..., relay_args=...)) whose hooks
 throttle, stall or falsify the reduced chunks it sends; everything else (signatures, protocol)
 stays honest, so only the validator's measurements and checks, or the peers' failover, can tell.
-With `live_only=True` a cheater behaves during benchmarks (a job whose ranks all share one
-hotkey, as a benchmark bot's do) and cheats in real jobs.
+A benchmark reads like any job, so a cheater can only play for time: with `honest_jobs=n` it
+behaves in the first n jobs it serves (a miner's first job is the validator's first benchmark of
+it) and cheats in every later one.
 """
 
 from __future__ import annotations
@@ -54,14 +55,19 @@ class LazyRelay(Relay):
 
 
 class Cheater(Relay):
-    """A miner that falsifies its results (in real jobs only, with `live_only`)."""
+    """A miner that falsifies its results, after its first `honest_jobs` jobs."""
 
-    def __init__(self, *args, live_only: bool = False):
+    def __init__(self, *args, honest_jobs: int = 0):
         super().__init__(*args)
-        self._live_only = live_only
+        self._honest_jobs = honest_jobs
+        self._job_order = JobOrder()
+
+    def honest(self, state: _Round) -> bool:
+        """Whether the round belongs to one of the first `honest_jobs` jobs this miner served."""
+        return self._job_order.index(state) < self._honest_jobs
 
     def falsify(self, state: _Round, index: int, out: torch.Tensor) -> torch.Tensor:
-        if not (self._live_only and is_benchmark(state)):
+        if not self.honest(state):
             self._falsify(index, out)
         return out
 
@@ -75,7 +81,7 @@ class OneElementOffRelay(Cheater):
     (mapreduce_ray.sketch.smallest_caught, from the contributions' norms), rounded away from the sum."""
 
     def falsify(self, state, index, out):
-        if index or (self._live_only and is_benchmark(state)):
+        if index or self.honest(state):
             return out
         dtype = state.tensor.dtype_info
         views = [from_buffer(state.inputs[index][rank][0], dtype).double() for rank in state.contributors]
@@ -103,26 +109,26 @@ class ZerosRelay(Cheater):
 
 
 class SketchDroppingRelay(Cheater):
-    """Reduces honestly but relays no sketch of rank 2's chunks (in real jobs only, with `live_only`)."""
+    """Reduces honestly but relays no sketch of rank 2's chunks."""
 
     def _falsify(self, index, out):
         pass
 
     def relay_proofs(self, state, proofs):
-        if self._live_only and is_benchmark(state):
+        if self.honest(state):
             return proofs
         return tuple("" if rank == 2 else proof for rank, proof in enumerate(proofs, 1))
 
 
 class TwoFacedRelay(Cheater):
-    """Reduces honestly, and sends the right sum to rank 1 but a wrong one (first element +1) to every other rank
-    (in real jobs only, with `live_only`)."""
+    """Reduces honestly, and sends the right sum to rank 1 but a wrong one (first element +1) to every other
+    rank."""
 
     def _falsify(self, index, out):
         pass
 
     def deliver(self, state, rank, result):
-        if rank == 1 or (self._live_only and is_benchmark(state)):
+        if rank == 1 or self.honest(state):
             return result
         wrong = from_buffer(result.frame.column(0).buffers()[1], state.tensor.dtype_info).clone()
         wrong[0] += 1
@@ -132,19 +138,20 @@ class TwoFacedRelay(Cheater):
 class ReplayingRelay(Cheater):
     """Returns the chunks of the first round it served again in every later round of the same shape."""
 
-    def __init__(self, *args, live_only: bool = False):
-        super().__init__(*args, live_only=live_only)
+    def __init__(self, *args, honest_jobs: int = 0):
+        super().__init__(*args, honest_jobs=honest_jobs)
         self._stale: dict[tuple[int, int], torch.Tensor] = {}  # (chunk, bytes) -> the chunk sent first
 
     def falsify(self, state, index, out):
-        if self._live_only and is_benchmark(state):
+        if self.honest(state):
             return out
         return self._stale.setdefault((index, out.nbytes), out.clone())
 
 
 class PausingRelay(Relay):
-    """Honest, but stalls at `point` of the first real round it serves, for twice the round's deadline
-    (long enough for a test to kill it there); its status says `paused` once it got there.
+    """Honest, but stalls at `point` of the first round of the first job after its first `after_jobs` (by
+    default, after its first benchmark), for twice the round's deadline (long enough for a test to kill it
+    there); its status says `paused` once it got there.
 
     Points: "received" (the first chunk's inputs all in, nothing sent), "reducing" (the first chunk
     sent, the next not), "reduced" (every chunk reduced, the last not sent).
@@ -152,11 +159,12 @@ class PausingRelay(Relay):
 
     POINTS = ("received", "reducing", "reduced")
 
-    def __init__(self, *args, point: str):
+    def __init__(self, *args, point: str, after_jobs: int = 1):
         super().__init__(*args)
         if point not in self.POINTS:
             raise ValueError(f"point must be one of {self.POINTS}, got {point!r}")
-        self._point = point
+        self._point, self._after_jobs = point, after_jobs
+        self._job_order = JobOrder()
         self._paused = threading.Event()
 
     def status(self) -> dict:
@@ -165,13 +173,20 @@ class PausingRelay(Relay):
     def delay(self, state: _Round, index: int) -> None:
         last = len(state.plan.chunks) - 1
         at = {"received": 0, "reducing": 1, "reduced": last}[self._point]
-        if index != at or is_benchmark(state) or self._paused.is_set():
+        if index != at or self._job_order.index(state) < self._after_jobs or self._paused.is_set():
             return
         self._paused.set()
         time.sleep(2 * state.job.spec.timeout_s)
 
 
-def is_benchmark(state: _Round) -> bool:
-    """Whether the round belongs to a benchmark: a job whose ranks all share one hotkey."""
-    job = state.job
-    return job.spec.peer_count > 1 and len(set(job.peers.values())) == 1
+class JobOrder:
+    """The order in which a miner first saw its jobs."""
+
+    def __init__(self):
+        self._seen: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def index(self, state: _Round) -> int:
+        """How many other jobs the miner saw before the round's."""
+        with self._lock:
+            return self._seen.setdefault(state.job.spec.job_id, len(self._seen))

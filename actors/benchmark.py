@@ -1,18 +1,17 @@
-"""BenchmarkActor: a validator's bot that measures one miner at a time with real rounds.
+"""BenchmarkActor: a validator's bot that plays one rank of a benchmark of a miner.
 
-A bot is an actor in the validator's own Ray. The validator orders a benchmark (a one-miner
-job it has admitted this bot's hotkey to at the miner, at every rank). The bot draws fresh random data from
-the operating system's entropy for each rank, so no miner can know or cache it,
-runs one all_reduce through the miner with every rank at once, times it end to
-end over the miner's endpoint, compares every rank's result bit for bit with the
-reference reduction, and answers with a BenchmarkResult.
+A bot is an actor in the validator's own Ray, with a hotkey of its own. To benchmark a miner the
+validator admits a one-miner job with a different bot at every rank, as a live job has a trainer
+at every rank, and has each bot run its rank. Every bot draws every rank's data from one seed the
+validator drew from the operating system's entropy (so no miner can know or cache it, and each bot
+knows the reference), runs one all_reduce through the miner over its endpoint, timing it end to
+end, compares its result bit for bit with the reference reduction, and answers with a
+BenchmarkResult; the validator combines the ranks' answers.
 """
 
 from __future__ import annotations
 
-import secrets
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -22,7 +21,6 @@ from mapreduce_ray.messages import BenchmarkResult, Outcome
 from mapreduce_ray.peer import Peer
 from mapreduce_ray.protocol import MetagraphCache, Verifier
 from mapreduce_ray.reference import reference_reduce
-from mapreduce_ray.sketch import SECRET_BYTES
 from mapreduce_ray.types import JobSpec
 from mapreduce_ray.wallets import WalletConfig, load_identity
 from mapreduce_ray.wire.config import WireConfig
@@ -46,25 +44,24 @@ class BenchmarkActor:
     def status(self) -> dict:
         return {"uid": self.uid, "hotkey": self._identity.hotkey, "runs": self._runs}
 
-    def run(self, spec: JobSpec, size_bytes: int) -> BenchmarkResult:
-        """Run one all_reduce of `size_bytes` per rank through the one miner of `spec`."""
+    def run(self, spec: JobSpec, size_bytes: int, rank: int, seed: int, secret: bytes) -> BenchmarkResult:
+        """Play `rank` of one all_reduce of `size_bytes` per rank through the one miner of `spec`: every rank's
+        data comes from `seed`, and the job's results are checked with `secret`, as a live job's are."""
         miner = spec.miners[0]
-        generator = torch.Generator().manual_seed(secrets.randbits(63))
+        generator = torch.Generator().manual_seed(seed)
         numel = max(1, size_bytes // DTYPE.itemsize)
         tensors = [torch.randn(numel, generator=generator, dtype=DTYPE) for _ in range(spec.peer_count)]
         expected = reference_reduce(tensors, OP)
-        peers = [Peer(rank, spec.peer_count, job=spec.name, wire=self._wire) for rank in range(1, spec.peer_count + 1)]
-        secret = secrets.token_bytes(SECRET_BYTES)  # its results are checked as a live job's are
-        for peer in peers:  # a verifier each: every rank gets the miner's messages, each sealed once for all
-            peer.attach(spec, self._identity, Verifier(self._identity.hotkey, self._metagraph), secret=secret)
+        mine = tensors[rank - 1]
+        del tensors
+        peer = Peer(rank, spec.peer_count, job=spec.name, wire=self._wire)
+        peer.attach(spec, self._identity, Verifier(self._identity.hotkey, self._metagraph), secret=secret)
         start = time.perf_counter()
         try:
-            with ThreadPoolExecutor(len(peers)) as pool:
-                list(pool.map(lambda p: p.all_reduce(tensors[p.rank - 1], OP), peers))
+            peer.all_reduce(mine, OP)
             seconds = time.perf_counter() - start
-            wrong = [r for r, t in enumerate(tensors, 1) if not torch.equal(t, expected)]
-            outcome = Outcome.WRONG if wrong else Outcome.EXACT
-            detail = f"rank(s) {wrong} got a result that differs from the reference" if wrong else ""
+            outcome = Outcome.EXACT if torch.equal(mine, expected) else Outcome.WRONG
+            detail = "" if outcome is Outcome.EXACT else f"rank {rank} got a result that differs from the reference"
         except RoundTimeoutError as e:
             seconds, outcome, detail = time.perf_counter() - start, Outcome.LATE, str(e)
         except (RoundMismatchError, WrongResultError) as e:  # signed for other chunks, or failing the check
@@ -72,7 +69,6 @@ class BenchmarkActor:
         except MapReduceError as e:
             seconds, outcome, detail = time.perf_counter() - start, Outcome.FAILED, str(e)
         finally:
-            for peer in peers:
-                peer.destroy_process_group()
+            peer.destroy_process_group()
         self._runs += 1
         return BenchmarkResult(miner.uid, miner.hotkey, numel * DTYPE.itemsize, seconds, outcome, detail)

@@ -99,7 +99,7 @@ class JobBook:
     def admit(self, spec: JobSpec, admission: JobAdmission) -> dict[int, MapReduceError]:
         """Admit a peer at every miner of `spec` (in parallel, within the job's deadline); the miners (uid) that
         refused or could not be reached, with why."""
-        payload = encode(admission)
+        payload = encode(replace(admission, spec=replace(spec, name=spec.job_id)))  # miners see no job's name
         calls = {slot.uid: self._calls.submit(self._admit_at, slot, payload, spec.timeout_s) for slot in spec.miners}
         return {uid: error for uid, call in calls.items() if (error := call.result()) is not None}
 
@@ -170,7 +170,7 @@ class JobBook:
             for c in chosen
         )
         spec = JobSpec(
-            job_id=uuid.uuid4().hex[:12],
+            job_id=new_job_id(),
             name=name,
             peer_count=request.peer_count,
             miners=slots,
@@ -269,3 +269,8 @@ def _check_fits(job: Job, request: JobRequest, peer: str) -> None:
         )
     if peer in job.ranks.values():
         raise JobError(f"hotkey {peer} already holds a rank in job {name!r}; each peer needs its own hotkey")
+
+
+def new_job_id() -> str:
+    """A fresh job id: the one name of a job that its miners see, a live job's as a benchmark's."""
+    return uuid.uuid4().hex[:12]

@@ -79,7 +79,7 @@ def simulate(
         timeout_s=timeout_s,
         namespace="incentives",
         chain=chain,
-        bots=1,  # one benchmark at a time: parallel ones would share the cores and blur the speeds
+        bots=None,  # one benchmark's ranks: one benchmark at a time, as parallel ones would blur the speeds
         wait=False,
         validator={
             "epoch_blocks": 10**9,  # one epoch, run below, once every miner has been measured

@@ -153,12 +153,13 @@ def start_local_subnet(
     chain: ChainConfig | None = None,
     miner_resources: dict[str, float] | None = None,
     validator: dict | None = None,
-    bots: int = 1,
+    bots: int | None = None,
     home_resources: dict[str, float] | None = None,
     wait: bool = True,
     wire: WireConfig | None = None,
 ) -> LocalSubnet:
-    """Start miners, `bots` benchmark bots and a ValidatorActor; starts a local Ray if none is connected.
+    """Start miners, `bots` benchmark bots (None: one per rank of a benchmark) and a ValidatorActor; starts a
+    local Ray if none is connected.
     With `wait`, returns once the validator has benchmarked every miner.
 
     `miners`: how many MinerActors, pinned by `miner_resources` (custom Ray resources) to
@@ -170,8 +171,15 @@ def start_local_subnet(
     """
     chain = chain or ChainConfig()
     plans = [MinerPlan(resources=miner_resources)] * miners if isinstance(miners, int) else list(miners)
-    if not plans or bots < 1:
-        raise ValueError(f"need at least one miner and one bot, got {miners} miners and {bots} bots")
+    settings = {"namespace": namespace, "chunk_bytes": int(chunk_mib * MIB), "timeout_s": timeout_s}
+    settings.update(validator or {})
+    ranks = ValidatorConfig.from_dict(settings).benchmark.peers
+    bots = ranks if bots is None else bots
+    if not plans or bots < ranks:
+        raise ValueError(
+            f"need at least one miner and a bot for each of a benchmark's {ranks} ranks, got {len(plans)} miners "
+            f"and {bots} bots"
+        )
     if chain.backend != "embedded":
         raise ValueError("a local subnet runs on the embedded chain; on bittensor start jobs.miner and jobs.validator")
     if not ray.is_initialized():
@@ -191,8 +199,6 @@ def start_local_subnet(
         ]
         for rank in range(1, peers + 1):
             register_dev_wallet(client, dev_peer_wallet(chain.state_path, rank))
-        settings = {"namespace": namespace, "chunk_bytes": int(chunk_mib * MIB), "timeout_s": timeout_s}
-        settings.update(validator or {})
         settings["benchmark"] = {**settings.get("benchmark", {}), "bots": [hotkey for _, hotkey in started]}
         config = ValidatorConfig.from_dict(settings)
         uid, validator_actor = start_validator(chain, config, validator_wallet, home_resources, wire)

@@ -15,17 +15,17 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import threading
 import time
-import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import pyarrow.flight as fl
 import ray
 
 from actors.audit import Auditor
 from actors.directory import MinerDirectory
-from actors.jobs import JobBook
+from actors.jobs import JobBook, new_job_id
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.epoch import run_epoch
 from mapreduce_ray.errors import JobError, NoValidatorPermitError
@@ -45,9 +45,10 @@ from mapreduce_ray.messages import (
     seal_body,
 )
 from mapreduce_ray.metrics import record_benchmark, record_scores
-from mapreduce_ray.naming import benchmark_name, miner_name
+from mapreduce_ray.naming import benchmark_name
 from mapreduce_ray.protocol import MetagraphCache
 from mapreduce_ray.scoring import epoch_due
+from mapreduce_ray.sketch import SECRET_BYTES
 from mapreduce_ray.types import JobSpec
 from mapreduce_ray.validation import ValidatorConfig
 from mapreduce_ray.wallets import WalletConfig, load_identity
@@ -67,10 +68,19 @@ PROVE_POLL_S = 0.05  # how often a benchmark on demand looks for a free bot and 
 
 @dataclass
 class _Benchmark:
+    """A benchmark of miner `uid` running: `refs[r - 1]` is the BenchmarkResult of the bot at rank r."""
+
     uid: int
-    bot: str  # the bot's hotkey
+    bots: tuple[str, ...]  # the hotkeys of the bots, by rank
     size: int  # bytes per rank
-    started: float
+    refs: tuple[ray.ObjectRef, ...]
+    started: float = field(default_factory=time.monotonic)
+
+    def done(self) -> bool:
+        return len(ray.wait(list(self.refs), num_returns=len(self.refs), timeout=0)[0]) == len(self.refs)
+
+
+WORST_FIRST = (Outcome.WRONG, Outcome.LATE, Outcome.FAILED, Outcome.EXACT)  # a benchmark's outcome: its worst rank's
 
 
 class ValidatorEndpoint(Endpoint):
@@ -156,7 +166,7 @@ class ValidatorActor:
             config, self.ledger, self.jobs, self._directory, self._identity.hotkey, chain.netuid, self._followed_now
         )
         self._lock = threading.Lock()  # guards the benchmark table, the bots in use and the stats
-        self._benchmarks: dict[ray.ObjectRef, _Benchmark] = {}  # the loop's
+        self._benchmarks: list[_Benchmark] = []  # the loop's
         self._bots_in_use: set[str] = set()
         self._followed: dict[int, str] | None = None  # the miners the ledger last followed
         self._stats = {"benchmarks": 0, "epochs": 0}
@@ -175,48 +185,49 @@ class ValidatorActor:
         for uid in self.ledger.due_for_benchmark(self.config.benchmark.interval_s):
             if uid not in served:
                 continue
-            bot = self._take_bot()
-            if bot is None:
+            bots = self._take_bots()
+            if bots is None:
                 return
             if not self.ledger.claim([uid], failed_too=True):
-                self._free_bot(bot[0])
+                self._free_bots(hotkey for hotkey, _ in bots)
                 continue
-            ref = self._order_benchmark(uid, bot, size)
-            if ref is None:
+            run = self._order_benchmark(uid, bots, size)
+            if run is None:
                 self.ledger.release([uid])
                 continue
             with self._lock:
-                self._benchmarks[ref] = _Benchmark(uid, bot[0], size, time.monotonic())
+                self._benchmarks.append(run)
 
     def prove(self, sizes: dict[int, int]) -> dict[int, Outcome]:
-        """Benchmark these miners ({uid: bytes per rank}) now, with the bots free (waiting for one within the
-        benchmark deadline), record the results, and answer each one's outcome (LATE when no bot or result came
-        in time). The miners are in a job of the caller's: they are not claimed here."""
+        """Benchmark these miners ({uid: bytes per rank}) now, with the bots free (waiting for them within the
+        benchmark deadline), record the results, and answer each one's outcome (LATE when no bots or results
+        came in time). The miners are in a job of the caller's: they are not claimed here."""
         deadline = time.monotonic() + self.config.benchmark.timeout_s
-        waiting, running, outcomes = dict(sizes), {}, {}
+        waiting, running, outcomes = dict(sizes), [], {}
         while (waiting or running) and time.monotonic() < deadline:
             if waiting:
                 self._collect_benchmarks()  # frees the loop's bots that are done: the loop may wait for our caller
             for uid in list(waiting):
-                bot = self._take_bot()
-                if bot is None:
+                bots = self._take_bots()
+                if bots is None:
                     break
                 size = waiting.pop(uid)
-                ref = self._order_benchmark(uid, bot, size)
-                if ref is None:
+                run = self._order_benchmark(uid, bots, size)
+                if run is None:
                     outcomes[uid] = Outcome.FAILED
                 else:
-                    running[ref] = _Benchmark(uid, bot[0], size, time.monotonic())
-            done, _ = ray.wait(list(running), num_returns=1, timeout=PROVE_POLL_S) if running else ([], [])
-            if not running:
+                    running.append(run)
+            if running:
+                ray.wait([ref for run in running for ref in run.refs], num_returns=1, timeout=PROVE_POLL_S)
+            else:
                 time.sleep(PROVE_POLL_S)
-            for ref in done:
-                run = running.pop(ref)
-                outcomes[run.uid] = self._finish_benchmark(run, ref)
-        for run in running.values():  # its bot's round ends by its own deadline
-            outcomes[run.uid] = self._finish_benchmark(run, None)
+            for run in [run for run in running if run.done()]:
+                running.remove(run)
+                outcomes[run.uid] = self._finish_benchmark(run, done=True)
+        for run in running:  # its bots' rounds end by their own deadline
+            outcomes[run.uid] = self._finish_benchmark(run, done=False)
         for uid, size in waiting.items():
-            log.warning("no benchmark bot was free to benchmark miner uid %d at %d bytes in time", uid, size)
+            log.warning("no benchmark bots were free to benchmark miner uid %d at %d bytes in time", uid, size)
             outcomes[uid] = Outcome.LATE
         return outcomes
 
@@ -250,86 +261,96 @@ class ValidatorActor:
             ),
         )
 
-    def _order_benchmark(self, uid: int, bot: tuple[str, object], size: int) -> ray.ObjectRef | None:
-        """Admit `bot` at miner `uid` and start its benchmark of `size` bytes per rank; None (recorded as failed,
-        the bot freed) when the miner refused or could not be reached."""
-        hotkey, handle = bot
+    def _order_benchmark(self, uid: int, bots: list[tuple[str, object]], size: int) -> _Benchmark | None:
+        """Admit `bots` at miner `uid`, one at each rank, and start their benchmark of `size` bytes per rank;
+        None (recorded as failed, the bots freed) when the miner refused or could not be reached."""
+        hotkeys = tuple(hotkey for hotkey, _ in bots)
         try:
-            return handle.run.remote(self._benchmark_job(uid, hotkey, size), size)
+            spec = self._benchmark_job(uid, hotkeys, size)
         except Exception as e:  # the miner refused the admission, or cannot be reached
             log.warning("could not start a benchmark of miner uid %d: %s", uid, e)
-            self._free_bot(hotkey)
+            self._free_bots(hotkeys)
             self.ledger.record_benchmark(uid, size, 0.0, False)
             return None
+        seed, secret = secrets.randbits(63), secrets.token_bytes(SECRET_BYTES)  # its results checked as a live job's
+        refs = tuple(
+            handle.run.remote(spec, size, rank, seed, secret) for rank, (_, handle) in enumerate(bots, start=1)
+        )
+        return _Benchmark(uid, hotkeys, size, refs)
 
-    def _benchmark_job(self, uid: int, bot_hotkey: str, size: int) -> JobSpec:
-        """A one-miner job of `size` bytes per rank with the bot at every rank, admitted at the miner."""
+    def _benchmark_job(self, uid: int, bots: tuple[str, ...], size: int) -> JobSpec:
+        """A one-miner job of `size` bytes per rank with bot `bots[r - 1]` at rank r, admitted at the miner."""
         settings = self.config.benchmark
         miner = self._directory.miners[uid]
+        job_id = new_job_id()
         spec = JobSpec(
-            job_id=uuid.uuid4().hex[:12],
-            name=f"benchmark-of-{miner_name(uid)}",
-            peer_count=settings.peers,
+            job_id=job_id,
+            name=job_id,
+            peer_count=len(bots),
             miners=(miner.slot(1.0, endpoint=self._directory.place(uid)),),
             chunk_bytes=self.config.chunk_bytes,
             timeout_s=settings.timeout_s,
             max_bytes=size,
         )
-        for rank in range(1, settings.peers + 1):
-            refused = self.jobs.admit(spec, JobAdmission(spec, rank, bot_hotkey))
+        for rank, hotkey in enumerate(bots, start=1):
+            refused = self.jobs.admit(spec, JobAdmission(spec, rank, hotkey))
             if refused:
                 raise next(iter(refused.values()))
         return spec
 
-    def _take_bot(self) -> tuple[str, object] | None:
-        """A free bot of this validator's, marked in use: (hotkey, actor handle); None if none is free."""
+    def _take_bots(self) -> list[tuple[str, object]] | None:
+        """`benchmark.peers` free bots of this validator's, marked in use: (hotkey, actor handle) each; None if
+        fewer are free."""
         graph = self._metagraph.get()
+        free = []
         for hotkey in self.config.benchmark.bots:
             neuron = graph.by_hotkey(hotkey)
             if neuron is None:
                 continue
             try:
-                handle = ray.get_actor(benchmark_name(neuron.uid), namespace=self.config.namespace)
+                free.append((hotkey, ray.get_actor(benchmark_name(neuron.uid), namespace=self.config.namespace)))
             except ValueError:
                 continue  # registered, but not running in this validator's Ray
-            with self._lock:
-                if hotkey not in self._bots_in_use:
-                    self._bots_in_use.add(hotkey)
-                    return hotkey, handle
-        return None
-
-    def _free_bot(self, hotkey: str) -> None:
         with self._lock:
-            self._bots_in_use.discard(hotkey)
+            free = [(hotkey, handle) for hotkey, handle in free if hotkey not in self._bots_in_use]
+            if len(free) < self.config.benchmark.peers:
+                return None
+            taken = free[: self.config.benchmark.peers]
+            self._bots_in_use.update(hotkey for hotkey, _ in taken)
+            return taken
+
+    def _free_bots(self, hotkeys) -> None:
+        with self._lock:
+            self._bots_in_use.difference_update(hotkeys)
 
     def _collect_benchmarks(self) -> None:
         with self._lock:
-            pending = dict(self._benchmarks)
-        if not pending:
-            return
-        done, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0)
-        overdue = [r for r, b in pending.items() if time.monotonic() - b.started > 3 * self.config.benchmark.timeout_s]
-        for ref in set(done) | set(overdue):
-            run = pending[ref]
+            pending = list(self._benchmarks)
+        overdue_s = 3 * self.config.benchmark.timeout_s
+        for run in pending:
+            done = run.done()
+            if not done and time.monotonic() - run.started <= overdue_s:
+                continue
             with self._lock:
-                if self._benchmarks.pop(ref, None) is None:
+                if run not in self._benchmarks:
                     continue  # another thread collected it
+                self._benchmarks.remove(run)
             try:
-                self._finish_benchmark(run, ref if ref in done else None)
+                self._finish_benchmark(run, done)
             finally:
                 self.ledger.release([run.uid])
 
-    def _finish_benchmark(self, run: _Benchmark, ref: ray.ObjectRef | None) -> Outcome:
-        """Record a benchmark's result (None: none came in time) and free its bot; the outcome. A bot that
-        failed (it died, say) measured nothing: nothing is recorded against the miner."""
+    def _finish_benchmark(self, run: _Benchmark, done: bool) -> Outcome:
+        """Record a benchmark's result (not `done`: none came in time) and free its bots; the outcome. Bots that
+        failed (one died, say) measured nothing: nothing is recorded against the miner."""
         try:
-            result = None if ref is None else ray.get(ref, timeout=0)
+            results = ray.get(list(run.refs), timeout=0) if done else None
         except Exception as e:
-            log.warning("benchmark of miner uid %d by bot %s failed: %s", run.uid, run.bot, e)
+            log.warning("benchmark of miner uid %d by bots %s failed: %s", run.uid, run.bots, e)
             return Outcome.FAILED
         finally:
-            self._free_bot(run.bot)
-        return self._record_benchmark(run.uid, run.size, result)
+            self._free_bots(run.bots)
+        return self._record_benchmark(run.uid, run.size, results and combined(results))
 
     def _record_benchmark(self, uid: int, size: int, result: BenchmarkResult | None) -> Outcome:
         if result is None or result.miner_uid != uid or result.size_bytes != size:
@@ -404,7 +425,7 @@ class ValidatorActor:
                 "endpoint": self.endpoint,
                 "pid": os.getpid(),
                 "jobs": len(self.jobs.summary()),
-                "benchmarks_running": len(self._bots_in_use),
+                "benchmarks_running": len(self._bots_in_use) // self.config.benchmark.peers,
                 "weights": dict(self._last_weights),
                 "weights_set_at": self.ledger.weights_set_at,
                 **self._stats,
@@ -420,3 +441,9 @@ class ValidatorActor:
 
     def job_table(self) -> list[dict]:
         return self.jobs.summary()
+
+
+def combined(results: list[BenchmarkResult]) -> BenchmarkResult:
+    """One benchmark's result from its ranks': the slowest rank's time and the worst rank's outcome."""
+    worst = min(results, key=lambda r: WORST_FIRST.index(r.outcome))
+    return replace(worst, seconds=max(r.seconds for r in results))

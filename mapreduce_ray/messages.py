@@ -45,7 +45,8 @@ class JobRequest:
 class JobAdmission:
     """The validator admits hotkey `peer` as `rank` of the job `spec`; sent to the peer and to every miner. The
     peer's copy alone carries the job's `secret` (hex), which keys the checks of its results (mapreduce_ray.sketch):
-    miners never see it ("": the job's results go unchecked)."""
+    miners never see it ("": the job's results go unchecked). The miners' copy names the job by its id only, so a
+    benchmark's admission reads like a live job's."""
 
     spec: JobSpec
     rank: int

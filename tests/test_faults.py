@@ -119,7 +119,7 @@ def test_a_miner_killed_or_late_in_a_round_is_replaced_and_every_peer_gets_the_e
 
 
 def test_with_redundancy_2_a_wrong_miner_is_outvoted_and_struck(faulty):
-    cheater, uid = add_miner(faulty, MinerPlan(OneElementOffRelay, {"live_only": True}))
+    cheater, uid = add_miner(faulty, MinerPlan(OneElementOffRelay, {"honest_jobs": 1}))
     peers = joined_peers(faulty, 2, redundancy=2)
     spec = peers[0].spec
     assert spec.redundancy == 2 and uid in [slot.uid for slot in spec.miners]

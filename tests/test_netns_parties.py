@@ -23,6 +23,7 @@ import netns  # noqa: E402
 from conftest import TRAINER_OVERRIDES, assert_exact_rounds  # noqa: E402
 
 START_TIMEOUT_S = 120.0
+BOTS = ("bot-0", "bot-1")  # a benchmark has a bot at each of its two ranks
 RAY_LINE = r"Ray cluster ([\d.]+):\d+: 1 node\(s\) \['(\w+)'\]"
 RAY = str(Path(sys.executable).parent / "ray")
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root")
@@ -49,7 +50,8 @@ def test_miner_validator_and_trainer_on_three_hosts_each_with_its_own_ray(tmp_pa
     hosts = [netns.HostSpec(name) for name in ("miner", "validator", "trainer")]
     with netns.TestNetwork(hosts) as net:
         ip = net.addresses
-        logs = {name: tmp_path / f"{name}.log" for name in ("head", "miner", "bot", "validator", "trainer")}
+        names = ("head", "miner", *BOTS, "validator", "trainer")
+        logs = {name: tmp_path / f"{name}.log" for name in names}
         head = [RAY, "start", "--head", "--block", "--port=6379", f"--node-ip-address={ip['validator']}"]
         head += ["--num-cpus=1", "--object-store-memory=200000000", "--include-dashboard=false"]
         head += [f"--temp-dir={tempfile.mkdtemp(prefix='ray-')}", "--disable-usage-stats"]  # short: socket paths
@@ -61,14 +63,18 @@ def test_miner_validator_and_trainer_on_three_hosts_each_with_its_own_ray(tmp_pa
             "jobs.miner", "+wallet=dev-miner", "ray=local", f"miner.listen={ip['miner']}:0", *serve, run_dir=tmp_path
         )
         net.spawn("miner", miner, env, logs["miner"])
-        net.spawn("validator", job("jobs.benchmark", "+wallet=dev-bench", *on_head, run_dir=tmp_path), env, logs["bot"])
+        for bot in BOTS:  # one per rank of a benchmark
+            bot_job = job(
+                "jobs.benchmark", "+wallet=dev-bench", f"wallet.hotkey={bot}", *on_head, run_dir=tmp_path / bot
+            )
+            net.spawn("validator", bot_job, env, logs[bot])
         wait_for(logs["miner"], rf"miner-\d+ \(hotkey \w+\) serving .* at endpoint {re.escape(ip['miner'])}:\d+")
-        bot = wait_for(logs["bot"], r"benchmark-\d+ \(hotkey (\w+)\) serving")[1]
+        bots = [wait_for(logs[bot], r"benchmark-\d+ \(hotkey (\w+)\) serving")[1] for bot in BOTS]
         validator = job(
             "jobs.validator",
             "+wallet=dev-validator",
             f"endpoint.listen={ip['validator']}:0",
-            f"validator.benchmark.bots=[{bot}]",
+            f"validator.benchmark.bots=[{','.join(bots)}]",
             "validator.benchmark.size_mib=4",
             *on_head,
             run_dir=tmp_path,
@@ -84,11 +90,11 @@ def test_miner_validator_and_trainer_on_three_hosts_each_with_its_own_ray(tmp_pa
         logs["trainer"].write_text(done.stdout + done.stderr)
         assert done.returncode == 0, done.stderr[-3000:]
         assert_exact_rounds(done.stdout)
-        rays = {name: wait_for(logs[name], RAY_LINE) for name in ("miner", "bot", "validator", "trainer")}
-    assert rays["bot"].groups() == rays["validator"].groups()  # the validator's party: one Ray
+        rays = {name: wait_for(logs[name], RAY_LINE) for name in ("miner", *BOTS, "validator", "trainer")}
+    assert all(rays[bot].groups() == rays["validator"].groups() for bot in BOTS)  # the validator's party: one Ray
     parties = {name: rays[name].groups() for name in ("miner", "validator", "trainer")}
     assert len({node for _, node in parties.values()}) == 3  # three Rays, each of one node on its own host
-    assert parties["validator"][0] == ip["validator"]  # where its bot joined it
+    assert parties["validator"][0] == ip["validator"]  # where its bots joined it
     # the miner's and the trainer's Rays started in their jobs, on their own host's loopback: nobody else
     # can reach them at all
     assert parties["miner"][0] == parties["trainer"][0] == "127.0.0.1"

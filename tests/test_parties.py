@@ -15,6 +15,7 @@ import time
 from conftest import TRAINER_OVERRIDES, assert_exact_rounds, free_port, ray_head
 
 START_TIMEOUT_S = 120.0
+BOTS = ("bot-0", "bot-1")  # a benchmark has a bot at each of its two ranks
 RAY_LINE = r"Ray cluster ([\d.]+:\d+): \d+ node\(s\) \[([^\]]*)\]"
 LIVE_ACTORS = """
 import sys, ray
@@ -59,7 +60,7 @@ def finish(args: list[str], env: dict, cwd=None) -> subprocess.CompletedProcess:
 
 
 def test_three_parties_each_on_its_own_ray_meet_only_through_their_endpoints(tmp_path):
-    """A miner operator (its Ray: a head and two miners), a validator (its Ray: a head, a bot, the validator)
+    """A miner operator (its Ray: a head and two miners), a validator (its Ray: a head, two bots, the validator)
     and a trainer (jobs.local, a Ray of its own in its process): the seed tutorial's flow (join, broadcast,
     all_reduce, leave) and 5 all_reduce rounds, every result checked bit for bit. Each party's Ray lists only
     its own nodes. The validator and one miner serve grpc+tls with certificates from jobs.certificate, pinned
@@ -76,18 +77,26 @@ def test_three_parties_each_on_its_own_ray_meet_only_through_their_endpoints(tmp
             for hotkey in ("miner-0", "miner-1"):
                 overrides = ("+wallet=dev-miner", f"wallet.hotkey={hotkey}", *tls[hotkey], *on(operator))
                 services[hotkey] = serve("jobs.miner", *overrides, env=env, cwd=tmp_path)
-            services["bot"] = serve("jobs.benchmark", "+wallet=dev-bench", *on(validating), env=env, cwd=tmp_path)
+            for bot in BOTS:  # one per rank of a benchmark
+                services[bot] = serve(
+                    "jobs.benchmark",
+                    "+wallet=dev-bench",
+                    f"wallet.hotkey={bot}",
+                    *on(validating),
+                    env=env,
+                    cwd=tmp_path,
+                )
             rays = {name: output.wait_for(RAY_LINE) for name, (_, output) in services.items()}
             for hotkey, over in (("miner-0", ";"), ("miner-1", " over grpc\\+tls;")):
                 services[hotkey][1].wait_for(
                     r"miner-\d+ \(hotkey \w+\) serving netuid 10 on the embedded chain .* at endpoint "
                     rf"127\.0\.0\.1:\d+{over}"
                 )
-            bot_hotkey = services["bot"][1].wait_for(r"benchmark-\d+ \(hotkey (\w+)\) serving netuid 10")[1]
+            bots = [services[bot][1].wait_for(r"benchmark-\d+ \(hotkey (\w+)\) serving netuid 10")[1] for bot in BOTS]
             services["validator"] = serve(
                 "jobs.validator",
                 "+wallet=dev-validator",
-                f"validator.benchmark.bots=[{bot_hotkey}]",
+                f"validator.benchmark.bots=[{','.join(bots)}]",
                 "validator.benchmark.size_mib=4",
                 *tls["validator"],
                 *on(validating),
@@ -121,7 +130,8 @@ def test_three_parties_each_on_its_own_ray_meet_only_through_their_endpoints(tmp
         gcs = {name: match[1] for name, match in rays.items()}
         nodes = {name: set(filter(None, match[2].replace("'", "").split(", "))) for name, match in rays.items()}
         assert gcs["miner-0"] == gcs["miner-1"] == operator.address and nodes["miner-0"] == nodes["miner-1"]
-        assert gcs["bot"] == gcs["validator"] == validating.address and nodes["bot"] == nodes["validator"]
+        assert all(gcs[bot] == gcs["validator"] == validating.address for bot in BOTS)
+        assert all(nodes[bot] == nodes["validator"] for bot in BOTS)
         parties = [nodes["miner-0"], nodes["validator"], nodes["trainer"]]
         assert all(len(p) == 1 for p in parties), nodes  # each its own one-node Ray
         assert len(set.union(*parties)) == 3, nodes  # ... and no node in two of them

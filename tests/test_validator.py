@@ -84,7 +84,7 @@ def test_a_wrong_benchmark_result_earns_nothing_and_is_a_strike(benchmarked):
     assert [event for event, _ in history] == ["benchmark", "strike"]
     assert history[0][1]["passed"] is False
     assert re.match(  # the bot's peers check the chunks as live peers do: the first wrong one ends the round
-        r"^all_reduce #1 of job 'benchmark-of-miner-\d+': no miner delivered segment\(s\) \[0\] exactly: miner "
+        r"^all_reduce #1 of job '[0-9a-f]{12}': no miner delivered segment\(s\) \[0\] exactly: miner "
         r"'miner-\d+' sent chunk \d+ of segment 0 that fails its check: its sketch is off the contributions' by ",
         history[1][1]["benchmark"],
     ), history[1][1]["benchmark"]
@@ -151,7 +151,7 @@ BAN_S = 20  # long enough to leave a struck cheater out of a job's later rounds,
 def cheaters(local_ray):
     """An honest miner and one of each cheater (in LIVE_CHEATERS' order), honest in benchmarks and cheating in
     real jobs."""
-    plans = [MinerPlan()] + [MinerPlan(cls, {"live_only": True}) for cls in LIVE_CHEATERS.values()]
+    plans = [MinerPlan()] + [MinerPlan(cls, {"honest_jobs": 1}) for cls in LIVE_CHEATERS.values()]
     subnet = start_local_subnet(
         plans,
         peers=2,
