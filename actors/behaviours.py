@@ -17,6 +17,7 @@ import time
 import torch
 
 from actors.relay import Relay, _Round
+from mapreduce_ray.messages import plain
 from mapreduce_ray.shards import from_buffer
 from mapreduce_ray.sketch import real_count, smallest_caught
 from mapreduce_ray.types import ReduceOp
@@ -177,6 +178,35 @@ class PausingRelay(Relay):
             return
         self._paused.set()
         time.sleep(2 * state.job.spec.timeout_s)
+
+
+class CuriousRelay(Relay):
+    """Honest, but notes what every job it serves looks like, as a miner out to tell benchmarks from live jobs
+    would: its spec as admitted here (but its id), whether its name is its id, its ranks' hotkeys, what its
+    rounds carry, and whether its chunks came with sealed sketches. status()["seen"]: one note per job, in the
+    order they came."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._seen: dict[str, dict] = {}
+        self._seen_lock = threading.Lock()
+
+    def status(self) -> dict:
+        with self._seen_lock:
+            return {**super().status(), "seen": [dict(note) for note in self._seen.values()]}
+
+    def relay_proofs(self, state, proofs):
+        spec = state.job.spec
+        with self._seen_lock:
+            note = self._seen.setdefault(spec.job_id, {"rounds": [], "sketched": True})
+            note["spec"] = {key: value for key, value in plain(spec).items() if key not in ("job_id", "name")}
+            note["named_by_id"] = spec.name == spec.job_id
+            note["hotkeys"] = [state.job.peers[rank] for rank in sorted(state.job.peers)]
+            round_ = (state.kind.value, state.op and state.op.value, state.tensor.dtype)
+            if round_ not in note["rounds"]:
+                note["rounds"].append(round_)
+            note["sketched"] = note["sketched"] and all(proofs)
+        return proofs
 
 
 class JobOrder:

@@ -81,7 +81,7 @@ class MinerActor:
         """The miner's identity and where it runs, its reducers' counters summed, and each reducer's own."""
         here = {"endpoint": self.endpoint, "node_id": ray.get_runtime_context().get_node_id(), **self.relay.status()}
         reducers = [here, *get([r.status.remote() for r in self._reducers], STATUS_TIMEOUT_S, "asking the reducers")]
-        counters = here.keys() - {"endpoint", "node_id"}
+        counters = [key for key, value in here.items() if isinstance(value, int | float)]
         return {
             "name": self.name,
             "uid": self.uid,

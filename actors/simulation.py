@@ -84,7 +84,7 @@ def simulate(
         validator={
             "epoch_blocks": 10**9,  # one epoch, run below, once every miner has been measured
             "tick_s": 0.2,
-            "benchmark": {"size_mib": size_mib, "interval_s": 0, "timeout_s": timeout_s},
+            "benchmark": {"size_mib": size_mib, "interval_s": 0},
             "verify": {"fraction": 0.0},
         },
     )

@@ -202,7 +202,7 @@ class ValidatorActor:
         """Benchmark these miners ({uid: bytes per rank}) now, with the bots free (waiting for them within the
         benchmark deadline), record the results, and answer each one's outcome (LATE when no bots or results
         came in time). The miners are in a job of the caller's: they are not claimed here."""
-        deadline = time.monotonic() + self.config.benchmark.timeout_s
+        deadline = time.monotonic() + self.config.timeout_s
         waiting, running, outcomes = dict(sizes), [], {}
         while (waiting or running) and time.monotonic() < deadline:
             if waiting:
@@ -279,18 +279,21 @@ class ValidatorActor:
         return _Benchmark(uid, hotkeys, size, refs)
 
     def _benchmark_job(self, uid: int, bots: tuple[str, ...], size: int) -> JobSpec:
-        """A one-miner job of `size` bytes per rank with bot `bots[r - 1]` at rank r, admitted at the miner."""
-        settings = self.config.benchmark
-        miner = self._directory.miners[uid]
+        """A one-miner job of `size` bytes per rank with bot `bots[r - 1]` at rank r, admitted at the miner: its
+        spec made as a live job's is, with what the ledger knows of the miner."""
+        record = next((r for r in self.ledger.records() if r.uid == uid), None)
+        throughput, capacity = (record.throughput, record.capacity) if record else (0.0, 0)
+        place = self._directory.place(uid)
+        slot = self._directory.miners[uid].slot(1.0, throughput * self.config.benchmark.peers, place, capacity)
         job_id = new_job_id()
         spec = JobSpec(
             job_id=job_id,
             name=job_id,
             peer_count=len(bots),
-            miners=(miner.slot(1.0, endpoint=self._directory.place(uid)),),
+            miners=(slot,),
             chunk_bytes=self.config.chunk_bytes,
-            timeout_s=settings.timeout_s,
-            max_bytes=size,
+            timeout_s=self.config.timeout_s,
+            max_bytes=max(size, capacity),
         )
         for rank, hotkey in enumerate(bots, start=1):
             refused = self.jobs.admit(spec, JobAdmission(spec, rank, hotkey))
@@ -299,8 +302,8 @@ class ValidatorActor:
         return spec
 
     def _take_bots(self) -> list[tuple[str, object]] | None:
-        """`benchmark.peers` free bots of this validator's, marked in use: (hotkey, actor handle) each; None if
-        fewer are free."""
+        """`benchmark.peers` free bots of this validator's drawn at random (with more bots than ranks, who joins
+        a benchmark changes), marked in use: (hotkey, actor handle) each; None if fewer are free."""
         graph = self._metagraph.get()
         free = []
         for hotkey in self.config.benchmark.bots:
@@ -315,7 +318,7 @@ class ValidatorActor:
             free = [(hotkey, handle) for hotkey, handle in free if hotkey not in self._bots_in_use]
             if len(free) < self.config.benchmark.peers:
                 return None
-            taken = free[: self.config.benchmark.peers]
+            taken = secrets.SystemRandom().sample(free, self.config.benchmark.peers)
             self._bots_in_use.update(hotkey for hotkey, _ in taken)
             return taken
 
@@ -326,7 +329,7 @@ class ValidatorActor:
     def _collect_benchmarks(self) -> None:
         with self._lock:
             pending = list(self._benchmarks)
-        overdue_s = 3 * self.config.benchmark.timeout_s
+        overdue_s = 3 * self.config.timeout_s
         for run in pending:
             done = run.done()
             if not done and time.monotonic() - run.started <= overdue_s:

@@ -16,8 +16,9 @@ HOST_KEYS = ("ip", "endpoint")
 @dataclass(frozen=True)
 class BenchmarkConfig:
     """Benchmarks: `bots` are the hotkeys of the benchmark bots this validator orders; each benchmark
-    runs one all_reduce of `size_mib` per rank across `peers` ranks through one miner, at most once
-    per `interval_s` per miner, within `timeout_s`. A job larger than its miners' verified capacity has them
+    runs one all_reduce of `size_mib` per rank across `peers` ranks, each played by a bot of its own, through
+    one miner, at most once per `interval_s` per miner, within the validator's `timeout_s`, as a live job's
+    round. A job larger than its miners' verified capacity has them
     benchmarked at the size it needs, up to `max_size_mib` (capacity on demand)."""
 
     bots: tuple[str, ...] = ()
@@ -25,14 +26,12 @@ class BenchmarkConfig:
     max_size_mib: float = 256.0
     peers: int = 2
     interval_s: float = 600.0
-    timeout_s: float = 60.0
 
     def __post_init__(self):
         _require(self.size_mib > 0, "benchmark.size_mib", self.size_mib, "positive")
         _require(self.max_size_mib >= 0, "benchmark.max_size_mib", self.max_size_mib, "at least 0")
         _require(self.peers >= 1, "benchmark.peers", self.peers, "at least 1")
         _require(self.interval_s >= 0, "benchmark.interval_s", self.interval_s, "at least 0")
-        _require(self.timeout_s > 0, "benchmark.timeout_s", self.timeout_s, "positive")
 
     @property
     def size_bytes(self) -> int:

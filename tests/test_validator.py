@@ -11,6 +11,7 @@ import torch
 
 from actors import MinerPlan, start_local_subnet
 from actors.behaviours import (
+    CuriousRelay,
     OneElementOffRelay,
     ReplayingRelay,
     ScalingRelay,
@@ -228,6 +229,42 @@ def test_peers_check_every_chunk_never_apply_a_wrong_sum_and_the_cheater_is_stru
         assert took_in[0][uid] == took_in[-1][uid], role  # nothing of rounds 2 and 3 reached it
     assert not strikes_of(subnet, honest)
     assert took_in[-1][honest] > took_in[0][honest]
+
+
+@pytest.fixture(scope="module")
+def curious(local_ray):
+    """One miner that notes what every job it serves looks like."""
+    subnet = start_local_subnet(
+        [MinerPlan(CuriousRelay)],
+        peers=2,
+        chunk_mib=0.25,
+        namespace="tests-curious",
+        chain=ChainConfig(netuid=113),
+        validator={"benchmark": {"size_mib": 2, "interval_s": 3600}},
+    )
+    yield subnet
+    subnet.shutdown()
+
+
+def test_a_miner_cannot_tell_a_benchmark_from_a_live_job(curious, run_peers):
+    """The miner's first job is the validator's benchmark of it; then a live job of two trainers, one of which
+    asks the validator to benchmark the job's miner again meanwhile. What the miner sees of the second benchmark
+    is what it sees of the live job: a spec alike but for the id, a name that is the id, a hotkey of its own at
+    every rank, all_reduce rounds (avg, float32, as a gradient average) with every chunk's sketch sealed."""
+
+    def rounds(peer):
+        peer.all_reduce(torch.randn(300_000))
+        return peer.request_benchmark() if peer.rank == 1 else None
+
+    measured = run_peers(curious, 2, rounds)[0]
+    assert [m.outcome.value for m in measured] == ["exact"]
+    first, live, again = statuses(curious)[0]["reducers"][0]["seen"]
+    for note in (first, live, again):
+        assert note["named_by_id"] and note["sketched"]
+        assert note["rounds"] == [("all_reduce", "avg", "float32")]
+        assert len(set(note["hotkeys"])) == 2
+    assert again["spec"] == live["spec"]
+    assert not set(live["hotkeys"]) & set(first["hotkeys"] + again["hotkeys"])  # the bots are not the trainers
 
 
 def statuses(subnet) -> list[dict]:
