@@ -5,8 +5,8 @@ Three emulated hosts, each a loopback address of its own that miners serve on
 announces): host-a runs the honest-fast miner, the lazy one and the cheaters (who
 earn nothing, so they share no score with it); host-b the honest-slow miner;
 host-c a Sybil group of three uids throttled like honest-fast. The validator
-benchmarks every miner through its bot until each has had `benchmarks`
-benchmarks or is banned; then the bot stops, and the validator runs one scoring
+benchmarks every miner through its bots until each has had `benchmarks`
+benchmarks or is banned; then the bots stop, and the validator runs one scoring
 epoch and sets weights.
 """
 

@@ -9,7 +9,7 @@ For convenience every party's actors share the one local Ray, but they talk to e
 other only through their endpoints on loopback, as parties on separate machines do.
 They sign with development wallets in the chain's state dir, created and registered
 on the embedded chain as needed: dev-validator (staked, so it holds a validator
-permit), dev-miner/miner-{i}, the benchmark bot dev-bench/bot-0 and dev-peer/rank-{r}.
+permit), dev-miner/miner-{i}, the benchmark bots dev-bench/bot-{i} and dev-peer/rank-{r}.
 It is ready once the validator has benchmarked every miner.
 """
 

@@ -7,7 +7,7 @@ Every configuration "PEER/MINER" (Mbit/s each way of every peer's and every
 miner's link) gets fresh hosts (benchmarks/netns.py): n peer hosts and m miner
 hosts on one bridge. No Ray spans hosts: every miner host runs `jobs.miner` with
 a Ray of its own, serving its Flight endpoint on the host's address; the
-validator and its benchmark bot run in this driver's own Ray on the bridge,
+validator and its benchmark bots run in this driver's own Ray on the bridge,
 uncapped (the validator benchmarks the miners over their endpoints and sizes
 their segments by what it measured); every peer host runs one peer process (a
 Peer needs no Ray) holding a relay Peer and a gloo process group over the hosts'
@@ -175,7 +175,7 @@ def run_config(config: Config, args) -> list[dict]:
         init_local_ray(object_store_mib=args.object_store_mib)  # the validator's party, on the bridge
         netns.exit_on_sigterm()  # ray.init installed its own handler
         stack.callback(ray.shutdown)
-        bot, bot_hotkey = start_bot(chain, NAMESPACE, dev_wallet(chain.state_path, "dev-bench", "bot-0"))
+        bots = [start_bot(chain, NAMESPACE, dev_wallet(chain.state_path, "dev-bench", f"bot-{i}")) for i in (0, 1)]
         for i in range(1, args.miners + 1):
             host = f"miner-{i}"
             command = [sys.executable, "-u", "-m", "jobs.miner", "+wallet=dev-miner", f"wallet.hotkey={host}"]
@@ -188,7 +188,7 @@ def run_config(config: Config, args) -> list[dict]:
             "chunk_bytes": int(args.chunk_mib * MIB),
             "timeout_s": ROUND_TIMEOUT_S,
             "verify": {"fraction": args.verify_fraction},
-            "benchmark": {"bots": [bot_hotkey], "interval_s": 3600},
+            "benchmark": {"bots": [hotkey for _, hotkey in bots], "interval_s": 3600},  # one per benchmark rank
         }
         uid, validator = start_validator(chain, ValidatorConfig.from_dict(settings), listen=f"{netns.BRIDGE_IP}:0")
         wait_benchmarked(validator, args.miners)
