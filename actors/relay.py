@@ -171,7 +171,7 @@ class _Round:
         self.receivers: dict[int, int] = {}  # rank -> results it was sent
         self.heard: set[int] = set()  # ranks that sent anything for this round
         self.receipted = False  # a broadcast's source was sent its receipts
-        self.verdicts: dict[int, str] = {}  # rank -> its verdict's tag, in checked jobs
+        self.verdicts: dict[int, Verdict] = {}  # rank -> its verdict, in checked jobs
         self.settled = False  # every peer was sent the verdicts
         self.bytes_in = 0
         self.bytes_out = 0  # bytes of the reduced chunks (once, not per receiver)
@@ -484,12 +484,16 @@ class Relay(Endpoint):
                 return  # a round that failed, was forgotten, or was settled by a refusal
             if verdict.rank not in state.audience:
                 raise JobError(f"{state.describe()}: rank {verdict.rank} receives nothing of it and has no verdict")
-            state.verdicts.setdefault(verdict.rank, verdict.tag)
+            if not set(verdict.struck) <= set(range(len(job.spec.miners))):
+                raise JobError(f"{state.describe()}: rank {verdict.rank} names miners the job does not have")
+            state.verdicts.setdefault(verdict.rank, verdict)
             if verdict.tag and len(state.verdicts) < len(state.audience):
                 return
             state.settled = True
+            given = [state.verdicts.get(r) for r in state.audience]
+            tags = tuple(v.tag if v else "" for v in given)
             settled = Settled(
-                job.spec.job_id, state.seq, state.segment, tuple(state.verdicts.get(r, "") for r in state.audience)
+                job.spec.job_id, state.seq, state.segment, tags, tuple(v.struck if v else () for v in given)
             )
             sealed = self._seal(settled, job.spec.job_id)
             for rank in range(1, job.spec.peer_count + 1):

@@ -282,7 +282,8 @@ class ValidatorActor:
         """A one-miner job of `size` bytes per rank with bot `bots[r - 1]` at rank r, admitted at the miner: its
         spec made as a live job's is, with what the ledger knows of the miner."""
         record = next((r for r in self.ledger.records() if r.uid == uid), None)
-        throughput, capacity = (record.throughput, record.capacity) if record else (0.0, 0)
+        throughput = record.throughput if record else 0.0
+        capacity = max(size, record.capacity if record else 0)  # what it holds for a job, or is asked to prove
         place = self._directory.place(uid)
         slot = self._directory.miners[uid].slot(1.0, throughput * self.config.benchmark.peers, place, capacity)
         job_id = new_job_id()
@@ -293,7 +294,7 @@ class ValidatorActor:
             miners=(slot,),
             chunk_bytes=self.config.chunk_bytes,
             timeout_s=self.config.timeout_s,
-            max_bytes=max(size, capacity),
+            max_bytes=capacity,
         )
         for rank, hotkey in enumerate(bots, start=1):
             refused = self.jobs.admit(spec, JobAdmission(spec, rank, hotkey))

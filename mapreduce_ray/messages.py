@@ -132,27 +132,32 @@ class RoundFailed:
 @dataclass(frozen=True)
 class Verdict:
     """A peer's word on `segment` of round `seq` as the miner delivered it to the peer at `rank`: `tag`,
-    sealed with the job's secret over the digests it kept (mapreduce_ray.sketch.Sketcher.vouch), when every
-    chunk passed its checks; "" when one failed. Sent only in jobs whose results are checked."""
+    sealed with the job's secret over the digests it kept and `struck` (mapreduce_ray.sketch.Sketcher.vouch),
+    when every chunk passed its checks; "" when one failed. `struck`: the job's miners (indexes) the validator
+    told this peer are struck, which every peer leaves out once a round's verdicts carry them. Sent only in
+    jobs whose results are checked."""
 
     job_id: str
     seq: int
     segment: int
     rank: int
     tag: str
+    struck: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
 class Settled:
     """A miner relays its peers' verdicts on `segment` of round `seq` (sealed for every peer of the job),
     as soon as one refuses or all are in: `tags` in rank order of the ranks that receive ("": refused or
-    missing). A peer keeps the segment only when every tag vouches for the digests it kept itself, so
-    every peer keeps the same segment or none does."""
+    missing), and their `struck` lists in the same order. A peer keeps the segment only when every tag
+    vouches for the digests it kept itself (and the struck list beside it), so every peer keeps the same
+    segment or none does, and all read the same struck lists."""
 
     job_id: str
     seq: int
     segment: int
     tags: tuple[str, ...]
+    struck: tuple[tuple[int, ...], ...] = ()
 
 
 @dataclass(frozen=True)

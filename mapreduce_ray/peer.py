@@ -144,8 +144,8 @@ class Peer:
         self._links: JobLinks | None = None
         self._reports: _Reporter | None = None
         self._sketcher: Sketcher | None = None
-        self._excluded: frozenset[int] = frozenset()  # the job's miners the validator struck: left out of rounds
-        self._refused: frozenset[int] = frozenset()  # the job's miners whose result a peer refused: left out too
+        self._excluded: frozenset[int] = frozenset()  # the job's miners the validator told this peer it struck
+        self._left_out: frozenset[int] = frozenset()  # the job's miners every peer leaves out (checked jobs)
         self._seq = 0
 
     def init_process_group(self) -> JobSpec:
@@ -202,7 +202,7 @@ class Peer:
         job holds the same one, or none)."""
         self._identity, self._verifier, self._validator = identity, verifier, validator
         self._sketcher = Sketcher(secret, spec.job_id) if secret else None
-        self._excluded = self._refused = frozenset()
+        self._excluded = self._left_out = frozenset()
         self.spec = spec
         self._links = JobLinks(spec, self.rank, identity.keypair, verifier, self.wire, self._miner_remote)
         self._reports = _Reporter(self._send_reports) if validator is not None else None
@@ -285,14 +285,17 @@ class Peer:
     def _run(self, spec: RoundSpec, flat: FlatTensor | None) -> FlatTensor:
         """Run one round; the flat tensor written (a new one for a broadcast receiver that passed none)."""
         dispute = self._dispute if self._validator else None
-        round_ = Round(spec, self.rank, self._links, flat, dispute, self._sketcher, self._excluded | self._refused)
+        # in a checked job every peer leaves a struck miner out from the round after its verdicts all told of it,
+        # so all peers leave it out from the same round; otherwise each as soon as the validator says so
+        excluded = self._left_out if self._sketcher is not None else self._excluded
+        round_ = Round(spec, self.rank, self._links, flat, dispute, self._sketcher, excluded, self._excluded)
         try:
             round_.run()
         finally:
-            if round_.refused - self._refused:
-                names = [spec.job.miners[m].name for m in sorted(round_.refused - self._refused)]
-                log.warning("job %r: a peer refused a result of miner(s) %s: they are left out", self.job, names)
-                self._refused |= round_.refused
+            if round_.left_out - self._left_out:
+                names = [spec.job.miners[m].name for m in sorted(round_.left_out - self._left_out)]
+                log.warning("job %r: every peer leaves out miner(s) %s from now on", self.job, names)
+                self._left_out |= round_.left_out
             if self._reports is not None and not round_.reported:
                 if round_.wrong:  # evidence: the validator rules now, and the next round leaves the miner out
                     self._report_now(round_.report())

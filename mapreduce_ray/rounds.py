@@ -94,8 +94,8 @@ class Round:
     """`spec` as the peer at `rank` runs it over `links`, with its flat tensor (None: a broadcast receiver
     that handed in none). `dispute` asks the validator to rule when replicas disagree (None: no validator).
     `sketcher` seals this peer's sketches and checks every result against the peers' (None: unchecked).
-    `excluded`: the job's miners (indexes) the validator struck or a peer refused, which get no segment of this
-    round."""
+    `excluded`: the job's miners (indexes) that get no segment of this round. `struck`: the job's miners the
+    validator told this peer are struck, which it tells the other peers in its verdicts."""
 
     def __init__(
         self,
@@ -106,6 +106,7 @@ class Round:
         dispute: Dispute | None = None,
         sketcher: Sketcher | None = None,
         excluded: frozenset[int] = frozenset(),
+        struck: frozenset[int] = frozenset(),
     ):
         self.spec, self.rank, self.links, self.flat = spec, rank, links, flat
         self._dispute, self._sketcher = dispute, sketcher
@@ -128,7 +129,9 @@ class Round:
         self._sent_to: set[int] = set()
         self.failed: set[int] = set()
         self.wrong: list[WrongChunk] = []  # chunks that failed this peer's check: evidence for the validator
-        self.refused: set[int] = set()  # miners whose segment a peer refused: every peer leaves them out from now on
+        self._struck = tuple(sorted(struck))
+        self.left_out: set[int] = set()  # miners every peer leaves out from now on: a peer refused them, or was
+        # told they are struck (read in verdicts that every peer read alike)
         self.reported = False  # the validator has this round's report
         small = self.sending and spec.tensor.nbytes <= SEND_NOW_BYTES
         self._first: list | None = [] if small else None  # the first sends, when they go out on this thread
@@ -307,7 +310,7 @@ class Round:
                 attempt.done = True
                 self._cond.notify_all()
             elif self.receiving:
-                tag = self._sketcher.vouch(self.spec.seq, attempt.segment, self.rank, attempt.digests)
+                tag = self._sketcher.vouch(self.spec.seq, attempt.segment, self.rank, attempt.digests, self._struck)
                 self._give_verdict(link, attempt, tag)
 
     def _refuse(self, link: MinerLink, attempt: _Attempt, error: MapReduceError) -> None:
@@ -322,24 +325,26 @@ class Round:
 
     def _give_verdict(self, link: MinerLink, attempt: _Attempt, tag: str) -> None:
         r, keypair, hotkey = self.spec, self.links.keypair, link.slot.hotkey
-        verdict = Verdict(r.job.job_id, r.seq, attempt.segment, self.rank, tag)
+        verdict = Verdict(r.job.job_id, r.seq, attempt.segment, self.rank, tag, self._struck)
         link.send(lambda: (seal_body(keypair, verdict, hotkey), None))
 
     def _settle(self, attempt: _Attempt, settled: Settled) -> None:
         """Every receiving peer's verdict on a segment: kept if all vouch for what this peer kept (lock held)."""
         seq, segment, name = self.spec.seq, attempt.segment, self._name(attempt)
-        verdicts = list(zip(self._receivers(), settled.tags, strict=False))
-        refused = [rank for rank, tag in verdicts if not tag]
-        if len(settled.tags) != len(verdicts):
-            why = f"relayed {len(settled.tags)} verdicts for {len(verdicts)} peers"
+        ranks = self._receivers()
+        verdicts = list(zip(ranks, settled.tags, settled.struck, strict=False))
+        refused = [rank for rank, tag in zip(ranks, settled.tags, strict=False) if not tag]
+        if len(settled.tags) != len(ranks) or len(settled.struck) != len(ranks):
+            why = f"relayed {len(settled.tags)} verdicts for {len(ranks)} peers"
         elif refused:
-            self.refused.add(attempt.miner)  # every peer read the same refusal
+            self.left_out.add(attempt.miner)  # every peer read the same refusal
             why = f"delivered segment {segment} that rank(s) {refused} refused"
         elif len(attempt.received) < len(self.plan[segment].chunks):
             why = f"relayed verdicts on segment {segment} before it delivered it"
-        elif not all(self._sketcher.vouches(tag, seq, segment, rank, attempt.digests) for rank, tag in verdicts):
+        elif not all(self._sketcher.vouches(t, seq, segment, r, attempt.digests, s) for r, t, s in verdicts):
             why = f"sent the peers different chunks of segment {segment}"
         else:
+            self.left_out.update(m for _, _, struck in verdicts for m in struck if 0 <= m < len(self.spec.job.miners))
             attempt.done = True
             self._cond.notify_all()
             return

@@ -104,13 +104,15 @@ class Sketcher:
         value, norm2 = struct.unpack("<Qd" if integer else "<dd", plain)
         return Sketch(value, norm2)
 
-    def vouch(self, seq: int, segment: int, rank: int, digests: tuple[str, ...]) -> str:
-        """`rank`'s tag (hex) saying it kept segment `segment` of round `seq` as the chunks of `digests`."""
-        return self._prf(b"verdict", f"{seq}|{segment}|{rank}|{','.join(digests)}", 16).hex()
+    def vouch(self, seq: int, segment: int, rank: int, digests: tuple[str, ...], struck: tuple[int, ...]) -> str:
+        """`rank`'s tag (hex) saying it kept segment `segment` of round `seq` as the chunks of `digests`, and was
+        told the miners `struck` are struck."""
+        where = f"{seq}|{segment}|{rank}|{','.join(digests)}|{','.join(map(str, struck))}"
+        return self._prf(b"verdict", where, 16).hex()
 
-    def vouches(self, tag: str, seq: int, segment: int, rank: int, digests: tuple[str, ...]) -> bool:
-        """Whether `tag` is `rank`'s word that it kept exactly the chunks of `digests`."""
-        return hmac.compare_digest(tag, self.vouch(seq, segment, rank, digests))
+    def vouches(self, tag: str, seq: int, segment: int, rank: int, digests: tuple[str, ...], struck) -> bool:
+        """Whether `tag` is `rank`'s word that it kept exactly the chunks of `digests` and was told of `struck`."""
+        return hmac.compare_digest(tag, self.vouch(seq, segment, rank, digests, tuple(struck)))
 
     def _prf(self, purpose: bytes, where: str, length: int) -> bytes:
         return blake3.blake3(purpose + b"|" + f"{self._job}|{where}".encode(), key=self._secret).digest(length)

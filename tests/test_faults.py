@@ -16,11 +16,12 @@ import torch
 from conftest import CHUNK_MIB, VALIDATOR
 
 from actors import MinerPlan, PeerActor, start_local_subnet
-from actors.behaviours import OneElementOffRelay, PausingRelay
+from actors.behaviours import OneElementOffRelay, PausingRelay, ScalingRelay
 from actors.subnet import start_miner
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import PeerLostError
+from mapreduce_ray.messages import Outcome
 from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.wallets import dev_wallet
 
@@ -137,6 +138,29 @@ def test_with_redundancy_2_a_wrong_miner_is_outvoted_and_struck(faulty):
     assert rows[uid]["strikes"] >= 1 and rows[uid]["state"] == "banned"
     honest = [slot.uid for slot in spec.miners if slot.uid != uid]
     assert all(rows[u]["strikes"] == 0 for u in honest)
+
+
+def test_a_miner_struck_during_a_job_leaves_it_at_the_same_round_at_every_peer(faulty):
+    """A miner honest in a job (its second) is caught by a benchmark a peer asks for meanwhile (its third job,
+    where it scales its sums). The peers tell each other of the strike in their verdicts, and from the round
+    after all of them told of it every peer leaves the miner out alike: no round fails, none takes it anything."""
+    cheater, uid = add_miner(faulty, MinerPlan(ScalingRelay, {"honest_jobs": 2}))
+    peers = joined_peers(faulty, 2)
+    assert uid in [slot.uid for slot in peers[0].spec.miners]
+    took_in = []
+    try:
+        for k in range(5):
+            tensors = tensors_for(2, 100_000, seed=20 + k)
+            expected = reference_reduce(tensors, "sum")
+            sum_on_every_peer(peers, tensors)
+            assert all(torch.equal(t, expected) for t in tensors), k
+            took_in.append(ray.get(cheater.status.remote(), timeout=WAIT_S)["bytes_in"])
+            if k == 0:
+                assert {m.uid: m.outcome for m in peers[0].request_benchmark()}[uid] is Outcome.WRONG
+    finally:
+        for peer in peers:
+            peer.destroy_process_group()
+    assert took_in[0] > 0 and took_in[3] == took_in[4]
 
 
 def test_a_peer_killed_in_a_round_fails_it_for_the_others_naming_its_rank(faulty):

@@ -307,11 +307,11 @@ def test_a_miner_refuses_a_hotkey_not_admitted_at_that_rank(subnets, joined):
     other = dev_peer_key(subnets[1], 2)  # registered on the subnet, but never joined this job
     cause = refusal(status, other, peer.spec.job_id, 1)
     assert type(cause) is JobError
-    assert str(cause) == f"hotkey {other.ss58_address} was not admitted as rank 1 of job {peer.spec.name!r}"
+    assert str(cause) == f"hotkey {other.ss58_address} was not admitted as rank 1 of job {peer.spec.job_id!r}"
     own = dev_peer_key(subnets[1], 1)  # the admitted hotkey, claiming the rank nobody joined
     cause = refusal(status, own, peer.spec.job_id, 2)
     assert type(cause) is JobError
-    assert str(cause) == f"hotkey {own.ss58_address} was not admitted as rank 2 of job {peer.spec.name!r}"
+    assert str(cause) == f"hotkey {own.ss58_address} was not admitted as rank 2 of job {peer.spec.job_id!r}"
 
 
 def test_a_miner_refuses_a_stream_for_an_unknown_job(subnets):

@@ -46,6 +46,8 @@ from mapreduce_ray.messages import (
     Reduced,
     RoundFailed,
     Ruling,
+    Settled,
+    Verdict,
     open_body,
     parse,
     seal_body,
@@ -183,6 +185,8 @@ ROUND_TRIPS = {
     "await": (Await(SPEC.job_id, 4, 2, 1, 1), PEER, OTHER_MINER),
     "reduced": (Reduced(SPEC.job_id, 3, 0, 2, TENSOR, "cc" * 32, ("aa" * 32, "dd" * 32)), MINER, PEER),
     "round_failed": (RoundFailed(SPEC.job_id, 3, 0, "PeerLostError", "rank 2 left"), MINER, PEER),
+    "verdict": (Verdict(SPEC.job_id, 3, 0, 2, "ee" * 16, (1,)), PEER, MINER),
+    "settled": (Settled(SPEC.job_id, 3, 0, ("ee" * 16, ""), ((1,), ())), MINER, PEER),
 }
 
 
