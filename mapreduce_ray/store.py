@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +16,6 @@ def transaction(path: Path, write: bool = True) -> Iterator[sqlite3.Connection]:
     """A connection inside one transaction: committed on success, rolled back on any error."""
     db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
     try:
-        db.execute("PRAGMA journal_mode=WAL")
         db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield db
@@ -30,6 +30,24 @@ def transaction(path: Path, write: bool = True) -> Iterator[sqlite3.Connection]:
 def create(path: Path, schema: str) -> None:
     """Create the file and its tables (`schema`: statements separated by ";") if missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    _use_wal(path)
     with transaction(path) as db:
         for statement in schema.split(";")[:-1]:
             db.execute(statement)
+
+
+def _use_wal(path: Path) -> None:
+    """Put the file in WAL mode (kept in the file); SQLite may refuse while another process does the same."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None)
+    try:
+        while True:
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as error:
+                if "locked" not in str(error) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+    finally:
+        db.close()
