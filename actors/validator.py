@@ -27,7 +27,7 @@ from actors.audit import Auditor
 from actors.directory import MinerDirectory
 from actors.jobs import JobBook, new_job_id
 from mapreduce_ray.chain import ChainConfig
-from mapreduce_ray.epoch import run_epoch
+from mapreduce_ray.epoch import WeightsSet, run_epoch
 from mapreduce_ray.errors import JobError, NoValidatorPermitError
 from mapreduce_ray.ledger import MinerLedger
 from mapreduce_ray.messages import (
@@ -171,6 +171,7 @@ class ValidatorActor:
         self._followed: dict[int, str] | None = None  # the miners the ledger last followed
         self._stats = {"benchmarks": 0, "epochs": 0}
         self._last_weights = self._chain.weights().get(self.uid, {})  # what it set before a restart
+        self._committed: WeightsSet | None = None  # weights the chain has yet to reveal
         self._refresh_miners()
         self.endpoint_server = ValidatorEndpoint(listen, self._identity.keypair, self._metagraph, wire, self)
         self.endpoint = advertise or self.endpoint_server.address
@@ -397,17 +398,18 @@ class ValidatorActor:
 
     def epoch(self) -> dict[int, float]:
         """Score the miners and set weights now (when the chain allows); the weights set, or {}.
-        `status()` shows them as the chain stores them."""
+        `status()` shows them as the chain stores them, and on a commit-reveal subnet the ones it has yet to
+        reveal beside them."""
         online = set(self._directory.miners)
-        weights = run_epoch(self.ledger, self._chain, self._identity.keypair, self.config.scoring, online)
+        done = run_epoch(self.ledger, self._chain, self._identity.keypair, self.config.scoring, online)
+        on_chain = self._chain.weights().get(self.uid, {})  # as the chain quantized them
         with self._lock:
             self._stats["epochs"] += 1
-        if weights:
-            on_chain = self._chain.weights().get(self.uid, {})  # as the chain quantized them
-            with self._lock:
-                self._last_weights = on_chain
+            self._last_weights = on_chain
+            if done is not None:
+                self._committed = done if done.reveal_round is not None else None
         record_scores(self._netuid, self.ledger.scores(), self._last_weights)  # replaced, never changed in place
-        return weights or {}
+        return done.weights if done else {}
 
     def _refresh_miners(self) -> None:
         """Follow the served miners in the ledger (a miner that stopped serving keeps its record)."""
@@ -431,6 +433,8 @@ class ValidatorActor:
                 "jobs": len(self.jobs.summary()),
                 "benchmarks_running": len(self._bots_in_use) // self.config.benchmark.peers,
                 "weights": dict(self._last_weights),
+                "weights_committed": None if self._committed is None else dict(self._committed.weights),
+                "reveal_round": None if self._committed is None else self._committed.reveal_round,
                 "weights_set_at": self.ledger.weights_set_at,
                 **self._stats,
                 **self.audit.status(),

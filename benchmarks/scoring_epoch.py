@@ -64,7 +64,7 @@ def main() -> None:
         for _ in range(args.epochs):
             measure(ledger, uids, hosts, rng)
             start = time.perf_counter()
-            weights = run_epoch(ledger, chain, validator, ScoringConfig())
+            weights = run_epoch(ledger, chain, validator, ScoringConfig()).weights
             times.append(time.perf_counter() - start)
         stored = chain.weights()
     top = max(weights.values())

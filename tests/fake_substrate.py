@@ -2,7 +2,7 @@
 
 `FakeSubstrate` implements the part of the `bittensor.Substrate` protocol that the SDK's reads
 (`neurons.uid`, `subnets.metagraph`, `weights.weights`, the NeuronCertificates map) and intents (`SetWeights`,
-`ServeAxon`, `ServeAxonTls`) use, over
+plain or timelock-committed, `ServeAxon`, `ServeAxonTls`) use, over
 the state of one subnet. `submit` applies extrinsics the way the subtensor pallet does, failing with the
 pallet's dispatch errors. `SubtensorUnderTest` puts a `SubtensorChain` on top, for the chain tests.
 """
@@ -43,7 +43,8 @@ class FakeSubstrate:
     Only the head state is kept: reads ignore `block_hash`, and the block moves only when a test moves it.
     Reads for another netuid find nothing, as for a subnet that does not exist. Validator permits go to the
     top `max_validators` neurons by stake with stake > 0; the chain recomputes them each epoch, this fake on
-    every read. Commit-reveal is off and the max weight limit is u16::MAX: weights are set in the clear, unclipped.
+    every read. The max weight limit is u16::MAX: weights are unclipped. With `commit_reveal` on, weights arrive
+    as timelocked commits, which this fake keeps (in `commits`) and never reveals: it has no drand beacon.
     """
 
     def __init__(self, netuid: int, *, rate_limit: int, max_validators: int, block: int = 1):
@@ -51,7 +52,12 @@ class FakeSubstrate:
         self.block = block
         self.rate_limit = rate_limit  # WeightsSetRateLimit, blocks
         self.max_validators = max_validators
+        self.block_seconds = 12.0  # what the chain reports as its block time
         self.serving_rate_limit = 0  # ServingRateLimit, blocks; 0: none
+        self.weights_version_key = 0  # WeightsVersionKey: weights under a lower key are refused
+        self.min_allowed_weights = MIN_ALLOWED_WEIGHTS
+        self.commit_reveal = False  # CommitRevealWeightsEnabled
+        self.commits: list[tuple[str, int, bytes]] = []  # (hotkey, reveal round, ciphertext), unrevealed
         self.consensus = "Yuma"  # SubnetEpochConsensus; under "Null" the SDK itself checks the permit
         self.neurons: list[FakeNeuron] = []  # index = uid
         self.weights: dict[int, list[tuple[int, int]]] = {}  # uid -> [(dest uid, u16)]
@@ -100,7 +106,7 @@ class FakeSubstrate:
         return f"0x{self.block if block is None else block:064x}"
 
     async def block_time(self) -> float:
-        return 12.0
+        return self.block_seconds
 
     async def query(self, module: str, storage_function: str, params=None, block_hash=None):
         netuid, *keys = params or [None]
@@ -110,13 +116,28 @@ class FakeSubstrate:
             case "Uids":
                 return self.uid(keys[0])
             case "CommitRevealWeightsEnabled":
-                return False
+                return self.commit_reveal
+            case "WeightsVersionKey":
+                return self.weights_version_key
+            case "ServingRateLimit":
+                return self.serving_rate_limit
+            case "Axons":
+                uid = self.uid(keys[0])
+                return None if uid is None else self.neurons[uid].axon
+            case "Tempo":
+                return 360
+            case "RevealPeriodEpochs":
+                return 1
+            case "LastEpochBlock" | "PendingEpochAt" | "SubnetEpochIndex":
+                return 0
+            case "BlocksSinceLastStep":
+                return self.block
             case "WeightsSetRateLimit":
                 return self.rate_limit
             case "LastUpdate":  # keyed by the mechanism's storage index, the netuid for mechanism 0
                 return [n.last_update for n in self.neurons]
             case "MinAllowedWeights":
-                return MIN_ALLOWED_WEIGHTS
+                return self.min_allowed_weights
             case "MaxWeightsLimit":
                 return U16_MAX
             case "SubnetEpochConsensus":
@@ -187,6 +208,8 @@ class FakeSubstrate:
         match call.module, call.function:
             case "SubtensorModule", "set_mechanism_weights":
                 error = self._set_weights(signer, **call.params)
+            case "SubtensorModule", "commit_timelocked_mechanism_weights":
+                error = self._commit_weights(signer, **call.params)
             case "SubtensorModule", "serve_axon":
                 error = self._serve_axon(signer, **call.params)
             case "SubtensorModule", "serve_axon_tls":
@@ -206,15 +229,18 @@ class FakeSubstrate:
         return bt.ExtrinsicResult(success=False, message=docs, error=bt.ChainError(docs, error))
 
     def _set_weights(self, hotkey: str, netuid: int, mecid: int, dests: list, weights: list, version_key: int):
-        """The pallet's checks, in its order, then the max-upscaled u16 row; returns the error's name or None.
-        WeightsVersionKey is 0 here, so any `version_key` passes."""
+        """The pallet's checks, in its order, then the max-upscaled u16 row; returns the error's name or None."""
         uid = self.uid(hotkey)
         if (netuid, mecid) != (self.netuid, 0):
             return "MechanismDoesNotExist"
+        if self.commit_reveal:
+            return "CommitRevealEnabled"
         if len(dests) != len(weights):
             return "WeightVecNotEqualSize"
         if uid is None:
             return "HotKeyNotRegisteredInSubNet"
+        if version_key < self.weights_version_key:
+            return "IncorrectWeightVersionKey"
         neuron = self.neurons[uid]
         if neuron.last_update and self.block - neuron.last_update < self.rate_limit:
             return "SettingWeightsTooFast"
@@ -225,10 +251,26 @@ class FakeSubstrate:
             return "DuplicateUids"
         if any(dest >= len(self.neurons) for dest in dests):
             return "UidVecContainInvalidOne"
-        if not self_weight and len(dests) < min(MIN_ALLOWED_WEIGHTS, len(self.neurons)):
+        if not self_weight and len(dests) < min(self.min_allowed_weights, len(self.neurons)):
             return "WeightVecLengthIsLow"
         top = max(weights, default=0) or 1
         self.weights[uid] = [(dest, value * U16_MAX // top) for dest, value in zip(dests, weights, strict=True)]
+        neuron.last_update = self.block
+        return None
+
+    def _commit_weights(self, hotkey: str, netuid: int, mecid: int, commit: bytes, reveal_round: int, **_):
+        """Keep a timelocked commit after the pallet's checks; returns the error's name or None."""
+        uid = self.uid(hotkey)
+        if (netuid, mecid) != (self.netuid, 0):
+            return "MechanismDoesNotExist"
+        if not self.commit_reveal:
+            return "CommitRevealDisabled"
+        if uid is None:
+            return "HotKeyNotRegisteredInSubNet"
+        neuron = self.neurons[uid]
+        if neuron.last_update and self.block - neuron.last_update < self.rate_limit:
+            return "CommittingWeightsTooFast"
+        self.commits.append((hotkey, reveal_round, bytes(commit)))
         neuron.last_update = self.block
         return None
 

@@ -4,8 +4,10 @@ SDK's failures become our errors. It runs the real SDK against the in-memory cha
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 import shlex
+import threading
 
 import bittensor as bt
 import pytest
@@ -15,7 +17,10 @@ from bittensor.sp_core import Keypair
 from fake_substrate import SubtensorUnderTest
 
 from mapreduce_ray.chain.subtensor import SubtensorChain
+from mapreduce_ray.epoch import run_epoch
 from mapreduce_ray.errors import ChainError, NotRegisteredError, NoValidatorPermitError, RateLimitedError
+from mapreduce_ray.ledger import MinerLedger
+from mapreduce_ray.scoring import ScoringConfig
 from mapreduce_ray.wallets import WalletConfig
 
 ALICE, BOB, EVE = (Keypair.create_from_uri(f"//{name}") for name in ("Alice", "Bob", "Eve"))
@@ -91,19 +96,55 @@ def test_an_unreachable_endpoint_is_one_chain_error():
     )
 
 
+def test_fallback_endpoints_are_tried_in_turn_and_named():
+    chain = SubtensorChain("ws://127.0.0.1:9", 10, fallback_endpoints=("ws://127.0.0.1:7",))
+    with pytest.raises(ChainError) as failed:
+        chain.block()
+    assert re.fullmatch(
+        r"could not reach ws://127\.0\.0\.1:9 or ws://127\.0\.0\.1:7 \(netuid 10 on ws://127\.0\.0\.1:9\): "
+        r".*\('127\.0\.0\.1', 7\)",  # the SDK's last try was the fallback
+        str(failed.value),
+    )
+    with pytest.raises(
+        ValueError, match=exactly("chain.fallback_endpoints holds '127.0.0.1:7'; give ws:// or wss:// URLs")
+    ):
+        SubtensorChain("local", 10, fallback_endpoints=("127.0.0.1:7",))
+
+
 def test_an_unknown_network_is_refused_at_once():
     with pytest.raises(ValueError, match="Unknown network 'mock'"):
         SubtensorChain("mock")
 
 
 def test_set_weights_submits_the_quantized_weights(sut):
-    sut.chain.set_weights(ALICE, {1: 0.2, 2: 0.5, 3: 0.3}, version_key=7)
+    assert sut.chain.set_weights(ALICE, {1: 0.2, 2: 0.5, 3: 0.3}) is None  # held by the chain now
     call = bt.calls.SubtensorModule.set_mechanism_weights(
-        netuid=10, mecid=0, dests=[1, 2, 3], weights=[26214, 65535, 39321], version_key=7
+        netuid=10, mecid=0, dests=[1, 2, 3], weights=[26214, 65535, 39321], version_key=0
     )
     assert sut.substrate.submitted == [(ALICE.ss58_address, call)]
     assert sut.chain.weights() == {0: pytest.approx({1: 26214 / 65535, 2: 1.0, 3: 39321 / 65535})}
     assert sut.chain.metagraph().neuron(0).last_update == sut.chain.block() == 1
+
+
+@pytest.mark.parametrize(("configured", "subnets", "sent"), [(7, 3, 7), (7, 9, 9), (0, 4, 4)])
+def test_weights_carry_the_configured_version_key_or_the_subnets_when_higher(sut, configured, subnets, sent):
+    sut.substrate.weights_version_key = subnets
+    chain = SubtensorChain("local", 10, version_key=configured, substrate=sut.substrate)
+    chain.set_weights(ALICE, {1: 1.0})
+    assert [call.params["version_key"] for _, call in sut.substrate.submitted] == [sent]
+    assert chain.weights() == {0: {1: 1.0}}
+
+
+def test_on_a_commit_reveal_subnet_weights_are_committed_and_their_reveal_round_returned(sut):
+    sut.substrate.commit_reveal = True
+    sut.substrate.weights_version_key = 5
+    chain = SubtensorChain("local", 10, version_key=2, substrate=sut.substrate)
+    reveal_round = chain.set_weights(ALICE, {1: 0.25, 2: 1.0})
+    [(signer, call)] = sut.substrate.submitted
+    assert (signer, call.function) == (ALICE.ss58_address, "commit_timelocked_mechanism_weights")
+    assert call.params["reveal_round"] == reveal_round > 0
+    assert [(hotkey, round_) for hotkey, round_, _ in sut.substrate.commits] == [(ALICE.ss58_address, reveal_round)]
+    assert chain.weights() == {}  # nothing revealed yet: the chain holds no weights of Alice's
 
 
 @pytest.mark.parametrize("endpoint", ["10.0.0.1:8091", "[2001:db8::1]:8091"])
@@ -189,16 +230,34 @@ def test_serving_from_an_unregistered_hotkey_is_refused_by_the_chain(sut):
     assert len(sut.substrate.submitted) == 1  # no preflight for serving: the chain refused it
 
 
-def test_serving_too_often_is_rate_limited(sut):
+def test_serving_too_often_is_rate_limited_past_the_serve_timeout(sut):
     sut.substrate.serving_rate_limit = 50
-    sut.chain.serve(BOB, "10.0.0.1:8091")
+    chain = SubtensorChain("local", 10, serve_timeout_s=60, substrate=sut.substrate)
+    chain.serve(BOB, "10.0.0.1:8091")
+    sut.advance(10)
     message = (
-        f"serving 10.0.0.2:8091 by hotkey {BOB.ss58_address} on netuid 10 on local is rate limited; retry later "
-        "(An axon or prometheus serving exceeded the rate limit for a registered neuron.)"
+        f"serving 10.0.0.2:8091 by hotkey {BOB.ss58_address} on netuid 10 on local is rate limited; retry in "
+        "40 blocks (~480 s), or let chain.serve_timeout_s wait that long"
     )
     with pytest.raises(RateLimitedError, match=exactly(message)):
-        sut.chain.serve(BOB, "10.0.0.2:8091")
-    assert sut.chain.metagraph().neuron(1).endpoint == "10.0.0.1:8091"
+        chain.serve(BOB, "10.0.0.2:8091")
+    assert chain.metagraph().neuron(1).endpoint == "10.0.0.1:8091"
+
+
+def test_a_restart_in_place_announces_nothing_and_a_move_waits_out_the_serving_rate_limit(sut):
+    sut.substrate.serving_rate_limit = 50
+    sut.substrate.block_seconds = 0.01
+    digest = bytes(range(32)).hex()
+    sut.chain.serve(BOB, "10.0.0.1:8091", digest)
+    sut.chain.serve(BOB, "10.0.0.1:8091", digest)  # restarted, same endpoint and key: nothing to announce
+    assert len(sut.substrate.submitted) == 1
+    sut.advance(49)
+    mover = threading.Timer(0.3, sut.advance, [1])  # the block that lifts the limit comes while serve waits
+    mover.start()
+    sut.chain.serve(BOB, "10.0.0.2:8091", digest)
+    mover.join()
+    assert sut.chain.metagraph().neuron(1).endpoint == "10.0.0.2:8091"
+    assert len(sut.substrate.submitted) > 2  # refused while the limit held, then announced
 
 
 def test_other_chain_failures_are_chain_errors(sut):
@@ -219,3 +278,50 @@ def test_a_subnet_that_does_not_exist(sut):
         elsewhere.metagraph()
     assert elsewhere.uid_of(ALICE.ss58_address) is None
     assert elsewhere.weights() == {}
+
+
+def scored_ledger(path, uids: list[int]) -> MinerLedger:
+    """A validator's ledger in which each of `uids` passed a benchmark, the later ones faster."""
+    ledger = MinerLedger(path / "validator.sqlite")
+    ledger.follow({uid: key(f"miner-{uid}").ss58_address for uid in uids})
+    for rank, uid in enumerate(uids, start=1):
+        ledger.record_benchmark(uid, 64 * 2**20, 1.0 / rank, passed=True, host=f"10.0.0.{uid}")
+    return ledger
+
+
+def test_an_epoch_on_a_commit_reveal_subnet_with_a_version_key_commits_and_tells_the_reveal_round(sut, tmp_path):
+    sut.substrate.commit_reveal = True
+    sut.substrate.weights_version_key = 3
+    chain = SubtensorChain("local", 10, substrate=sut.substrate)
+    done = run_epoch(scored_ledger(tmp_path, [1, 2, 3]), chain, ALICE, ScoringConfig())
+    assert set(done.weights) == {1, 2, 3}
+    [(_, call)] = sut.substrate.submitted
+    assert call.function == "commit_timelocked_mechanism_weights"
+    assert done.reveal_round == call.params["reveal_round"] > 0
+    assert chain.weights() == {}  # the chain reveals them later
+
+
+def test_too_few_scored_miners_get_the_smallest_weight_beside_them_up_to_the_subnets_minimum(sut, tmp_path, caplog):
+    sut.substrate.min_allowed_weights = 3
+    sut.substrate.weights_version_key = 2
+    sut.chain.serve(key("Dave"), "10.0.0.3:8091")  # served uids come first
+    with caplog.at_level(logging.WARNING, logger="mapreduce_ray.epoch"):
+        done = run_epoch(scored_ledger(tmp_path, [1]), sut.chain, ALICE, ScoringConfig())
+    assert done.weights == {1: 1.0, 3: 1 / 65535, 2: 1 / 65535}
+    assert sut.chain.weights() == {0: {1: 1.0, 2: 1 / 65535, 3: 1 / 65535}}
+    assert caplog.messages == [
+        "netuid 10 on local asks for weights on at least 3 uids and 1 miners are scored; 2 other uids get 1/65535 "
+        "of the largest weight until more miners are benchmarked"
+    ]
+
+
+def test_a_subnet_with_too_few_uids_for_its_minimum_gets_the_validators_weight_on_itself(sut, tmp_path, caplog):
+    sut.substrate.min_allowed_weights = 8
+    with caplog.at_level(logging.WARNING, logger="mapreduce_ray.epoch"):
+        done = run_epoch(scored_ledger(tmp_path, [1, 2]), sut.chain, ALICE, ScoringConfig())
+    assert done.weights == {0: 1.0}
+    assert sut.chain.weights() == {0: {0: 1.0}}
+    assert caplog.messages == [
+        "netuid 10 on local asks for weights on at least 8 uids and has 3 besides this validator; it weighs itself "
+        "alone until more miners register"
+    ]

@@ -95,8 +95,13 @@ class Chain(ABC):
         TLS key when it serves grpc+tls (None: plain gRPC; a digest announced before is retracted)."""
 
     @abstractmethod
-    def set_weights(self, signer, weights: Mapping[int, float], version_key: int = 0) -> None:
-        """Set the signer's weights on uids (relative, non-negative); needs a validator permit."""
+    def set_weights(self, signer, weights: Mapping[int, float]) -> int | None:
+        """Set the signer's weights on uids (relative, non-negative); needs a validator permit. None when the
+        chain holds them now; on a commit-reveal subnet, the drand round at which the chain reveals them."""
+
+    @abstractmethod
+    def min_allowed_weights(self) -> int:
+        """How many uids a validator's weights must name at least (a weight on itself alone is exempt)."""
 
     @abstractmethod
     def weights(self) -> dict[int, dict[int, float]]:

@@ -22,6 +22,12 @@ class ChainConfig:
     """backend "embedded": a SQLite chain in `state_dir` (None: default_state_dir()), offline.
     backend "bittensor": the real chain; `network` is finney, test, local, or a ws:// or wss:// URL.
 
+    For the bittensor backend: version_key (of the weights a validator sets; the subnet's
+    WeightsVersionKey wins when higher), fallback_endpoints (ws:// or wss:// URLs tried in turn
+    when `network` cannot be reached; none by default, so a client never leaves the network it
+    was given), serve_timeout_s (how long announcing an endpoint waits out the chain's serving
+    rate limit, as after a restart that moved the endpoint).
+
     The rest shapes the embedded chain only (the real chain has its own):
     block_time_s, tempo (blocks), weights_rate_limit (blocks between a validator's
     weights; None: one tempo), max_uids, max_validators (permits go to the top
@@ -32,6 +38,9 @@ class ChainConfig:
     netuid: int = DEFAULT_NETUID
     network: str = "finney"
     state_dir: str | None = None
+    version_key: int = 0
+    fallback_endpoints: tuple[str, ...] = ()
+    serve_timeout_s: float = 900.0
     block_time_s: float = 12.0
     tempo: int = 360
     weights_rate_limit: int | None = None
@@ -42,6 +51,9 @@ class ChainConfig:
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown chain backend {self.backend!r}; use one of: {', '.join(BACKENDS)}")
+        if self.version_key < 0:
+            raise ValueError(f"chain.version_key must be at least 0, got {self.version_key}")
+        object.__setattr__(self, "fallback_endpoints", tuple(self.fallback_endpoints))  # a list from YAML
 
     @property
     def state_path(self) -> Path:
@@ -52,7 +64,13 @@ class ChainConfig:
         if self.backend == "bittensor":
             from mapreduce_ray.chain.subtensor import SubtensorChain
 
-            return SubtensorChain(self.network, self.netuid)
+            return SubtensorChain(
+                self.network,
+                self.netuid,
+                version_key=self.version_key,
+                fallback_endpoints=self.fallback_endpoints,
+                serve_timeout_s=self.serve_timeout_s,
+            )
         from mapreduce_ray.chain.embedded import EmbeddedChain
 
         return EmbeddedChain(self.state_path / "chain.sqlite", self)

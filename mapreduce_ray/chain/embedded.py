@@ -144,7 +144,10 @@ class EmbeddedChain(Chain):
                 (endpoint, certificate, self.netuid, hotkey),
             )
 
-    def set_weights(self, signer, weights: Mapping[int, float], version_key: int = 0) -> None:
+    def min_allowed_weights(self) -> int:
+        return 1
+
+    def set_weights(self, signer, weights: Mapping[int, float]) -> None:
         hotkey = _proven_hotkey(signer)
         values = {int(uid): float(w) for uid, w in weights.items()}
         if any(not (math.isfinite(w) and w >= 0) for w in values.values()):

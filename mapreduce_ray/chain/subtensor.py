@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import logging
 import re
 import threading
+import time
 from collections.abc import Iterator, Mapping
 
 import bittensor as bt
@@ -21,6 +23,7 @@ from mapreduce_ray.chain.base import DEFAULT_NETUID, Chain, Metagraph, Neuron
 from mapreduce_ray.errors import ChainError, NoValidatorPermitError, RateLimitedError
 from mapreduce_ray.wallets import WalletConfig
 
+log = logging.getLogger(__name__)
 _RETRY_IN = re.compile(r"retry in ~(\d+) blocks", re.IGNORECASE)  # from the SDK's rate-limit preflight
 # The neuron certificate's algorithm byte for what this project announces there: SHA-256 of the endpoint's
 # TLS key (SubjectPublicKeyInfo, DER), 32 bytes. Only a TLS announcement replaces a neuron certificate, so
@@ -37,10 +40,26 @@ class SubtensorChain(Chain):
     before the first call.
     """
 
-    def __init__(self, network: str = "finney", netuid: int = DEFAULT_NETUID, *, substrate=None):
+    def __init__(
+        self,
+        network: str = "finney",
+        netuid: int = DEFAULT_NETUID,
+        *,
+        version_key: int = 0,
+        fallback_endpoints: tuple[str, ...] = (),
+        serve_timeout_s: float = 900.0,
+        substrate=None,
+    ):
+        """`version_key`, `fallback_endpoints` and `serve_timeout_s` as in ChainConfig."""
         self.network = network
         self.netuid = netuid
+        self.version_key = version_key
+        self.fallback_endpoints = list(fallback_endpoints)
+        self.serve_timeout_s = serve_timeout_s
         self._endpoint = resolve_endpoint(network)[1]  # ValueError for an unknown network name
+        for url in self.fallback_endpoints:
+            if not url.startswith(("ws://", "wss://")):
+                raise ValueError(f"chain.fallback_endpoints holds {url!r}; give ws:// or wss:// URLs")
         self._substrate = substrate
         self._client: bt.SyncClient | None = None
         self._lock = threading.Lock()
@@ -96,11 +115,17 @@ class SubtensorChain(Chain):
         return Metagraph(netuid=self.netuid, block=graph.block, neurons=neurons)
 
     def serve(self, signer, endpoint: str, certificate: str | None = None) -> None:
+        """Announce nothing when the chain already holds this endpoint and key digest (a restart in place);
+        otherwise announce, waiting out the serving rate limit for up to `serve_timeout_s`."""
         ip, port = _ip_and_port(endpoint)
-        with self._errors(f"serving {endpoint}", signer.ss58_address):
+        hotkey = signer.ss58_address
+        with self._errors(f"serving {endpoint}", hotkey):
+            held = self.metagraph().by_hotkey(hotkey)
+            if held is not None and (held.endpoint, held.certificate) == (f"{ip}:{port}", certificate):
+                return
             if certificate is not None:
                 blob = bytes([KEY_SHA256]) + bytes.fromhex(certificate)
-            elif self._announced_key(signer.ss58_address):
+            elif self._announced_key(hotkey):
                 blob = NO_KEY
             else:
                 blob = None
@@ -108,17 +133,49 @@ class SubtensorChain(Chain):
                 intent = bt.ServeAxon(netuid=self.netuid, ip=ip, port=port)
             else:
                 intent = bt.ServeAxonTls(netuid=self.netuid, ip=ip, port=port, certificate="0x" + blob.hex())
-            self._sync().execute(intent, signer).raise_for_failure()
+            deadline = time.monotonic() + self.serve_timeout_s
+            while True:
+                result = self._sync().execute(intent, signer)
+                if result.success or result.error is None or result.error.code is not bt.ErrorCode.RATE_LIMITED:
+                    result.raise_for_failure()
+                    return
+                blocks, seconds = self._serving_wait(hotkey)
+                if time.monotonic() + seconds > deadline:
+                    raise RateLimitedError(
+                        f"serving {endpoint} by hotkey {hotkey} on {self.describe()} is rate limited; retry in "
+                        f"{blocks} blocks (~{seconds:.0f} s), or let chain.serve_timeout_s wait that long"
+                    )
+                log.info(
+                    "%s: serving %s is rate limited; announcing again in %.0f s", self.describe(), endpoint, seconds
+                )
+                time.sleep(seconds)
+
+    def _serving_wait(self, hotkey: str) -> tuple[int, float]:
+        """Blocks and seconds until the chain's serving rate limit lets `hotkey` announce again (a block at least)."""
+        client = self._sync()
+        limit = int(client.query(bt.storage.SubtensorModule.ServingRateLimit, [self.netuid]) or 0)
+        axon = client.query(bt.storage.SubtensorModule.Axons, [self.netuid, hotkey]) or {}
+        blocks = max(1, int(axon.get("block", 0)) + limit - client.block)
+        return blocks, blocks * client.block_time()
 
     def _announced_key(self, hotkey: str) -> bool:
         """Whether the chain holds a key digest of this project for `hotkey`."""
         value = self._sync().query(("SubtensorModule", "NeuronCertificates"), [self.netuid, hotkey])
         return _key_digest((hotkey, value)) is not None
 
-    def set_weights(self, signer, weights: Mapping[int, float], version_key: int = 0) -> None:
+    def set_weights(self, signer, weights: Mapping[int, float]) -> int | None:
+        """Weights under `version_key`, or the subnet's WeightsVersionKey when higher; the SDK commits them
+        (timelocked, revealed by the chain) where commit-reveal is on, and that reveal round is returned."""
         with self._errors("setting weights", signer.ss58_address):
-            intent = bt.SetWeights(netuid=self.netuid, weights=dict(weights), version_key=version_key)
-            self._sync().execute(intent, signer).raise_for_failure()
+            required = self._sync().query(bt.storage.SubtensorModule.WeightsVersionKey, [self.netuid])
+            key = max(self.version_key, int(required or 0))
+            intent = bt.SetWeights(netuid=self.netuid, weights=dict(weights), version_key=key)
+            result = self._sync().execute(intent, signer).raise_for_failure()
+        return result.data.get("reveal_round")
+
+    def min_allowed_weights(self) -> int:
+        with self._errors("reading the subnet's MinAllowedWeights"):
+            return int(self._sync().query(bt.storage.SubtensorModule.MinAllowedWeights, [self.netuid]) or 0)
 
     def weights(self) -> dict[int, dict[int, float]]:
         with self._errors("reading the weights"):
@@ -130,7 +187,10 @@ class SubtensorChain(Chain):
         with self._lock:
             if self._client is None:
                 self._client = bt.SyncClient(
-                    self.network, fallback_endpoints=[], archive_endpoints=[], substrate=self._substrate
+                    self.network,
+                    fallback_endpoints=self.fallback_endpoints,
+                    archive_endpoints=[],
+                    substrate=self._substrate,
                 )
             return self._client.connect()
 
@@ -140,7 +200,8 @@ class SubtensorChain(Chain):
         try:
             yield
         except bt.RpcConnectionError as e:
-            raise ChainError(f"could not reach {self._endpoint} ({self.describe()}): {_one_line(e)}") from e
+            where = " or ".join([self._endpoint, *self.fallback_endpoints])
+            raise ChainError(f"could not reach {where} ({self.describe()}): {_one_line(e)}") from e
         except bt.ChainError as e:
             raise self._error(e, action, hotkey) from e
         except bt.BittensorError as e:  # refused before reaching the chain, e.g. weights that are all zero
