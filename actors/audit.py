@@ -2,7 +2,9 @@
 
 After each round every peer reports (the `report` call) which miners delivered which segments,
 with the miners' signed receipts, and which failed. Once every peer reported (or the round went
-stale), each miner's reliability counts the round, and a random `verify.fraction` of rounds is
+stale), each miner's reliability counts the round if it is evidence (mapreduce_ray.evidence: the
+round ran, and several distinct peer hotkeys reported; a round closed once is never opened again
+by a later report), and a random `verify.fraction` of rounds is
 checked: a few chunks of each delivered segment (`verify.chunks`; 0: all) are fetched from the
 miner by ticket and recomputed here (actors.checks). A wrong result, or a miner whose own
 signatures show it sent peers different results, is a strike: score zeroed, banned for
@@ -61,6 +63,7 @@ class Auditor:
         self._validator, self._netuid, self._followed = validator, netuid, followed
         self._lock = threading.Lock()
         self._rounds: dict[tuple[str, int], RoundEvidence] = {}
+        self._done: dict[str, set[int]] = {}  # job_id -> rounds closed (later reports of them change nothing)
         self._closed: dict[tuple[str, int], RoundEvidence] = {}  # complete rounds of jobs with redundancy
         self._rulings: dict[tuple[str, int, int], Future] = {}
         self._accused: dict[tuple[str, int, int, int], Future] = {}  # (job_id, seq, miner, segment) -> its check
@@ -82,12 +85,20 @@ class Auditor:
         if any(not 0 <= m < len(job.spec.miners) for m in report.late):
             raise JobError(f"the report of rank {report.rank} names miners job {job.spec.name!r} does not have")
         self.jobs.touch(job)
+        key = (job.spec.job_id, report.seq)
         with self._lock:
-            round_ = self._rounds.setdefault((job.spec.job_id, report.seq), RoundEvidence(job.spec, report.seq))
-            round_.add_report(report.rank, results, report.late)
-            complete = round_.complete and self._rounds.pop((job.spec.job_id, report.seq), None) is not None
-            if complete and job.spec.redundancy > 1:  # disputes about it may still come
-                self._closed[(job.spec.job_id, report.seq)] = round_
+            done = self._done.setdefault(job.spec.job_id, set())
+            round_ = None if report.seq in done else self._rounds.get(key)
+            if round_ is None and report.seq not in done:
+                round_ = self._rounds[key] = RoundEvidence(job.spec, report.seq, dict(job.admitted))
+            complete = False
+            if round_ is not None:
+                round_.add_report(report.rank, results, report.late)
+                complete = round_.complete and self._rounds.pop(key, None) is not None
+            if complete:
+                done.add(report.seq)
+                if job.spec.redundancy > 1:  # disputes about it may still come
+                    self._closed[key] = round_
         if complete:
             self._close(job, round_)
         for wrong in report.wrong:
@@ -133,6 +144,9 @@ class Auditor:
         with self._lock:
             stale = [k for k, r in self._rounds.items() if now - r.opened_at > 2 * r.spec.timeout_s]
             rounds = [self._rounds.pop(k) for k in stale]
+            for job_id, seq in stale:
+                self._done.setdefault(job_id, set()).add(seq)
+            self._done = {k: seqs for k, seqs in self._done.items() if k in live}
             self._rulings = {k: r for k, r in self._rulings.items() if k[0] in live}
             self._accused = {k: c for k, c in self._accused.items() if k[0] in live}
             self._closed = {k: r for k, r in self._closed.items() if now - r.opened_at <= 2 * r.spec.timeout_s}
@@ -151,7 +165,7 @@ class Auditor:
         """Count the round for each miner's reliability, and maybe check it."""
         followed = self._followed()
         for index, slot in enumerate(round_.spec.miners):
-            if followed.get(slot.uid) == slot.hotkey:
+            if round_.counts and followed.get(slot.uid) == slot.hotkey:
                 self.ledger.record_round(slot.uid, round_.on_time(index))
         if self.config.verify.fraction <= 0 or random.random() >= self.config.verify.fraction:
             return

@@ -5,7 +5,10 @@ every chunk (`evidence_of` accepts them only if that miner signed them for the j
 this round and segment, chunk by chunk), and the miners it saw die, fail or miss the deadline.
 `RoundEvidence` says when every peer reported, which miners missed the round, which digests each
 miner sent for a segment (and convicts a miner that sent different peers different results by
-its own signatures), and so what a check of a segment must find.
+its own signatures), and so what a check of a segment must find. Peers' word on misses counts only
+where it is evidence: for a round that ran (some miner signed results of it) and from a majority of
+the job's distinct peer hotkeys, of which there must be several (one hotkey holding every rank, or
+a majority of them, proves nothing about a miner).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class RoundEvidence:
 
     spec: JobSpec
     seq: int
+    peers: dict[int, str]  # rank -> the hotkey that holds it
     opened_at: float = field(default_factory=time.monotonic)
     results: dict[tuple[int, int], dict[int, tuple[str, ...]]] = field(default_factory=dict)  # (miner, segment) ->
     # rank -> result digests
@@ -77,9 +81,17 @@ class RoundEvidence:
     def complete(self) -> bool:
         return len(self.reported) == self.spec.peer_count
 
+    @property
+    def counts(self) -> bool:
+        """Whether the round may move a miner's reliability: it ran (a miner's signed results of it came in)
+        and its job has several distinct peer hotkeys."""
+        return bool(self.results) and len(set(self.peers.values())) > 1
+
     def on_time(self, miner: int) -> bool:
-        """Whether the miner made the round: no majority of its peers saw it fail or miss the deadline."""
-        return len(self.late.get(miner, ())) < self.spec.peer_count // 2 + 1
+        """Whether the miner made the round: no majority of the job's distinct peer hotkeys saw it fail or miss
+        the deadline."""
+        late = {self.peers[rank] for rank in self.late.get(miner, ()) if rank in self.peers}
+        return len(late) < len(set(self.peers.values())) // 2 + 1
 
     def delivered(self, miner: int, segment: int) -> tuple[str, ...] | str | None:
         """The digests `miner` sent for `segment`; a reason string when its own signatures show it sent

@@ -20,6 +20,7 @@ PEERS = {1: PEER1, 2: PEER2, 3: PEER3}
 SLOTS = (MinerSlot(1, MINER.ss58_address, "127.0.0.1:1", 1.0), MinerSlot(2, OTHER.ss58_address, "127.0.0.1:2", 1.0))
 SPEC = JobSpec("job000000001", "j", 3, SLOTS, 1024, 30.0, 1 << 20)
 TENSOR = TensorSpec("float32", (4,))
+PEERS = {1: "peer-a", 2: "peer-b", 3: "peer-c"}  # rank -> hotkey
 
 
 def delivery(digests: list[str], signer: Keypair = MINER, seq: int = 1, miner: int = 0, to: str = "", **changes):
@@ -62,7 +63,7 @@ def test_a_report_counts_only_with_signatures_of_that_round_for_that_peer(forged
 
 
 def test_a_round_is_complete_once_every_peer_reported():
-    round_ = RoundEvidence(SPEC, 1)
+    round_ = RoundEvidence(SPEC, 1, PEERS)
     add(round_, 1, (delivery(["d0"]),))
     add(round_, 2, (delivery(["d0"]),))
     assert not round_.complete and round_.heard == {(0, 0)}
@@ -72,18 +73,42 @@ def test_a_round_is_complete_once_every_peer_reported():
 
 
 def test_a_miner_that_sent_peers_different_results_is_convicted_by_its_own_signatures():
-    round_ = RoundEvidence(SPEC, 1)
+    round_ = RoundEvidence(SPEC, 1, PEERS)
     add(round_, 1, (delivery(["d0", "d1"]),))
     add(round_, 2, (delivery(["d0", "XX"]),))
     assert round_.delivered(0, 0) == "the miner sent different results to different peers"
 
 
 def test_misses_need_a_majority_of_the_peers():
-    round_ = RoundEvidence(SPEC, 1)
+    round_ = RoundEvidence(SPEC, 1, PEERS)
     add(round_, 1, (), late=(1,))
     assert round_.on_time(1)  # one of three peers: no majority
     add(round_, 2, (), late=(1,))
     assert not round_.on_time(1) and round_.on_time(0)
+
+
+def test_misses_need_a_majority_of_distinct_hotkeys_not_of_ranks():
+    round_ = RoundEvidence(SPEC, 1, {1: "peer-a", 2: "peer-a", 3: "peer-b"})
+    add(round_, 1, (delivery(["d0"]),), late=(1,))
+    add(round_, 2, (delivery(["d0"]),), late=(1,))
+    assert round_.on_time(1)  # two ranks, one hotkey: one of two hotkeys is no majority
+    add(round_, 3, (delivery(["d0"]),), late=(1,))
+    assert not round_.on_time(1)
+
+
+def test_only_a_round_that_ran_in_a_job_of_several_hotkeys_counts_for_reliability():
+    never_ran = RoundEvidence(SPEC, 7, PEERS)  # reports of misses, and no miner's signature of the round
+    for rank in PEERS:
+        add(never_ran, rank, (), late=(0, 1))
+    assert never_ran.complete and not never_ran.counts
+    alone = RoundEvidence(SPEC, 1, dict.fromkeys(PEERS, "peer-a"))  # one hotkey holds every rank
+    for rank in PEERS:
+        add(alone, rank, (delivery(["d0"]),), late=(1,))
+    assert not alone.counts
+    ran = RoundEvidence(SPEC, 1, PEERS)
+    for rank in PEERS:
+        add(ran, rank, (delivery(["d0"]),), late=(1,))
+    assert ran.counts and not ran.on_time(1) and ran.on_time(0)
 
 
 class CountingValidator:

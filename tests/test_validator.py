@@ -23,6 +23,7 @@ from actors.subnet import start_validator
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import JobError
+from mapreduce_ray.messages import RoundReport
 from mapreduce_ray.reference import reference_reduce
 
 MIB = 1024 * 1024
@@ -130,6 +131,34 @@ def test_jobs_get_free_miners_only_and_impossible_requests_get_a_reason(subnets)
         assert peer.spec.max_bytes == 8 * MIB
         with pytest.raises(Exception, match=r"verified capacity for 8388608 bytes"):
             peer.all_reduce(torch.ones(2 * MIB + 1))
+
+
+def test_forged_late_reports_leave_the_miners_reliability_unchanged(subnets, run_peers):
+    subnet = subnets[1]
+    [uid] = uids_of(subnet)
+    before = ledger(subnet)[uid]
+
+    def run_then_forge(peer):
+        peer.all_reduce(torch.ones(1024))
+        if peer.rank == 1:
+            wait_for(lambda: ledger(subnet)[uid]["rounds_assigned"] > before["rounds_assigned"], "round 1 counted")
+        honest = ledger(subnet)[uid]
+        # Every peer of the job (each its own hotkey) says the miner missed round 1, which it made and which
+        # closed, and 60 rounds that never ran: no miner signed anything of those.
+        peer._send_reports(tuple(RoundReport(peer.spec.job_id, seq, peer.rank, (), (0,)) for seq in range(1, 62)))
+        return honest
+
+    honest = run_peers(subnet, 2, run_then_forge)[0]
+    assert (honest["rounds_assigned"], honest["rounds_on_time"]) == (
+        before["rounds_assigned"] + 1,
+        before["rounds_on_time"] + 1,
+    )
+    after = ledger(subnet)[uid]
+    assert (after["rounds_assigned"], after["rounds_on_time"], after["score"]) == (
+        honest["rounds_assigned"],
+        honest["rounds_on_time"],
+        honest["score"],
+    )
 
 
 WRONG_SUMS = {
