@@ -10,7 +10,10 @@ nonce and the typed body. `Verifier.open` checks, in this order, each failure
 its own error: well-formed and of the expected kind; sr25519; the signature; the
 receiver; the timestamp window; the sender registered on the metagraph (and
 holding a validator permit for validator-only kinds); the expected sender, when
-the receiver knows it; the nonce not seen before.
+the receiver knows it; the nonce not seen before. Nonces live in memory, so a
+receiver also refuses what was signed more than the allowed skew before it started:
+a restarted receiver takes no replay of what its previous life accepted (a
+process restart takes longer than the skew).
 """
 
 from __future__ import annotations
@@ -165,6 +168,7 @@ class Verifier:
         self.skew_s = skew_s
         self._clock = clock
         self._nonces = NonceStore(max_age_s + 2 * skew_s)
+        self._signed_after = clock() - skew_s  # what was signed before this receiver started may be a replay
 
     def open(
         self, wire: bytes, kinds: Kind | frozenset[Kind], sender: str | None = None, receiver: str | None = None
@@ -184,6 +188,11 @@ class Verifier:
             raise ExpiredMessageError(
                 f"{kind.value} message from {envelope.sender} is {when}; accepted: up to "
                 f"{self.max_age_s:g} s old and {self.skew_s:g} s ahead (check the clocks)"
+            )
+        if envelope.timestamp_ns / 1e9 < self._signed_after:
+            raise ReplayedMessageError(
+                f"{kind.value} message from {envelope.sender} was signed before this receiver started, so it may be "
+                "a replay; send it anew"
             )
         neuron = self.metagraph.neuron(envelope.sender)
         where = self.metagraph.chain.describe()

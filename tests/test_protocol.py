@@ -321,8 +321,23 @@ def test_a_message_outside_the_time_window_is_expired(world, offset_s, shown):
 
 @pytest.mark.parametrize("offset_s", [-59, 4], ids=["59 s old", "4 s ahead"])
 def test_a_message_inside_the_time_window_opens(world, offset_s):
+    verifier = world.verifier(VALIDATOR)
+    world.clock.now += 60  # a receiver that has run for a minute
     wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns + offset_s * S)
-    assert world.verifier(VALIDATOR).open(wire, Kind.CHUNK).body == json.loads(canonical(dataclasses.asdict(REQUEST)))
+    assert verifier.open(wire, Kind.CHUNK).body == json.loads(canonical(dataclasses.asdict(REQUEST)))
+
+
+def test_a_restarted_receiver_refuses_a_replay_of_what_it_accepted_before(world):
+    before = world.verifier(VALIDATOR)
+    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns)
+    before.open(wire, Kind.CHUNK)
+    world.clock.now += 6  # the receiver restarts, more than the 5 s skew later, well inside the 60 s window
+    with refused(
+        ReplayedMessageError,
+        rf"^chunk message from {PEER.ss58_address} was signed before this receiver started, so it may be a replay; "
+        "send it anew$",
+    ):
+        world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
 
 
 def test_the_window_follows_the_verifier_clock_and_settings(world):

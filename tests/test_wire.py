@@ -459,6 +459,16 @@ def test_replayed_headers_are_refused(raw_client):
         raw_action(raw_client, "echo", b"once", headers)
 
 
+def test_a_restarted_endpoint_refuses_a_replay_of_what_it_accepted_before(chain):
+    config = WireConfig(auth_skew_s=0.2)
+    headers = signed_headers(PLAIN, "echo", b"once")
+    Authenticator(SERVER.ss58_address, MetagraphCache(chain), RULES, config)._authenticate(ACTION, headers)
+    time.sleep(0.3)  # the endpoint restarts, more than the skew after the call was signed
+    restarted = Authenticator(SERVER.ss58_address, MetagraphCache(chain), RULES, config)
+    with refused(ReplayedMessageError, r"^btauth: the call was signed before this endpoint started, so it may be"):
+        restarted._authenticate(ACTION, headers)
+
+
 @pytest.mark.parametrize("offset_s", [-60, 60])
 def test_a_nonce_outside_the_freshness_window_is_refused(raw_client, offset_s: int):
     headers = hand_signed(PLAIN, "echo", b"hi", SERVER.ss58_address, time.time_ns() + offset_s * S)

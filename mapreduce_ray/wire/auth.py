@@ -5,7 +5,9 @@ Flight verb; receiver: the endpoint's hotkey; body: empty). The payload itself (
 an exchange's descriptor, a ticket) arrives only after the headers, so the signed target carries
 its SHA-256: the server middleware checks the signature, receiver, freshness, replay, the caller's
 registration on the subnet and, for validator-only calls, its permit, all from the headers; the
-endpoint then refuses any payload whose digest differs from the signed one before parsing it.
+endpoint then refuses any payload whose digest differs from the signed one before parsing it. Nonces
+live in memory, so an endpoint also refuses calls signed more than `wire.auth_skew_s` before it
+started: a restarted endpoint takes no replay of what its previous life accepted.
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class Authenticator(fl.ServerMiddlewareFactory):
         self.config = config
         retention = config.auth_max_age_s + config.auth_skew_s + 1.0
         self._nonces = http_auth.InMemoryNonceStore(retention=retention)
+        self._signed_after_ns = time.time_ns() - int(config.auth_skew_s * 1e9)  # earlier calls may be replays
         self._open: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -139,6 +142,10 @@ class Authenticator(fl.ServerMiddlewareFactory):
             raise _AUTH_ERRORS.get(type(e), MalformedMessageError)(f"btauth: {e}") from None
         if caller.crypto_type != CRYPTO_SR25519:
             raise MalformedMessageError("btauth: only sr25519 hotkeys may call")
+        if caller.nonce_ns < self._signed_after_ns:
+            raise ReplayedMessageError(
+                "btauth: the call was signed before this endpoint started, so it may be a replay; sign it anew"
+            )
         neuron = self.metagraph.neuron(caller.hotkey_ss58)
         where = self.metagraph.chain.describe()
         if neuron is None:
