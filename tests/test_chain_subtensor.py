@@ -8,11 +8,13 @@ import logging
 import re
 import shlex
 import threading
+from pathlib import Path
 
 import bittensor as bt
 import pytest
 import typer
 from bittensor.cli.main import app as btcli
+from bittensor.hyperparams import HYPERPARAMS
 from bittensor.sp_core import Keypair
 from fake_substrate import SubtensorUnderTest
 
@@ -85,6 +87,24 @@ def test_register_leaves_registration_to_the_operator(sut):
     assert btcli_params(command).items() >= expected.items()
     assert sut.chain.register(BOB.ss58_address, BOB.ss58_address) == 1  # already registered: keeps its uid
     assert sut.substrate.submitted == []
+
+
+def readme_btcli_lines() -> list[str]:
+    """Every `btcli ...` command line of the README's code blocks."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, re.DOTALL)
+    return [line.split("  #")[0] for block in blocks for line in block.splitlines() if line.startswith("btcli ")]
+
+
+def test_every_btcli_line_of_the_readme_parses_with_the_installed_btcli():
+    lines = readme_btcli_lines()
+    assert any("sudo set" in line for line in lines) and any("stake add" in line for line in lines)
+    for line in lines:
+        group, command, *args = shlex.split(line)[1:]
+        click = typer.main.get_command(btcli).commands[group].commands[command]
+        params = click.make_context(command, args).params  # raises on an unknown option or a missing value
+        if (group, command) == ("sudo", "set"):
+            assert params["name"] in HYPERPARAMS, line
 
 
 def test_an_unreachable_endpoint_is_one_chain_error():
