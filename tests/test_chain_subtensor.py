@@ -264,6 +264,15 @@ def test_serving_too_often_is_rate_limited_past_the_serve_timeout(sut):
     assert chain.metagraph().neuron(1).endpoint == "10.0.0.1:8091"
 
 
+@pytest.mark.parametrize("endpoint", ["10.0.0.1:8091", "[2001:db8::1]:8091"])
+@pytest.mark.parametrize("digest", [None, bytes(range(32)).hex()])
+def test_a_restart_in_place_announces_nothing(sut, endpoint, digest):
+    sut.chain.serve(BOB, endpoint, digest)
+    sut.chain.serve(BOB, endpoint, digest)
+    assert len(sut.substrate.submitted) == 1
+    assert sut.chain.metagraph().neuron(1).endpoint == endpoint
+
+
 def test_a_restart_in_place_announces_nothing_and_a_move_waits_out_the_serving_rate_limit(sut):
     sut.substrate.serving_rate_limit = 50
     sut.substrate.block_seconds = 0.01

@@ -120,12 +120,13 @@ class SubtensorChain(Chain):
         ip, port = _ip_and_port(endpoint)
         hotkey = signer.ss58_address
         with self._errors(f"serving {endpoint}", hotkey):
-            held = self.metagraph().by_hotkey(hotkey)
-            if held is not None and (held.endpoint, held.certificate) == (f"{ip}:{port}", certificate):
+            axon, held_key = self._axon(hotkey), self._announced_key(hotkey)
+            held = (int(axon.get("ip") or 0), int(axon.get("port") or 0))
+            if held == (int(ipaddress.ip_address(ip)), port) and held_key == certificate:
                 return
             if certificate is not None:
                 blob = bytes([KEY_SHA256]) + bytes.fromhex(certificate)
-            elif self._announced_key(hotkey):
+            elif held_key is not None:
                 blob = NO_KEY
             else:
                 blob = None
@@ -154,14 +155,18 @@ class SubtensorChain(Chain):
         """Blocks and seconds until the chain's serving rate limit lets `hotkey` announce again (a block at least)."""
         client = self._sync()
         limit = int(client.query(bt.storage.SubtensorModule.ServingRateLimit, [self.netuid]) or 0)
-        axon = client.query(bt.storage.SubtensorModule.Axons, [self.netuid, hotkey]) or {}
-        blocks = max(1, int(axon.get("block", 0)) + limit - client.block)
+        blocks = max(1, int(self._axon(hotkey).get("block", 0)) + limit - client.block)
         return blocks, blocks * client.block_time()
 
-    def _announced_key(self, hotkey: str) -> bool:
-        """Whether the chain holds a key digest of this project for `hotkey`."""
+    def _axon(self, hotkey: str) -> dict:
+        """What the chain holds of `hotkey`'s endpoint (ip as an integer, port, block), {} when nothing."""
+        return self._sync().query(bt.storage.SubtensorModule.Axons, [self.netuid, hotkey]) or {}
+
+    def _announced_key(self, hotkey: str) -> str | None:
+        """The hex key digest of this project the chain holds for `hotkey`, if any."""
         value = self._sync().query(("SubtensorModule", "NeuronCertificates"), [self.netuid, hotkey])
-        return _key_digest((hotkey, value)) is not None
+        held = _key_digest((hotkey, value))
+        return None if held is None else held[1]
 
     def set_weights(self, signer, weights: Mapping[int, float]) -> int | None:
         """Weights under `version_key`, or the subnet's WeightsVersionKey when higher; the SDK commits them
