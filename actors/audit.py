@@ -88,14 +88,15 @@ class Auditor:
         key = (job.spec.job_id, report.seq)
         with self._lock:
             done = self._done.setdefault(job.spec.job_id, set())
-            round_ = None if report.seq in done else self._rounds.get(key)
-            if round_ is None and report.seq not in done:
-                round_ = self._rounds[key] = RoundEvidence(job.spec, report.seq, dict(job.admitted))
             complete = False
-            if round_ is not None:
+            if report.seq not in done:
+                round_ = self._rounds.get(key)
+                if round_ is None:
+                    round_ = self._rounds[key] = RoundEvidence(job.spec, report.seq, dict(job.admitted))
                 round_.add_report(report.rank, results, report.late)
-                complete = round_.complete and self._rounds.pop(key, None) is not None
+                complete = round_.complete
             if complete:
+                del self._rounds[key]
                 done.add(report.seq)
                 if job.spec.redundancy > 1:  # disputes about it may still come
                     self._closed[key] = round_

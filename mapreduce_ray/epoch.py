@@ -7,12 +7,12 @@ import logging
 from collections.abc import Collection, Mapping
 
 from mapreduce_ray.chain import Chain
+from mapreduce_ray.chain.base import U16_MAX
 from mapreduce_ray.errors import RateLimitedError
 from mapreduce_ray.ledger import MinerLedger
 from mapreduce_ray.scoring import ScoringConfig, update_scores, weights_for
 
 log = logging.getLogger(__name__)
-U16_MAX = 65535  # the chain stores each weight as a u16, the largest as U16_MAX
 
 
 @dataclasses.dataclass(frozen=True)

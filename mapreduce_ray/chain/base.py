@@ -20,6 +20,7 @@ from mapreduce_ray.errors import NotRegisteredError
 from mapreduce_ray.wallets import WalletConfig
 
 DEFAULT_NETUID = 10
+U16_MAX = 65535  # the chain stores each weight as a u16, the largest as U16_MAX
 UNKNOWN_WALLET = WalletConfig("NAME", "HOTKEY", "PATH")  # placeholders in a command, when only a hotkey is known
 
 

@@ -29,13 +29,12 @@ from pathlib import Path
 from bittensor.intents import normalize
 from bittensor.sp_core import ss58_decode, verify
 
-from mapreduce_ray.chain.base import Chain, Metagraph, Neuron
+from mapreduce_ray.chain.base import U16_MAX, Chain, Metagraph, Neuron
 from mapreduce_ray.chain.config import ChainConfig
 from mapreduce_ray.errors import ChainError, NoValidatorPermitError, RateLimitedError
 from mapreduce_ray.store import create, transaction
 from mapreduce_ray.wallets import WalletConfig
 
-U16_MAX = 65535
 _PARAMETERS = {  # ChainConfig fields the chain file fixes, and their types
     "block_time_s": float,
     "tempo": int,
