@@ -307,6 +307,7 @@ class Relay(Endpoint):
         index = next((i for i, m in enumerate(spec.miners) if m.hotkey == self.hotkey), None)
         if index is None:
             raise JobError(f"job {spec.name!r} ({spec.job_id}) does not include miner {self.name!r}")
+        self.metagraph.vouched(admission.peer)  # the peer may have registered a moment ago
         with self._lock:
             job = self._jobs.setdefault(spec.job_id, _Job(spec, index, caller.hotkey))
             if job.spec != spec or job.validator != caller.hotkey:

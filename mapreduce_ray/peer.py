@@ -24,6 +24,7 @@ from mapreduce_ray.errors import (
     InvalidTensorError,
     JobError,
     MapReduceError,
+    NotRegisteredError,
     NoValidatorPermitError,
     UnsupportedDtypeError,
     WalletError,
@@ -46,7 +47,7 @@ from mapreduce_ray.messages import (
     open_body,
 )
 from mapreduce_ray.metrics import record_round
-from mapreduce_ray.protocol import MetagraphCache, Verifier
+from mapreduce_ray.protocol import METAGRAPH_MISS_REFRESH_S, MetagraphCache, Verifier
 from mapreduce_ray.rounds import Round
 from mapreduce_ray.shards import FlatTensor, Tensor, flatten
 from mapreduce_ray.sketch import Sketcher
@@ -183,7 +184,11 @@ class Peer:
             self.benchmark_max_size,
             self.verify_results,
         )
-        answer = remote.call("join", encode(request), self.connect_timeout_s)
+        try:
+            answer = remote.call("join", encode(request), self.connect_timeout_s)
+        except NotRegisteredError:  # registered since the validator last read the chain: it reads it again soon
+            time.sleep(METAGRAPH_MISS_REFRESH_S)
+            answer = remote.call("join", encode(request), self.connect_timeout_s)
         admission, _ = open_body(verifier, answer, JobAdmission, sender=validator.hotkey)
         if (admission.rank, admission.peer, admission.spec.name) != (self.rank, identity.hotkey, self.job):
             raise JobError(f"validator uid {self.validator_uid} admitted someone else; refusing its job spec")

@@ -150,6 +150,13 @@ class MetagraphCache:
     def neuron(self, hotkey: str) -> Neuron | None:
         return self.get().by_hotkey(hotkey) or self.get(refresh=True).by_hotkey(hotkey)
 
+    def vouched(self, hotkey: str) -> None:
+        """A hotkey an authenticated validator vouched for (a peer it admitted) is known from now on, even if it
+        registered after the last refresh: the metagraph is read again now unless it has the hotkey."""
+        with self._lock:
+            if self._graph is None or self._graph.by_hotkey(hotkey) is None:
+                self._graph, self._fetched_at = self.chain.metagraph(), self._clock()
+
 
 class Verifier:
     """Opens messages addressed to `hotkey`, checking them against the metagraph."""

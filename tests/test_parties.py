@@ -3,6 +3,7 @@ meeting only through their Flight endpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -11,8 +12,16 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from conftest import TRAINER_OVERRIDES, assert_exact_rounds, free_port, ray_head
+
+from actors.subnet import register_dev_wallet
+from mapreduce_ray import Peer
+from mapreduce_ray.chain import ChainConfig
+from mapreduce_ray.reference import reference_reduce
+from mapreduce_ray.wallets import dev_wallet
 
 START_TIMEOUT_S = 120.0
 BOTS = ("bot-0", "bot-1")  # a benchmark has a bot at each of its two ranks
@@ -140,6 +149,80 @@ def test_three_parties_each_on_its_own_ray_meet_only_through_their_endpoints(tmp
             left = finish(["-c", LIVE_ACTORS, head.address], env)
             assert left.returncode == 0, left.stderr[-2000:]
             assert "named []" in left.stdout
+
+
+def test_two_validators_benchmark_and_weigh_the_same_two_miners_and_their_jobs_share_them_exactly(tmp_path):
+    """Two miners and two validators, each its own Ray (a head each, on loopback). Each validator benchmarks
+    both miners with two bots of its own, and sets weights on both (a miner earns weight only from a passed
+    benchmark of that validator's). Then each validator admits a job of two peers; both jobs get both miners,
+    and their rounds run at the same time on them, every result bit-exact on every peer."""
+    state = tmp_path / "state"
+    env = {**os.environ, "MAPREDUCE_STATE_DIR": str(state)}
+    fast_epochs = ("validator.epoch_blocks=1", "subnet.chain.tempo=1", "validator.benchmark.size_mib=1")
+    with contextlib.ExitStack() as stack:
+        heads = {name: stack.enter_context(ray_head(env)) for name in ("miner-0", "miner-1", "a", "b")}
+        services = {}
+        try:
+            for hotkey in ("miner-0", "miner-1"):
+                overrides = ("+wallet=dev-miner", f"wallet.hotkey={hotkey}", *on(heads[hotkey]))
+                services[hotkey] = serve("jobs.miner", *overrides, env=env, cwd=tmp_path)
+            for v in ("a", "b"):
+                for bot in (f"{v}-bot-0", f"{v}-bot-1"):
+                    overrides = ("+wallet=dev-bench", f"wallet.hotkey={bot}", *on(heads[v]))
+                    services[bot] = serve("jobs.benchmark", *overrides, env=env, cwd=tmp_path)
+            miners = {
+                int(services[h][1].wait_for(r"miner-(\d+) \(hotkey \w+\) serving")[1]) for h in ("miner-0", "miner-1")
+            }
+            validators = {}
+            for v in ("a", "b"):
+                bots = [
+                    services[f"{v}-bot-{i}"][1].wait_for(r"benchmark-\d+ \(hotkey (\w+)\) serving")[1] for i in (0, 1)
+                ]
+                overrides = ("+wallet=dev-validator", f"wallet.hotkey=validator-{v}", *fast_epochs, *on(heads[v]))
+                services[v] = serve(
+                    "jobs.validator", *overrides, f"validator.benchmark.bots=[{','.join(bots)}]", env=env, cwd=tmp_path
+                )
+                validators[v] = int(services[v][1].wait_for(r"validator-(\d+) \(hotkey \w+\) serving")[1])
+            chain = ChainConfig(netuid=10, state_dir=str(state)).open()
+            deadline = time.monotonic() + START_TIMEOUT_S
+            while not all(set(chain.weights().get(uid, {})) == miners for uid in validators.values()):
+                assert time.monotonic() < deadline, f"weights on chain: {chain.weights()}"
+                time.sleep(0.5)
+            assert all(w > 0 for uid in validators.values() for w in chain.weights()[uid].values())
+
+            peers = {}
+            for v in ("a", "b"):
+                for rank in (1, 2):
+                    wallet = dev_wallet(state, "dev-peer", f"{v}-{rank}")
+                    register_dev_wallet(chain, wallet)
+                    peers[v, rank] = Peer(rank, 2, wallet=wallet, validator_uid=validators[v], state_dir=state, job=v)
+            with ThreadPoolExecutor(len(peers)) as pool:
+                specs = list(pool.map(lambda peer: peer.init_process_group(), peers.values()))
+                assert all({slot.uid for slot in spec.miners} == miners for spec in specs)
+                assert len({spec.job_id for spec in specs}) == 2  # one job per validator, both on both miners
+                for k in range(5):
+                    inputs = {
+                        key: torch.randn(
+                            262144, generator=torch.Generator().manual_seed(100 * k + 10 * (key[0] == "b") + key[1])
+                        )
+                        for key in peers
+                    }
+                    tensors = {key: t.clone() for key, t in inputs.items()}
+                    list(
+                        pool.map(lambda peer, tensor: peer.all_reduce(tensor, "avg"), peers.values(), tensors.values())
+                    )
+                    for v in ("a", "b"):
+                        expected = reference_reduce([inputs[v, 1], inputs[v, 2]], "avg")
+                        assert all(torch.equal(tensors[v, rank], expected) for rank in (1, 2)), (v, k)
+                list(pool.map(lambda peer: peer.destroy_process_group(), peers.values()))
+            for proc, _ in services.values():
+                proc.send_signal(signal.SIGINT)
+            for name, (proc, _) in services.items():
+                assert proc.wait(timeout=60) == 0, name
+        finally:
+            for proc, _ in services.values():
+                if proc.poll() is None:
+                    proc.kill()
 
 
 def certificate(folder, name: str, env: dict) -> tuple[str, str]:

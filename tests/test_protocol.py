@@ -445,6 +445,19 @@ def test_an_unknown_sender_refreshes_the_metagraph_at_most_once_a_second(world):
     assert envelope.sender == STRANGER.ss58_address
 
 
+def test_a_peer_a_validator_vouched_for_is_known_at_once_though_it_registered_after_the_last_read(world):
+    """A miner admitting a peer that registered a moment ago reads the chain again for it, where a stranger's
+    miss within the second after a read does not."""
+    verifier = world.verifier(VALIDATOR)
+    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.CHUNK)  # the metagraph is read now
+    world.chain.register(STRANGER.ss58_address, COLD)
+    wire = seal_body(STRANGER, REQUEST, VALIDATOR.ss58_address)
+    with refused(NotRegisteredError, "which is not registered on"):
+        verifier.open(wire, Kind.CHUNK)
+    world.metagraph.vouched(STRANGER.ss58_address)
+    assert verifier.open(wire, Kind.CHUNK).sender == STRANGER.ss58_address
+
+
 def test_a_deregistered_sender_is_refused_once_the_metagraph_expires(tmp_path):
     clock = FakeClock()
     chain = EmbeddedChain(tmp_path / "chain.sqlite", ChainConfig(block_time_s=1.0, max_uids=2), clock=clock)
