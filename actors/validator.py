@@ -18,6 +18,7 @@ import os
 import secrets
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import pyarrow.flight as fl
@@ -44,7 +45,7 @@ from mapreduce_ray.messages import (
     parse,
     seal_body,
 )
-from mapreduce_ray.metrics import record_benchmark, record_scores
+from mapreduce_ray.metrics import record_benchmark, record_scores, record_validator_call
 from mapreduce_ray.naming import benchmark_name
 from mapreduce_ray.protocol import MetagraphCache
 from mapreduce_ray.scoring import epoch_due
@@ -52,7 +53,7 @@ from mapreduce_ray.sketch import SECRET_BYTES
 from mapreduce_ray.types import JobSpec
 from mapreduce_ray.validation import ValidatorConfig
 from mapreduce_ray.wallets import WalletConfig, load_identity
-from mapreduce_ray.wire.auth import Rule
+from mapreduce_ray.wire.auth import Caller, Rule
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Endpoint
 from mapreduce_ray.wire.tls import announce_address
@@ -99,6 +100,10 @@ class ValidatorEndpoint(Endpoint):
             "benchmark": self._benchmark,
             "miners": self._miners,
         }
+
+    def do_action(self, context, action):
+        self._validator.count_call(context.get_middleware("auth"))
+        return super().do_action(context, action)
 
     def _join(self, caller, payload: bytes) -> bytes:
         admission = self._validator.jobs.join(parse(JobRequest, payload), caller.hotkey)
@@ -170,6 +175,7 @@ class ValidatorActor:
         self._bots_in_use: set[str] = set()
         self._followed: dict[int, str] | None = None  # the miners the ledger last followed
         self._stats = {"benchmarks": 0, "epochs": 0}
+        self._calls: Counter[tuple[str, str]] = Counter()  # (call, caller's hotkey) -> calls it made here
         self._last_weights = self._chain.weights().get(self.uid, {})  # what it set before a restart
         self._committed: WeightsSet | None = None  # weights the chain has yet to reveal
         self._refresh_miners()
@@ -437,8 +443,24 @@ class ValidatorActor:
                 "reveal_round": None if self._committed is None else self._committed.reveal_round,
                 "weights_set_at": self.ledger.weights_set_at,
                 **self._stats,
+                "calls": sum(self._calls.values()),
                 **self.audit.status(),
             }
+
+    def count_call(self, caller: Caller) -> None:
+        """Count an authenticated call into this validator (its name is one of RULES, its caller registered)."""
+        with self._lock:
+            self._calls[caller.call, caller.hotkey] += 1
+        record_validator_call(self._netuid, caller.call)
+
+    def calls(self) -> dict[str, dict[str, int]]:
+        """The calls into this validator so far, by name and then by the hotkey that made them."""
+        with self._lock:
+            counted = dict(self._calls)
+        by_name: dict[str, dict[str, int]] = {}
+        for (call, hotkey), n in counted.items():
+            by_name.setdefault(call, {})[hotkey] = n
+        return by_name
 
     def miners(self) -> list[dict]:
         """The ledger: every tracked miner's state, measurements and score."""

@@ -80,6 +80,9 @@ BENCHMARKS = _Metric(
     metrics.Counter, "mapreduce_benchmarks", "Benchmarks of a miner, by outcome", (*MINER_TAGS, "outcome")
 )
 MINER_SCORE = _Metric(metrics.Gauge, "mapreduce_miner_score", "A miner's score at the validator", MINER_TAGS)
+VALIDATOR_CALLS = _Metric(
+    metrics.Counter, "mapreduce_validator_calls", "Authenticated calls into the validator", ("netuid", "call")
+)
 MINER_WEIGHT = _Metric(metrics.Gauge, "mapreduce_miner_weight", "A miner's share of the validator weights", MINER_TAGS)
 
 
@@ -137,3 +140,8 @@ def record_scores(netuid: int, scores: Mapping[int, float], weights: Mapping[int
         tags = _miner_tags(netuid, uid)
         MINER_SCORE.get().set(score, tags)
         MINER_WEIGHT.get().set(weights.get(uid, 0.0) / total, tags)
+
+
+def record_validator_call(netuid: int, call: str) -> None:
+    """An authenticated call into the validator of subnet `netuid`, by name (join, report, ...)."""
+    VALIDATOR_CALLS.get().inc(1, {"netuid": str(netuid), "call": call})

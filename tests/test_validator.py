@@ -161,6 +161,31 @@ def test_forged_late_reports_leave_the_miners_reliability_unchanged(subnets, run
     )
 
 
+def test_when_nothing_fails_the_validator_hears_at_most_one_call_per_party_per_round(subnets, run_peers):
+    """A job of 2 peers on 2 miners runs 20 rounds: each peer joins once, leaves at most once, and reports its
+    rounds in batches, at most one call a round (its counter at the validator); the miners call nothing."""
+    subnet, rounds = subnets[2], 20
+    before = ray.get(subnet.validator.calls.remote(), timeout=60)
+
+    def run(peer):
+        for k in range(rounds):
+            peer.all_reduce(torch.full((4096,), float(k)))
+        return peer._load_identity().hotkey, {slot.hotkey for slot in peer.spec.miners}
+
+    (first, miners), (second, _) = run_peers(subnet, 2, run)
+    after = ray.get(subnet.validator.calls.remote(), timeout=60)
+    made = {
+        (call, hotkey): n - before.get(call, {}).get(hotkey, 0)
+        for call, by_hotkey in after.items()
+        for hotkey, n in by_hotkey.items()
+    }
+    for peer in (first, second):
+        assert made[("join", peer)] == 1 and made.get(("leave", peer), 0) <= 1
+        assert 1 <= made[("report", peer)] <= rounds
+        assert not {call for call, hotkey in made if hotkey == peer} - {"join", "report", "leave"}
+    assert len(miners) == 2 and not [key for key, n in made.items() if key[1] in miners and n]
+
+
 WRONG_SUMS = {
     "one-element-off": OneElementOffRelay,  # by the smallest error the peers' check claims to catch
     "scaled": ScalingRelay,
