@@ -165,9 +165,14 @@ class Auditor:
     def _close(self, job: Job, round_: RoundEvidence) -> None:
         """Count the round for each miner's reliability, and maybe check it."""
         followed = self._followed()
-        for index, slot in enumerate(round_.spec.miners):
-            if round_.counts and followed.get(slot.uid) == slot.hotkey:
-                self.ledger.record_round(slot.uid, round_.on_time(index))
+        if round_.counts:
+            self.ledger.record_rounds(
+                {
+                    slot.uid: round_.on_time(index)
+                    for index, slot in enumerate(round_.spec.miners)
+                    if followed.get(slot.uid) == slot.hotkey
+                }
+            )
         if self.config.verify.fraction <= 0 or random.random() >= self.config.verify.fraction:
             return
         with self._lock:
@@ -215,7 +220,7 @@ class Auditor:
                     break
         except (Unverifiable, JobError) as e:
             log.warning("miner uid %d could not be checked in round %d: %s", uid, round_.seq, e)
-            self.ledger.record_round(uid, False)
+            self.ledger.record_rounds({uid: False})
             with self._lock:
                 self.stats["checks_unverifiable"] += 1
             return None

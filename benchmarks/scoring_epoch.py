@@ -37,7 +37,7 @@ def measure(ledger: MinerLedger, uids: list[int], hosts: dict[int, str], rng: ra
         size = rng.choice([16, 64, 256]) * MIB
         ledger.record_benchmark(uid, size, size / rng.uniform(1e8, 1e9), passed=True, host=hosts[uid])
         for _ in range(4):
-            ledger.record_round(uid, on_time=rng.random() < 0.97)
+            ledger.record_rounds({uid: rng.random() < 0.97})
         if rng.random() < 0.02:
             ledger.strike(uid, ban_s=3600.0, evidence={"reason": "simulated"})
 

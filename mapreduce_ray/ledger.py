@@ -92,22 +92,24 @@ class MinerLedger:
 
     def due_for_benchmark(self, interval_s: float) -> list[int]:
         """Available or failed uids whose last benchmark is at least `interval_s` old, oldest first."""
-        with transaction(self.path) as db:
+        with transaction(self.path, write=False) as db:
             rows = db.execute(
                 "SELECT uid FROM miners WHERE state IN (?, ?) AND benchmarked_at<=? ORDER BY benchmarked_at, uid",
                 (MinerState.AVAILABLE.value, MinerState.FAILED.value, self._clock() - interval_s),
             )
             return [uid for (uid,) in rows]
 
-    def record_round(self, uid: int, on_time: bool) -> None:
+    def record_rounds(self, on_time: Mapping[int, bool]) -> None:
+        """One round each of these miners was assigned ({uid: whether it delivered on time}), in one write."""
         with transaction(self.path) as db:
-            hotkey = self._hotkey(db, uid)
-            db.execute(
-                "UPDATE miners SET rounds_assigned=rounds_assigned+1, rounds_on_time=rounds_on_time+? WHERE uid=?",
-                (int(on_time), uid),
-            )
-            if not on_time:
-                self._log(db, uid, hotkey, "late", {})
+            for uid, in_time in on_time.items():
+                hotkey = self._hotkey(db, uid)
+                db.execute(
+                    "UPDATE miners SET rounds_assigned=rounds_assigned+1, rounds_on_time=rounds_on_time+? WHERE uid=?",
+                    (int(in_time), uid),
+                )
+                if not in_time:
+                    self._log(db, uid, hotkey, "late", {})
 
     def strike(self, uid: int, ban_s: float, evidence: dict) -> None:
         """A verified wrong result: score zeroed, banned for `ban_s`, evidence kept."""
@@ -163,7 +165,7 @@ class MinerLedger:
     def records(self) -> list[MinerRecord]:
         """Scoring input for every tracked miner."""
         now = self._clock()
-        with transaction(self.path) as db:
+        with transaction(self.path, write=False) as db:
             rows = db.execute(
                 "SELECT uid, host, throughput, capacity, rounds_assigned, rounds_on_time, banned_until "
                 "FROM miners ORDER BY uid"
@@ -174,7 +176,7 @@ class MinerLedger:
         ]
 
     def scores(self) -> dict[int, float]:
-        with transaction(self.path) as db:
+        with transaction(self.path, write=False) as db:
             return dict(db.execute("SELECT uid, score FROM miners"))
 
     def save_scores(self, scores: Mapping[int, float]) -> None:
@@ -183,19 +185,19 @@ class MinerLedger:
 
     def hosts(self) -> dict[int, str]:
         """{uid: host} of the miners whose host a benchmark found."""
-        with transaction(self.path) as db:
+        with transaction(self.path, write=False) as db:
             return dict(db.execute("SELECT uid, host FROM miners WHERE host!=''"))
 
     def table(self) -> list[dict]:
         """Every tracked miner as a dict of its columns, by uid."""
-        with transaction(self.path) as db:
+        with transaction(self.path, write=False) as db:
             cursor = db.execute("SELECT * FROM miners ORDER BY uid")
             names = [c[0] for c in cursor.description]
             return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
 
     def history(self, uid: int) -> list[tuple[str, dict]]:
         """(event, detail) of a uid's current hotkey and earlier ones, oldest first."""
-        with transaction(self.path) as db:
+        with transaction(self.path, write=False) as db:
             rows = db.execute("SELECT event, detail FROM history WHERE uid=? ORDER BY rowid", (uid,)).fetchall()
         return [(event, json.loads(detail)) for event, detail in rows]
 
@@ -218,7 +220,7 @@ class MinerLedger:
         self._set_meta("weights_set_at", block)
 
     def _meta(self, key: str) -> int | None:
-        with transaction(self.path) as db:
+        with transaction(self.path, write=False) as db:
             row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return row[0] if row else None
 

@@ -62,7 +62,7 @@ def test_a_wrong_benchmark_result_earns_no_credit_until_one_passes(ledger):
 
 def test_rounds_count_towards_reliability(ledger):
     for on_time in (True, True, False, True):
-        ledger.record_round(1, on_time)
+        ledger.record_rounds({1: on_time})
     assert ledger.records()[0].reliability == 0.75
     assert ledger.history(1) == [("late", {})]
 
@@ -118,7 +118,7 @@ def test_a_new_hotkey_on_an_old_uid_starts_from_nothing(ledger):
 
 def test_everything_survives_a_restart(ledger, tmp_path, clock):
     ledger.record_benchmark(1, 64 * MIB, 0.5, passed=True)
-    ledger.record_round(1, True)
+    ledger.record_rounds({1: True})
     ledger.strike(2, ban_s=600.0, evidence={"round": 1})
     ledger.save_scores({1: 4.0})
     ledger.weights_set_at = 1234
@@ -133,4 +133,4 @@ def test_everything_survives_a_restart(ledger, tmp_path, clock):
 
 def test_an_untracked_uid_names_the_fix(ledger):
     with pytest.raises(MapReduceError, match=r"tracks no miner uid 7; call follow\(\) first"):
-        ledger.record_round(7, True)
+        ledger.record_rounds({7: True})
