@@ -39,6 +39,7 @@ class BenchmarkActor:
         client = chain.open()
         self.uid = client.require_uid(self._identity.hotkey, wallet)
         self._metagraph = MetagraphCache(client)
+        self._netuid = chain.netuid
         self._runs = 0
 
     def status(self) -> dict:
@@ -54,7 +55,7 @@ class BenchmarkActor:
         expected = reference_reduce(tensors, OP)
         mine = tensors[rank - 1]
         del tensors
-        peer = Peer(rank, spec.peer_count, job=spec.name, wire=self._wire)
+        peer = Peer(rank, spec.peer_count, job=spec.name, wire=self._wire, netuid=self._netuid)
         peer.attach(spec, self._identity, Verifier(self._identity.hotkey, self._metagraph), secret=secret)
         start = time.perf_counter()
         try:

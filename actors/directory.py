@@ -103,6 +103,12 @@ class MinerDirectory:
             if (miner, where) not in self._remotes:
                 who = f"miner {miner_name(uid)!r} at {where}"
                 self._remotes[miner, where] = Remote(
-                    who, where, miner.hotkey, self._keypair, self._wire, miner.certificate
+                    who,
+                    where,
+                    miner.hotkey,
+                    self._keypair,
+                    self._wire,
+                    miner.certificate,
+                    netuid=self._metagraph.chain.netuid,
                 )
             return miner, self._remotes[miner, where]

@@ -85,6 +85,7 @@ class MinerActor:
         return {
             "name": self.name,
             "uid": self.uid,
+            "netuid": self._host.netuid,
             "hotkey": self._host.identity.hotkey,
             "endpoint": self.endpoint,
             "node_id": here["node_id"],
@@ -125,7 +126,7 @@ class _Reducer:
         torch.set_num_threads(1)
         self.identity = load_identity(wallet)
         self.chain = chain.open()
-        self._netuid = chain.netuid
+        self.netuid = chain.netuid
         self.uid = self.chain.require_uid(self.identity.hotkey, wallet)
         self.name = miner_name(self.uid)
         self.relay = relay_class(
@@ -145,4 +146,4 @@ class _Reducer:
         return f"{ray.util.get_node_ip_address() if host in WILDCARDS else host}:{port}"
 
     def _record(self, bytes_in: int, bytes_out: int, seconds: float) -> None:
-        record_miner_round(self._netuid, self.uid, bytes_in, bytes_out, seconds)
+        record_miner_round(self.netuid, self.uid, bytes_in, bytes_out, seconds)

@@ -49,7 +49,7 @@ def subnet_for(cfg: DictConfig, wire: WireConfig) -> Iterator[Subnet]:
         for rank in range(1, cfg.topology.peers + 1):
             register_dev_wallet(client, dev_peer_wallet(chain.state_path, rank))
     keypair = load_identity(dev_peer_wallet(chain.state_path, 1)).keypair if validators else None
-    answering = {u: r for u, n in validators.items() if (r := _answering(n, keypair, wire))}
+    answering = {u: r for u, n in validators.items() if (r := _answering(n, keypair, wire, chain.netuid))}
     if uid in answering:
         options = {"validator_uid": uid, "netuid": chain.netuid, "state_dir": str(chain.state_path)}
         yield Subnet(options, answering[uid])
@@ -72,14 +72,14 @@ def subnet_for(cfg: DictConfig, wire: WireConfig) -> Iterator[Subnet]:
     try:
         neuron = chain.open().metagraph().neuron(local.validator_uid)
         keypair = load_identity(dev_peer_wallet(chain.state_path, 1)).keypair
-        yield Subnet(local.peer_options, _validator_remote(neuron, keypair, wire))
+        yield Subnet(local.peer_options, _validator_remote(neuron, keypair, wire, chain.netuid))
     finally:
         local.shutdown()
 
 
-def _answering(neuron: Neuron, keypair, wire: WireConfig) -> Remote | None:
+def _answering(neuron: Neuron, keypair, wire: WireConfig, netuid: int) -> Remote | None:
     """A client of the validator's endpoint if it answers there."""
-    remote = _validator_remote(neuron, keypair, wire)
+    remote = _validator_remote(neuron, keypair, wire, netuid)
     try:
         remote.call("miners", b"{}", PROBE_TIMEOUT_S)
     except MapReduceError:
@@ -93,6 +93,7 @@ def validator_settings(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg.validator, resolve=True)
 
 
-def _validator_remote(neuron: Neuron, keypair, wire: WireConfig) -> Remote:
-    """A client of the endpoint the validator `neuron` announced on chain."""
-    return Remote(f"validator uid {neuron.uid}", neuron.endpoint, neuron.hotkey, keypair, wire, neuron.certificate)
+def _validator_remote(neuron: Neuron, keypair, wire: WireConfig, netuid: int) -> Remote:
+    """A client of the endpoint the validator `neuron` of subnet `netuid` announced on chain."""
+    who = f"validator uid {neuron.uid}"
+    return Remote(who, neuron.endpoint, neuron.hotkey, keypair, wire, neuron.certificate, netuid=netuid)

@@ -173,7 +173,15 @@ class Peer:
             )
         verifier = Verifier(identity.hotkey, metagraph)
         who = f"validator uid {self.validator_uid}"
-        remote = Remote(who, validator.endpoint, validator.hotkey, identity.keypair, self.wire, validator.certificate)
+        remote = Remote(
+            who,
+            validator.endpoint,
+            validator.hotkey,
+            identity.keypair,
+            self.wire,
+            validator.certificate,
+            netuid=chain.netuid,
+        )
         request = JobRequest(
             self.job,
             self.rank,
@@ -338,7 +346,8 @@ class Peer:
     def _miner_remote(self, index: int) -> Remote:
         slot = self.spec.miners[index]
         keypair = self._identity.keypair
-        return Remote(f"miner {slot.name!r}", slot.endpoint, slot.hotkey, keypair, self.wire, slot.certificate)
+        who = f"miner {slot.name!r}"
+        return Remote(who, slot.endpoint, slot.hotkey, keypair, self.wire, slot.certificate, netuid=self.chain.netuid)
 
     def _dispute(self, round_: Round, segment: int) -> Ruling:
         """Report the round, then ask the validator, by the round's deadline, which of the segment's miners is

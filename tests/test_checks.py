@@ -47,7 +47,7 @@ def run_round(world: WireWorld, relays: list[Relay]) -> tuple:
 
 def check(world: WireWorld, spec, relay: Relay, miner: int, segment: int, chunk: int, sent: str):
     admitted = {r: k.ss58_address for r, k in enumerate(world.peers, 1)}
-    remote = Remote(relay.name, relay.address, relay.hotkey, world.validator, WireConfig())
+    remote = Remote(relay.name, relay.address, relay.hotkey, world.validator, WireConfig(), netuid=world.chain.netuid)
     return check_chunk(
         remote, ChunkCheck(spec, admitted, 1, miner, segment, chunk, sent), world.validator.ss58_address, 10
     )
@@ -97,6 +97,6 @@ def test_a_validator_without_a_permit_gets_no_ticket(world):
     spec, _, _ = run_round(world, [relay])
     admitted = {r: k.ss58_address for r, k in enumerate(world.peers, 1)}
     peer = world.peers[0]
-    remote = Remote(relay.name, relay.address, relay.hotkey, peer, WireConfig())
+    remote = Remote(relay.name, relay.address, relay.hotkey, peer, WireConfig(), netuid=world.chain.netuid)
     with pytest.raises(Unverifiable, match=r"refused the call: ticket is for validators, and uid \d+ .* holds no"):
         check_chunk(remote, ChunkCheck(spec, admitted, 1, 0, 0, 0, "00" * 32), peer.ss58_address, 10)

@@ -73,7 +73,7 @@ def test_a_miner_lists_its_reducers_in_its_flight_info_and_they_run_on_their_nod
     assert [r["node_id"] for r in reducers] == [status["node_id"], here] and status["node_id"] != here
     assert reducers[0]["endpoint"] == status["endpoint"] != reducers[1]["endpoint"]
     validator = load_identity(dev_wallet(two_nodes.chain.state_path, "dev-validator", "default")).keypair
-    remote = Remote("miner 2", status["endpoint"], status["hotkey"], validator, WireConfig())
+    remote = Remote("miner 2", status["endpoint"], status["hotkey"], validator, WireConfig(), netuid=status["netuid"])
     try:
         assert remote.locations("reducers", b"reducers") == [r["endpoint"] for r in reducers]
     finally:

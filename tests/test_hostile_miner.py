@@ -219,19 +219,21 @@ def test_only_a_validator_may_admit_peers_at_a_miner(world):
     relay = world.relay("admits")
     spec = world.job([relay], 1)
     admission = encode(JobAdmission(spec, 1, world.peers[0].ss58_address))
-    as_peer = Remote("the miner", relay.address, relay.hotkey, world.peers[0], WireConfig())
+    as_peer = Remote("the miner", relay.address, relay.hotkey, world.peers[0], WireConfig(), netuid=world.chain.netuid)
     with pytest.raises(NoValidatorPermitError, match=r"^the miner refused the call: admit is for validators"):
         as_peer.call("admit", admission)
 
 
 def test_a_miner_lists_its_reducers_to_validators_only(world):
     relay = world.relay("lists")
-    as_validator = Remote("the miner", relay.address, relay.hotkey, world.validator, WireConfig())
+    as_validator = Remote(
+        "the miner", relay.address, relay.hotkey, world.validator, WireConfig(), netuid=world.chain.netuid
+    )
     with pytest.raises(JobError, match=r"^miner 'lists' is still starting its reducers; ask again$"):
         as_validator.locations("reducers", b"reducers")
     relay.locations = [relay.address, "10.0.0.7:9000"]
     assert as_validator.locations("reducers", b"reducers") == [relay.address, "10.0.0.7:9000"]
-    as_peer = Remote("the miner", relay.address, relay.hotkey, world.peers[0], WireConfig())
+    as_peer = Remote("the miner", relay.address, relay.hotkey, world.peers[0], WireConfig(), netuid=world.chain.netuid)
     with pytest.raises(NoValidatorPermitError, match=r"^the miner refused the call: reducers is for validators"):
         as_peer.locations("reducers", b"reducers")
 

@@ -267,7 +267,7 @@ class Stream:
 
 def open_stream(status: dict, keypair: Keypair, job_id: str, rank: int) -> Stream:
     """A job stream to the miner of `status`, opened by `keypair` as `rank` of `job_id`."""
-    remote = Remote("the miner", status["endpoint"], status["hotkey"], keypair, WIRE)
+    remote = Remote("the miner", status["endpoint"], status["hotkey"], keypair, WIRE, netuid=status["netuid"])
     with remote.errors():
         writer, reader = remote.exchange("exchange", encode(StreamOpen(job_id, rank)))
         writer.begin(CHUNK_SCHEMA)

@@ -65,6 +65,7 @@ ACTION = fl.FlightMethod.DO_ACTION
 EXCHANGE = fl.FlightMethod.DO_EXCHANGE
 MAX_MESSAGE_BYTES = 4096
 S = 10**9  # nanoseconds per second
+NETUID = ChainConfig().netuid  # the test chain's
 
 
 # --- frames -------------------------------------------------------------------------------------------------------
@@ -351,7 +352,9 @@ def remote(endpoint) -> Iterator[Callable[..., Remote]]:
     opened: list[Remote] = []
 
     def make(keypair: Keypair, hotkey: str | None = None, config: WireConfig | None = None) -> Remote:
-        client = Remote("endpoint", endpoint.address, hotkey or endpoint.hotkey, keypair, config or WireConfig())
+        client = Remote(
+            "endpoint", endpoint.address, hotkey or endpoint.hotkey, keypair, config or WireConfig(), netuid=NETUID
+        )
         opened.append(client)
         return client
 
@@ -378,7 +381,7 @@ def raw_action(client: fl.FlightClient, name: str, payload: bytes, headers: list
 
 def hand_signed(keypair: Keypair, call: str, payload: bytes, receiver: str, nonce_ns: int) -> list:
     """The headers call_headers would make, with a nonce of our choosing."""
-    target = f"/{call}?sha256={payload_digest(payload)}"
+    target = f"/{NETUID}/{call}?sha256={payload_digest(payload)}"
     signed = http_auth.sign(keypair, method=ACTION.name, path=target, receiver_ss58=receiver, nonce_ns=nonce_ns)
     return [(k.lower().encode(), v.encode()) for k, v in signed.items()] + [(CALL_HEADER.encode(), target.encode())]
 
@@ -441,19 +444,32 @@ def test_a_ruled_call_without_a_handler_is_answered_outside_the_protocol(remote)
 
 
 def test_a_payload_other_than_the_signed_one_is_refused(raw_client):
-    headers = call_headers(PLAIN, ACTION, "echo", b"signed payload", SERVER.ss58_address)
+    headers = call_headers(PLAIN, ACTION, "echo", b"signed payload", SERVER.ss58_address, NETUID)
     with refused(BadSignatureError, r"the echo payload of .* is not the one its signature covers"):
         raw_action(raw_client, "echo", b"another payload", headers)
 
 
 def test_a_call_signed_for_one_action_cannot_run_another(raw_client):
-    headers = call_headers(PLAIN, ACTION, "echo", b"hello", SERVER.ss58_address)
+    headers = call_headers(PLAIN, ACTION, "echo", b"hello", SERVER.ss58_address, NETUID)
     with refused(EndpointError, r"no action 'secret' here"):
         raw_action(raw_client, "secret", b"hello", headers)
 
 
+def test_a_call_signed_for_another_subnet_is_refused_though_the_same_hotkeys_serve_both(raw_client):
+    headers = call_headers(PLAIN, ACTION, "echo", b"hello", SERVER.ss58_address, NETUID + 1)
+    with refused(
+        WrongReceiverError,
+        rf"^endpoint refused the call: the call was signed for netuid {NETUID + 1}, and this endpoint serves netuid "
+        rf"{NETUID}$",
+    ):
+        raw_action(raw_client, "echo", b"hello", headers)
+    assert raw_action(
+        raw_client, "echo", b"hello", call_headers(PLAIN, ACTION, "echo", b"hello", SERVER.ss58_address, NETUID)
+    ) == [b"hello"]
+
+
 def test_replayed_headers_are_refused(raw_client):
-    headers = call_headers(PLAIN, ACTION, "echo", b"once", SERVER.ss58_address)
+    headers = call_headers(PLAIN, ACTION, "echo", b"once", SERVER.ss58_address, NETUID)
     assert raw_action(raw_client, "echo", b"once", headers) == [b"once"]
     with refused(ReplayedMessageError, r"^endpoint refused the call: btauth: this nonce was already accepted"):
         raw_action(raw_client, "echo", b"once", headers)
@@ -482,7 +498,7 @@ def test_hand_signed_headers_with_a_fresh_nonce_are_accepted(raw_client):
 
 
 def test_a_call_without_the_call_header_is_refused(raw_client):
-    headers = call_headers(PLAIN, ACTION, "echo", b"hi", SERVER.ss58_address)
+    headers = call_headers(PLAIN, ACTION, "echo", b"hi", SERVER.ss58_address, NETUID)
     headers = [(k, v) for k, v in headers if k != CALL_HEADER.encode()]
     with refused(MalformedMessageError, rf"needs the {CALL_HEADER} header"):
         raw_action(raw_client, "echo", b"hi", headers)
@@ -494,7 +510,7 @@ def test_a_call_without_any_headers_is_refused(raw_client):
 
 
 def test_a_btauth_header_sent_twice_is_refused(raw_client):
-    headers = call_headers(PLAIN, ACTION, "echo", b"hi", SERVER.ss58_address)
+    headers = call_headers(PLAIN, ACTION, "echo", b"hi", SERVER.ss58_address, NETUID)
     nonce = next(v for k, v in headers if k == b"x-bittensor-nonce")
     with refused(MalformedMessageError, r"header x-bittensor-nonce sent 2 times"):
         raw_action(raw_client, "echo", b"hi", [*headers, (b"x-bittensor-nonce", nonce)])
@@ -544,7 +560,7 @@ def one_stream_each(chain) -> Iterator[Probe]:
 
 def test_a_hotkey_may_hold_only_streams_per_hotkey_calls_open(one_stream_each):
     def client(keypair: Keypair) -> Remote:
-        return Remote("endpoint", one_stream_each.address, one_stream_each.hotkey, keypair, WireConfig())
+        return Remote("endpoint", one_stream_each.address, one_stream_each.hotkey, keypair, WireConfig(), netuid=NETUID)
 
     plain, validator = client(PLAIN), client(VALIDATOR)
     try:
@@ -577,7 +593,7 @@ def tls_endpoint(chain, tmp_path_factory) -> Iterator[tuple[Probe, str]]:
 
 def test_over_tls_a_caller_pinning_the_announced_key_digest_is_answered(tls_endpoint):
     probe, fingerprint = tls_endpoint
-    client = Remote("endpoint", probe.address, probe.hotkey, PLAIN, WireConfig(), fingerprint)
+    client = Remote("endpoint", probe.address, probe.hotkey, PLAIN, WireConfig(), fingerprint, netuid=NETUID)
     try:
         assert client.call("echo", b"over tls") == b"over tls"
     finally:
@@ -587,7 +603,7 @@ def test_over_tls_a_caller_pinning_the_announced_key_digest_is_answered(tls_endp
 def test_over_tls_an_endpoint_whose_key_is_not_the_announced_one_is_refused_before_any_call(tls_endpoint):
     probe, fingerprint = tls_endpoint
     announced = "0" * 64
-    client = Remote("miner 'miner-3'", probe.address, probe.hotkey, PLAIN, WireConfig(), announced)
+    client = Remote("miner 'miner-3'", probe.address, probe.hotkey, PLAIN, WireConfig(), announced, netuid=NETUID)
     with pytest.raises(CertificateMismatchError) as refused:
         client.call("echo", b"never sent")
     assert str(refused.value) == (
@@ -598,10 +614,12 @@ def test_over_tls_an_endpoint_whose_key_is_not_the_announced_one_is_refused_befo
 
 def test_a_plain_caller_of_a_tls_endpoint_and_a_tls_caller_of_a_plain_one_cannot_connect(tls_endpoint, endpoint):
     probe, fingerprint = tls_endpoint
-    plain = Remote("endpoint", probe.address, probe.hotkey, PLAIN, WireConfig(call_timeout_s=5.0))
+    plain = Remote("endpoint", probe.address, probe.hotkey, PLAIN, WireConfig(call_timeout_s=5.0), netuid=NETUID)
     with pytest.raises(EndpointError, match=r"^endpoint cannot be reached: "):
         plain.call("echo", b"x")
-    pinning = Remote("endpoint", endpoint.address, endpoint.hotkey, PLAIN, WireConfig(call_timeout_s=5.0), fingerprint)
+    pinning = Remote(
+        "endpoint", endpoint.address, endpoint.hotkey, PLAIN, WireConfig(call_timeout_s=5.0), fingerprint, netuid=NETUID
+    )
     with pytest.raises(EndpointError, match=rf"^endpoint cannot be reached over TLS at {endpoint.address}: "):
         pinning.call("echo", b"x")
 
@@ -763,9 +781,11 @@ VALUES = st.one_of(
             "0x",
             "0x" + "00" * 64,
             "0x" + "ab" * 63,
+            f"/{NETUID}/echo?sha256=" + "0" * 64,
+            f"/{NETUID}/secret?sha256=" + "f" * 64,
+            f"/{NETUID + 1}/echo?sha256=" + "0" * 64,
+            f"/{NETUID}/nope?sha256=" + "1" * 64,
             "/echo?sha256=" + "0" * 64,
-            "/secret?sha256=" + "f" * 64,
-            "/nope?sha256=" + "1" * 64,
             PLAIN.ss58_address,
             STRANGER.ss58_address,
             SERVER.ss58_address,
@@ -798,7 +818,9 @@ def authenticator(chain) -> Authenticator:
 
 def signed_headers(keypair: Keypair, call: str, payload: bytes) -> dict[str, list[str]]:
     """call_headers as the server middleware sees them."""
-    return {k.decode(): [v.decode()] for k, v in call_headers(keypair, ACTION, call, payload, SERVER.ss58_address)}
+    return {
+        k.decode(): [v.decode()] for k, v in call_headers(keypair, ACTION, call, payload, SERVER.ss58_address, NETUID)
+    }
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -828,7 +850,7 @@ def test_any_headers_are_accepted_or_refused_as_a_rejected_message(
         return
     except NoValidatorPermitError:  # only a signature that verifies gets this far: the signed call needs a permit
         event("NoValidatorPermitError")
-        assert signer is PLAIN and headers[CALL_HEADER] == [f"/secret?sha256={payload_digest(b'payload')}"]
+        assert signer is PLAIN and headers[CALL_HEADER] == [f"/{NETUID}/secret?sha256={payload_digest(b'payload')}"]
         return
     event("accepted")
     caller.call_completed(None)

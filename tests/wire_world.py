@@ -88,7 +88,15 @@ class WireWorld:
         for rank in range(1, peer_count + 1):
             admission = encode(JobAdmission(spec, rank, self.peers[rank - 1].ss58_address))
             for relay, slot in zip(relays, slots[len(first) :], strict=True):
-                remote = Remote(relay.name, relay.address, relay.hotkey, self.validator, WireConfig(), slot.certificate)
+                remote = Remote(
+                    relay.name,
+                    relay.address,
+                    relay.hotkey,
+                    self.validator,
+                    WireConfig(),
+                    slot.certificate,
+                    netuid=self.chain.netuid,
+                )
                 remote.call("admit", admission)
                 remote.close()
         return spec

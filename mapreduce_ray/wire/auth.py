@@ -1,7 +1,8 @@
 """Who is calling: bittensor's btauth/1 on every Flight call, checked before any payload is read.
 
-A call signs the request target `/{call}?sha256={digest of its payload}` with btauth (method: the
-Flight verb; receiver: the endpoint's hotkey; body: empty). The payload itself (an action's body,
+A call signs the request target `/{netuid}/{call}?sha256={digest of its payload}` with btauth (method:
+the Flight verb; receiver: the endpoint's hotkey; body: empty), so a call made on one subnet is
+refused on any other, even by the same hotkey. The payload itself (an action's body,
 an exchange's descriptor, a ticket) arrives only after the headers, so the signed target carries
 its SHA-256: the server middleware checks the signature, receiver, freshness, replay, the caller's
 registration on the subnet and, for validator-only calls, its permit, all from the headers; the
@@ -38,7 +39,7 @@ from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.errors import refusal
 
 CALL_HEADER = "x-mapreduce-call"
-_TARGET = re.compile(r"/([a-z_]{1,32})\?sha256=([0-9a-f]{64})")
+_TARGET = re.compile(r"/(\d{1,5})/([a-z_]{1,32})\?sha256=([0-9a-f]{64})")
 _AUTH_ERRORS = {
     http_auth.MalformedAuth: MalformedMessageError,
     http_auth.WrongReceiver: WrongReceiverError,
@@ -54,9 +55,10 @@ def payload_digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def call_headers(keypair, method: fl.FlightMethod, call: str, payload: bytes, receiver: str) -> list:
-    """The headers of a `call` (Flight verb `method`) with `payload`, signed by `keypair` for `receiver`."""
-    target = f"/{call}?sha256={payload_digest(payload)}"
+def call_headers(keypair, method: fl.FlightMethod, call: str, payload: bytes, receiver: str, netuid: int) -> list:
+    """The headers of a `call` (Flight verb `method`) with `payload`, signed by `keypair` for `receiver` on
+    subnet `netuid`."""
+    target = f"/{netuid}/{call}?sha256={payload_digest(payload)}"
     signed = http_auth.sign(keypair, method=method.name, path=target, receiver_ss58=receiver, nonce_ns=_fresh_nonce())
     return [(k.lower().encode(), v.encode()) for k, v in signed.items()] + [(CALL_HEADER.encode(), target.encode())]
 
@@ -123,7 +125,12 @@ class Authenticator(fl.ServerMiddlewareFactory):
         match = _TARGET.fullmatch(values.get(CALL_HEADER, ""))
         if match is None:
             raise MalformedMessageError(f"a call needs the {CALL_HEADER} header of the mapreduce-ray protocol")
-        call, digest = match.groups()
+        netuid, call, digest = match.groups()
+        if int(netuid) != self.metagraph.chain.netuid:
+            raise WrongReceiverError(
+                f"the call was signed for netuid {int(netuid)}, and this endpoint serves netuid "
+                f"{self.metagraph.chain.netuid}"
+            )
         rule = self.rules.get(call)
         if rule is None or rule.method != method:
             raise MalformedMessageError(f"this endpoint serves no {call} call as {method.name}")

@@ -145,7 +145,8 @@ def answering() -> Iterator[None]:
 
 
 class Remote:
-    """Calls to one endpoint (`address`, speaking for `hotkey`), signed by `keypair`. `who` names it in errors.
+    """Calls to one endpoint (`address`, speaking for `hotkey` on subnet `netuid`), signed by `keypair`. `who`
+    names it in errors.
 
     `fingerprint`: the key digest the endpoint's hotkey announced on chain with its address; when given, the
     endpoint is reached over grpc+tls with its certificate pinned to it (None or "": plain gRPC). The connection,
@@ -153,9 +154,17 @@ class Remote:
     """
 
     def __init__(
-        self, who: str, address: str, hotkey: str, keypair, config: WireConfig, fingerprint: str | None = None
+        self,
+        who: str,
+        address: str,
+        hotkey: str,
+        keypair,
+        config: WireConfig,
+        fingerprint: str | None = None,
+        *,
+        netuid: int,
     ):
-        self.who, self.address, self.hotkey = who, address, hotkey
+        self.who, self.address, self.hotkey, self.netuid = who, address, hotkey, netuid
         self._keypair = keypair
         self.config = config
         self._fingerprint = fingerprint or None
@@ -229,5 +238,5 @@ class Remote:
                 self._client.close()
 
     def _options(self, method: fl.FlightMethod, name: str, payload: bytes, timeout_s: float | None):
-        headers = call_headers(self._keypair, method, name, payload, self.hotkey)
+        headers = call_headers(self._keypair, method, name, payload, self.hotkey, self.netuid)
         return fl.FlightCallOptions(headers=headers, timeout=timeout_s)
