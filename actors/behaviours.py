@@ -17,6 +17,7 @@ import time
 import torch
 
 from actors.relay import Relay, _Round
+from mapreduce_ray.errors import PeerLostError
 from mapreduce_ray.messages import plain
 from mapreduce_ray.shards import from_buffer
 from mapreduce_ray.sketch import real_count, smallest_caught
@@ -134,6 +135,15 @@ class TwoFacedRelay(Cheater):
         wrong = from_buffer(result.frame.column(0).buffers()[1], state.tensor.dtype_info).clone()
         wrong[0] += 1
         return self.result(state, result.chunk, frame(wrong), result.inputs, result.proofs)
+
+
+class BlamingRelay(Cheater):
+    """Gives up every segment it reduces, blaming rank 2 for leaving (a lie: every peer sent its part), a second
+    after it had every part: time for the other miners of the job to deliver theirs."""
+
+    def _falsify(self, index: int, out: torch.Tensor) -> None:
+        time.sleep(1.0)
+        raise PeerLostError("rank 2 left the job")
 
 
 class ReplayingRelay(Cheater):

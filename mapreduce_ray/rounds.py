@@ -286,7 +286,10 @@ class Round:
             if isinstance(body, RoundFailed):
                 error = KNOWN.get(body.error)
                 if error is not None and issubclass(error, PEER_FAULTS):
+                    # the round ends here as the miner says; its report names the miner as not delivering, which
+                    # the validator counts only if another miner's signed results show the round ran all the same
                     self._fatal = error(body.message)
+                    self.failed.add(link.index)
                     self._cond.notify_all()
                 else:
                     self._fail(attempt, MinerFaultError(f"miner {self._name(attempt)!r} failed: {body.message}"))

@@ -11,6 +11,7 @@ import torch
 
 from actors import MinerPlan, start_local_subnet
 from actors.behaviours import (
+    BlamingRelay,
     CuriousRelay,
     OneElementOffRelay,
     ReplayingRelay,
@@ -22,7 +23,7 @@ from actors.behaviours import (
 from actors.subnet import start_validator
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
-from mapreduce_ray.errors import JobError
+from mapreduce_ray.errors import JobError, PeerLostError
 from mapreduce_ray.messages import RoundReport
 from mapreduce_ray.reference import reference_reduce
 
@@ -323,3 +324,49 @@ def test_a_miner_cannot_tell_a_benchmark_from_a_live_job(curious, run_peers):
 
 def statuses(subnet) -> list[dict]:
     return ray.get([m.status.remote() for m in subnet.miners], timeout=60)
+
+
+@pytest.fixture(scope="module")
+def blamer(local_ray):
+    """An honest miner and one that, after its benchmark, gives up every segment blaming rank 2 for leaving."""
+    subnet = start_local_subnet(
+        [MinerPlan(), MinerPlan(BlamingRelay, {"honest_jobs": 1})],
+        peers=2,
+        chunk_mib=0.25,
+        timeout_s=30,
+        namespace="tests-blamer",
+        chain=ChainConfig(netuid=114),
+        validator={"benchmark": {"size_mib": 2, "interval_s": 3600}, "verify": {"fraction": 1.0, "chunks": 0}},
+    )
+    yield subnet
+    subnet.shutdown()
+
+
+def test_a_miner_blaming_a_peer_moves_no_other_miners_reliability_and_no_tensor(blamer, run_peers):
+    """The blamer fails ROUNDS rounds, each time blaming rank 2 (who sent its part) after the honest miner of the
+    same job delivered its segment. Every peer's tensor stays as it was handed in; the honest miner is counted on
+    time in every round, and the blamer late in every one: the honest miner's signed results show the round ran."""
+    honest, lying = uids_of(blamer)
+    before = ledger(blamer)
+
+    def rounds(peer):
+        errors = []
+        for k in range(ROUNDS):
+            tensor = torch.full((600_000,), float(k + peer.rank))
+            with pytest.raises(PeerLostError, match=r"rank 2 left the job") as caught:
+                peer.all_reduce(tensor)
+            assert torch.equal(tensor, torch.full((600_000,), float(k + peer.rank)))
+            errors.append(str(caught.value))
+        return {slot.uid for slot in peer.spec.miners}, errors
+
+    for miners, _ in run_peers(blamer, 2, rounds):
+        assert miners == {honest, lying}
+    wait_for(lambda: ray.get(blamer.validator.status.remote())["rounds_open"] == 0, "the rounds closed")
+    after = ledger(blamer)
+    moved = {
+        uid: tuple(after[uid][key] - before[uid][key] for key in ("rounds_assigned", "rounds_on_time"))
+        for uid in (honest, lying)
+    }
+    assert moved == {honest: (ROUNDS, ROUNDS), lying: (ROUNDS, 0)}
+    assert (after[honest]["strikes"], after[honest]["state"]) == (0, "available")
+    assert [event for event, _ in ray.get(blamer.validator.history.remote(honest))].count("late") == 0
