@@ -20,6 +20,7 @@ from conftest import TRAINER_OVERRIDES, assert_exact_rounds, free_port, ray_head
 from actors.subnet import register_dev_wallet
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
+from mapreduce_ray.ledger import MinerLedger
 from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.wallets import dev_wallet
 
@@ -173,7 +174,7 @@ def test_two_validators_benchmark_and_weigh_the_same_two_miners_and_their_jobs_s
             miners = {
                 int(services[h][1].wait_for(r"miner-(\d+) \(hotkey \w+\) serving")[1]) for h in ("miner-0", "miner-1")
             }
-            validators = {}
+            validators, hotkeys = {}, {}
             for v in ("a", "b"):
                 bots = [
                     services[f"{v}-bot-{i}"][1].wait_for(r"benchmark-\d+ \(hotkey (\w+)\) serving")[1] for i in (0, 1)
@@ -182,13 +183,17 @@ def test_two_validators_benchmark_and_weigh_the_same_two_miners_and_their_jobs_s
                 services[v] = serve(
                     "jobs.validator", *overrides, f"validator.benchmark.bots=[{','.join(bots)}]", env=env, cwd=tmp_path
                 )
-                validators[v] = int(services[v][1].wait_for(r"validator-(\d+) \(hotkey \w+\) serving")[1])
+                serving = services[v][1].wait_for(r"validator-(\d+) \(hotkey (\w+)\) serving")
+                validators[v], hotkeys[v] = int(serving[1]), serving[2]
             chain = ChainConfig(netuid=10, state_dir=str(state)).open()
             deadline = time.monotonic() + START_TIMEOUT_S
             while not all(set(chain.weights().get(uid, {})) == miners for uid in validators.values()):
                 assert time.monotonic() < deadline, f"weights on chain: {chain.weights()}"
                 time.sleep(0.5)
             assert all(w > 0 for uid in validators.values() for w in chain.weights()[uid].values())
+            for hotkey in hotkeys.values():  # each validator's own ledger: its own passed benchmark of each miner
+                books = MinerLedger(state / f"validator-10-{hotkey}.sqlite")
+                assert all(("benchmark", True) in [(e, d.get("passed")) for e, d in books.history(m)] for m in miners)
 
             peers = {}
             for v in ("a", "b"):

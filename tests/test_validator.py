@@ -5,9 +5,11 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
+import pyarrow.flight as fl
 import pytest
 import ray
 import torch
+from bittensor.sp_core import Keypair
 
 from actors import MinerPlan, start_local_subnet
 from actors.behaviours import (
@@ -24,8 +26,10 @@ from actors.subnet import start_validator
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import JobError, PeerLostError
-from mapreduce_ray.messages import RoundReport
+from mapreduce_ray.messages import Reports, RoundReport, encode
 from mapreduce_ray.reference import reference_reduce
+from mapreduce_ray.wire.config import WireConfig
+from mapreduce_ray.wire.endpoint import Remote
 
 MIB = 1024 * 1024
 ROUNDS = 3
@@ -185,6 +189,44 @@ def test_when_nothing_fails_the_validator_hears_at_most_one_call_per_party_per_r
         assert 1 <= made[("report", peer)] <= rounds
         assert not {call for call, hotkey in made if hotkey == peer} - {"join", "report", "leave"}
     assert len(miners) == 2 and not [key for key, n in made.items() if key[1] in miners and n]
+
+
+def test_reports_from_outside_the_job_or_without_a_signature_are_refused_and_move_no_record(subnets, run_peers):
+    """While a job runs, a registered hotkey that holds no rank in it reports 32 forged misses of its miner for
+    each rank (64 in one call), signed, and then unsigned: both are refused before anything is counted, and the
+    miner's record moves only by the round the job ran."""
+    subnet = subnets[1]
+    [uid] = uids_of(subnet)
+    chain = subnet.chain.open()
+    outsider = Keypair.create_from_uri("//outsider-reporter")
+    chain.register(outsider.ss58_address, Keypair.create_from_uri("//outsider-cold").ss58_address)
+    validator = chain.metagraph().neuron(subnet.validator_uid)
+    remote = Remote("validator", validator.endpoint, validator.hotkey, outsider, WireConfig(), netuid=chain.netuid)
+    before = ledger(subnet)[uid]
+
+    def run_then_forge(peer):
+        peer.all_reduce(torch.ones(1024))
+        if peer.rank == 1:
+            job_id = peer.spec.job_id
+            forged = encode(
+                Reports(tuple(RoundReport(job_id, seq, rank, (), (0,)) for seq in range(1, 33) for rank in (1, 2)))
+            )
+            with pytest.raises(JobError, match=rf"hotkey {outsider.ss58_address} holds no rank 1 in a job {job_id}"):
+                remote.call("report", forged)
+            unsigned = fl.FlightClient(f"grpc://{validator.endpoint}")
+            with pytest.raises(fl.FlightError, match="a call needs the x-mapreduce-call header"):
+                list(unsigned.do_action(fl.Action("report", forged)))
+            unsigned.close()
+
+    run_peers(subnet, 2, run_then_forge)
+    remote.close()
+    wait_for(lambda: ledger(subnet)[uid]["rounds_assigned"] > before["rounds_assigned"], "the round counted")
+    after = ledger(subnet)[uid]
+    assert (after["rounds_assigned"], after["rounds_on_time"], after["strikes"]) == (
+        before["rounds_assigned"] + 1,
+        before["rounds_on_time"] + 1,
+        before["strikes"],
+    )
 
 
 WRONG_SUMS = {
