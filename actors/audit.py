@@ -81,7 +81,7 @@ class Auditor:
     def report(self, report: RoundReport, peer: str) -> None:
         """A peer's RoundReport, once the miners' signatures in it check out."""
         job = self._job_of(report.job_id, report.rank, peer)
-        results = {(d.miner, d.segment): evidence_of(job.spec, report, d) for d in report.deliveries}
+        results = {(d.miner, d.segment): evidence_of(job.spec, report, d, self._netuid) for d in report.deliveries}
         if any(not 0 <= m < len(job.spec.miners) for m in report.late):
             raise JobError(f"the report of rank {report.rank} names miners job {job.spec.name!r} does not have")
         self.jobs.touch(job)
@@ -117,7 +117,7 @@ class Auditor:
         """A peer's evidence that a miner's chunk failed its check: the chunk is recomputed here now, once per
         miner and segment of a round (a second peer's evidence waits for that check), and the miner struck if it
         is wrong."""
-        body = signed_result(job.spec, report, wrong.miner, wrong.segment, wrong.reduced)
+        body = signed_result(job.spec, report, wrong.miner, wrong.segment, wrong.reduced, self._netuid)
         key = (job.spec.job_id, report.seq, wrong.miner, wrong.segment)
         with self._lock:
             check = self._accused.setdefault(key, Future())

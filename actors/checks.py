@@ -51,9 +51,10 @@ def check_chunk(remote: Remote, check: ChunkCheck, validator: str, timeout_s: fl
     messages = _fetch(remote, check, timeout_s)
     try:
         *inputs, result = messages
-        chunks = [(decode(Chunk, attest(_wire(m), Kind.CHUNK, None, miner).body, "Chunk"), m) for m in inputs]
-        senders = [attest(_wire(m), Kind.CHUNK, None, miner).sender for m in inputs]
-        reduced = decode(Reduced, attest(_wire(result), Kind.REDUCED, miner, validator).body, "Reduced")
+        netuid = remote.netuid
+        chunks = [(decode(Chunk, attest(_wire(m), Kind.CHUNK, None, miner, netuid).body, "Chunk"), m) for m in inputs]
+        senders = [attest(_wire(m), Kind.CHUNK, None, miner, netuid).sender for m in inputs]
+        reduced = decode(Reduced, attest(_wire(result), Kind.REDUCED, miner, validator, netuid).body, "Reduced")
     except (MapReduceError, ValueError) as e:
         raise Unverifiable(f"{remote.who} served chunk {check.chunk} outside the protocol: {e}") from None
     if not chunks:

@@ -639,7 +639,7 @@ class Relay(Endpoint):
 
     def _seal(self, body, job_id: str) -> pa.Buffer:
         """`body` sealed once for every peer of the job."""
-        return pa.py_buffer(seal_body(self._keypair, body, audience(job_id)))
+        return pa.py_buffer(seal_body(self._keypair, body, audience(job_id), self.netuid))
 
     def _retire(self, state: _Round) -> None:
         now = time.monotonic()
@@ -726,7 +726,7 @@ class Relay(Endpoint):
             result.inputs,
             result.proofs,
         )
-        items.append((result.frame, pa.py_buffer(seal_body(self._keypair, reduced, caller.hotkey))))
+        items.append((result.frame, pa.py_buffer(seal_body(self._keypair, reduced, caller.hotkey, self.netuid))))
         return fl.GeneratorStream(CHUNK_SCHEMA, iter(items))
 
 

@@ -107,7 +107,7 @@ class ValidatorEndpoint(Endpoint):
 
     def _join(self, caller, payload: bytes) -> bytes:
         admission = self._validator.jobs.join(parse(JobRequest, payload), caller.hotkey)
-        return seal_body(self._keypair, admission, caller.hotkey)
+        return seal_body(self._keypair, admission, caller.hotkey, self.netuid)
 
     def _leave(self, caller, payload: bytes) -> bytes:
         self._validator.jobs.leave(parse(JobLeave, payload), caller.hotkey)
@@ -118,15 +118,15 @@ class ValidatorEndpoint(Endpoint):
         for report in reports:
             self._validator.audit.report(report, caller.hotkey)
         excluded = self._validator.audit.excluded(reports[-1].job_id if reports else "")
-        return seal_body(self._keypair, excluded, caller.hotkey)
+        return seal_body(self._keypair, excluded, caller.hotkey, self.netuid)
 
     def _dispute(self, caller, payload: bytes) -> bytes:
         ruling = self._validator.audit.arbitrate(parse(Dispute, payload), caller.hotkey)
-        return seal_body(self._keypair, ruling, caller.hotkey)
+        return seal_body(self._keypair, ruling, caller.hotkey, self.netuid)
 
     def _benchmark(self, caller, payload: bytes) -> bytes:
         measured = self._validator.measure_job(parse(BenchmarkRequest, payload), caller.hotkey)
-        return seal_body(self._keypair, measured, caller.hotkey)
+        return seal_body(self._keypair, measured, caller.hotkey, self.netuid)
 
     def _miners(self, caller, payload: bytes) -> bytes:
         return json.dumps({"miners": self._validator.miners(), "weights": self._validator.status()["weights"]}).encode()

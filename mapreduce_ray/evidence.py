@@ -22,22 +22,23 @@ from mapreduce_ray.protocol import Kind, attest, audience
 from mapreduce_ray.types import JobSpec
 
 
-def evidence_of(spec: JobSpec, report: RoundReport, delivery: Delivery) -> tuple[str, ...]:
+def evidence_of(spec: JobSpec, report: RoundReport, delivery: Delivery, netuid: int) -> tuple[str, ...]:
     """The result digests `delivery.miner` sent the job's peers for a segment, chunk by chunk, if its
-    signatures vouch for them."""
+    signatures (on subnet `netuid`) vouch for them."""
     _require_place(spec, report, delivery.miner, delivery.segment)
-    bodies = [signed_result(spec, report, delivery.miner, delivery.segment, wire) for wire in delivery.reduced]
+    miner, segment = delivery.miner, delivery.segment
+    bodies = [signed_result(spec, report, miner, segment, wire, netuid) for wire in delivery.reduced]
     if [body.chunk for body in bodies] != list(range(len(bodies))):
         raise JobError(f"the report of rank {report.rank} forwards signatures of another round or chunk")
     return tuple(body.digest for body in bodies)
 
 
-def signed_result(spec: JobSpec, report: RoundReport, miner: int, segment: int, wire: str) -> Reduced:
-    """The Reduced message a report forwards, if the job's `miner` signed it for the job's peers, for the
-    reported round and `segment`."""
+def signed_result(spec: JobSpec, report: RoundReport, miner: int, segment: int, wire: str, netuid: int) -> Reduced:
+    """The Reduced message a report forwards, if the job's `miner` signed it for the job's peers on subnet
+    `netuid`, for the reported round and `segment`."""
     _require_place(spec, report, miner, segment)
     try:
-        signed = attest(wire.encode(), Kind.REDUCED, spec.miners[miner].hotkey, audience(spec.job_id))
+        signed = attest(wire.encode(), Kind.REDUCED, spec.miners[miner].hotkey, audience(spec.job_id), netuid)
         body = decode(Reduced, signed.body, "Reduced")
     except MessageRejectedError as e:
         raise JobError(f"the report of rank {report.rank} forwards a message its miner did not sign: {e}") from None

@@ -194,12 +194,13 @@ class JobLinks:
     """A peer's links to the miners of its job, opened when a round first needs them; what they receive goes
     to the round that runs (`current`).
 
-    `remote_of(index)` makes the Remote of the job's miner `index`; `keypair` signs what rounds send."""
+    `remote_of(index)` makes the Remote of the job's miner `index`; `keypair` signs what rounds send, on the
+    verifier's subnet (`netuid`)."""
 
     def __init__(
         self, spec, rank: int, keypair, verifier: Verifier, config: WireConfig, remote_of: Callable[[int], Remote]
     ):
-        self.spec, self.rank, self.keypair = spec, rank, keypair
+        self.spec, self.rank, self.keypair, self.netuid = spec, rank, keypair, verifier.netuid
         self._verifier, self._config, self._remote_of = verifier, config, remote_of
         self._links: dict[int, MinerLink] = {}
         self._lock = threading.Lock()

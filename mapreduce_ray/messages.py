@@ -4,7 +4,7 @@ Calls carry a body as plain JSON (`encode`/`decode`), signed by btauth. Answers 
 must be able to show to others, and everything inside job streams, are signed messages
 (`seal_body`/`open_body`, mapreduce_ray.protocol):
 
-    wire = seal_body(keypair, Chunk(...), miner_hotkey)
+    wire = seal_body(keypair, Chunk(...), miner_hotkey, netuid)
     chunk, envelope = open_body(verifier, wire, Chunk)
 """
 
@@ -327,8 +327,8 @@ def parse(cls: type, payload: bytes):
     return decode(cls, json_object(payload, f"a {cls.__name__}"), cls.__name__)
 
 
-def seal_body(keypair, body, receiver: str) -> bytes:
-    return seal(keypair, KINDS[type(body)], plain(body), receiver)
+def seal_body(keypair, body, receiver: str, netuid: int) -> bytes:
+    return seal(keypair, KINDS[type(body)], plain(body), receiver, netuid)
 
 
 def open_body(

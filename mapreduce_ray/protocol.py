@@ -5,12 +5,13 @@ Wire format (bytes, JSON; nothing is ever unpickled):
     {"scheme": "sr25519", "signature": "0x…", "message": "<canonical JSON>"}
 
 The signature covers the exact UTF-8 bytes of `message`, a JSON object with the
-protocol version, kind, sender and receiver hotkeys, timestamp (ns), a random
-nonce and the typed body. `Verifier.open` checks, in this order, each failure
-its own error: well-formed and of the expected kind; sr25519; the signature; the
-receiver; the timestamp window; the sender registered on the metagraph (and
-holding a validator permit for validator-only kinds); the expected sender, when
-the receiver knows it; the nonce not seen before. Nonces live in memory, so a
+protocol version, kind, the subnet's netuid, sender and receiver hotkeys, timestamp
+(ns), a random nonce and the typed body. `Verifier.open` checks, in this order, each
+failure its own error: well-formed and of the expected kind; sr25519; the signature;
+the netuid (a message sealed on one subnet is refused on every other); the receiver;
+the timestamp window; the sender registered on the metagraph (and holding a
+validator permit for validator-only kinds); the expected sender, when the receiver
+knows it; the nonce not seen before. Nonces live in memory, so a
 receiver also refuses what was signed more than the allowed skew before it started:
 a restarted receiver takes no replay of what its previous life accepted (a
 process restart takes longer than the skew).
@@ -73,6 +74,7 @@ class Envelope:
     """An opened message: who sent it to whom, when, and its body."""
 
     kind: Kind
+    netuid: int
     sender: str
     receiver: str
     timestamp_ns: int
@@ -89,12 +91,13 @@ def canonical(value) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
-def seal(keypair, kind: Kind, body: dict, receiver: str, now_ns: int | None = None) -> bytes:
-    """Sign `body` as a `kind` message from the keypair's hotkey to `receiver`."""
+def seal(keypair, kind: Kind, body: dict, receiver: str, netuid: int, now_ns: int | None = None) -> bytes:
+    """Sign `body` as a `kind` message from the keypair's hotkey to `receiver`, on subnet `netuid`."""
     message = canonical(
         {
             "protocol": PROTOCOL,
             "kind": kind.value,
+            "netuid": netuid,
             "sender": keypair.ss58_address,
             "receiver": receiver,
             "timestamp_ns": time.time_ns() if now_ns is None else now_ns,
@@ -177,12 +180,17 @@ class Verifier:
         self._nonces = NonceStore(max_age_s + 2 * skew_s)
         self._signed_after = clock() - skew_s  # what was signed before this receiver started may be a replay
 
+    @property
+    def netuid(self) -> int:
+        """The subnet whose messages this verifier opens."""
+        return self.metagraph.chain.netuid
+
     def open(
         self, wire: bytes, kinds: Kind | frozenset[Kind], sender: str | None = None, receiver: str | None = None
     ) -> Envelope:
         """The verified envelope of a message of one of `kinds` (from `sender` when given, to `receiver`: by
         default this verifier's hotkey), or a MessageRejectedError."""
-        envelope = _signed(wire, kinds)
+        envelope = _signed(wire, kinds, self.netuid)
         kind, receiver = envelope.kind, receiver or self.hotkey
         if envelope.receiver != receiver:
             raise WrongReceiverError(
@@ -217,8 +225,9 @@ class Verifier:
         return envelope
 
 
-def _signed(wire: bytes, kinds: Kind | frozenset[Kind]) -> Envelope:
-    """The envelope of a well-formed message of one of `kinds` whose sr25519 signature matches its sender."""
+def _signed(wire: bytes, kinds: Kind | frozenset[Kind], netuid: int) -> Envelope:
+    """The envelope of a well-formed message of one of `kinds` whose sr25519 signature matches its sender, sealed
+    on subnet `netuid`."""
     kinds = frozenset({kinds}) if isinstance(kinds, Kind) else kinds
     kind = min(kinds, key=lambda k: k.value)  # names the expected kind in errors before the real one is known
     outer = json_object(wire, "the message")
@@ -239,13 +248,17 @@ def _signed(wire: bytes, kinds: Kind | frozenset[Kind]) -> Envelope:
         valid = False
     if not valid:
         raise BadSignatureError(f"{kind.value} message from {envelope.sender}: the signature does not match")
+    if envelope.netuid != netuid:
+        raise WrongReceiverError(
+            f"{kind.value} message from {envelope.sender} was sealed for netuid {envelope.netuid}, not {netuid}"
+        )
     return envelope
 
 
-def attest(wire: bytes, kind: Kind, sender: str | None, receiver: str) -> Envelope:
-    """A forwarded message's envelope, if `sender` (None: whoever it names) signed it for `receiver`
-    (evidence; no time or replay check)."""
-    envelope = _signed(wire, kind)
+def attest(wire: bytes, kind: Kind, sender: str | None, receiver: str, netuid: int) -> Envelope:
+    """A forwarded message's envelope, if `sender` (None: whoever it names) signed it for `receiver` on subnet
+    `netuid` (evidence; no time or replay check)."""
+    envelope = _signed(wire, kind, netuid)
     if envelope.receiver != receiver or sender not in (None, envelope.sender):
         raise BadSignatureError(
             f"{kind.value} message from {envelope.sender} to {envelope.receiver}, expected {sender} to {receiver}"
@@ -278,8 +291,9 @@ def _envelope(inner: dict, kinds: frozenset[Kind]) -> Envelope:
     if kind is None:
         expected = " or ".join(sorted(k.value for k in kinds))
         raise MalformedMessageError(f"expected a {expected} message, got {str(inner.get('kind'))[:40]!r}")
-    fields = {"sender": str, "receiver": str, "timestamp_ns": int, "nonce": str, "body": dict}
+    fields = {"netuid": int, "sender": str, "receiver": str, "timestamp_ns": int, "nonce": str, "body": dict}
     for name, type_ in fields.items():
         if type(inner.get(name)) is not type_:
             raise MalformedMessageError(f"{kind.value} message: field {name!r} missing or not {type_.__name__}")
-    return Envelope(kind, inner["sender"], inner["receiver"], inner["timestamp_ns"], inner["nonce"], inner["body"])
+    netuid, sender, receiver = inner["netuid"], inner["sender"], inner["receiver"]
+    return Envelope(kind, netuid, sender, receiver, inner["timestamp_ns"], inner["nonce"], inner["body"])

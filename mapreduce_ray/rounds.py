@@ -220,10 +220,10 @@ class Round:
         hotkey, keypair = link.slot.hotkey, self.links.keypair
         if not self.sending:
             ask = Await(job.job_id, r.seq, r.src, segment, self.rank)
-            makes = [lambda: (seal_body(keypair, ask, hotkey), None)]
+            makes = [lambda: (seal_body(keypair, ask, hotkey, self.links.netuid), None)]
         elif not self.plan[segment].chunks:  # a broadcast's empty segment: the miner learns there is nothing
             head = Chunk(job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, segment, self.rank, 0, EMPTY_DIGEST)
-            makes = [lambda: (seal_body(keypair, head, hotkey), None)]
+            makes = [lambda: (seal_body(keypair, head, hotkey, self.links.netuid), None)]
         else:
             makes = [
                 lambda index=index, a=a, b=b: self._make_chunk(keypair, hotkey, segment, index, a, b)
@@ -250,7 +250,7 @@ class Round:
             self._signed[key] = (digest(batch.column(0).buffers()[1]), proof)
         chunk_digest, proof = self._signed[key]
         body = Chunk(r.job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, segment, self.rank, index, chunk_digest, proof)
-        return seal_body(keypair, body, hotkey), batch
+        return seal_body(keypair, body, hotkey, self.links.netuid), batch
 
     def _settle_if_empty(self, attempt: _Attempt) -> None:
         """A broadcast's empty segment brings nothing back."""
@@ -329,7 +329,7 @@ class Round:
     def _give_verdict(self, link: MinerLink, attempt: _Attempt, tag: str) -> None:
         r, keypair, hotkey = self.spec, self.links.keypair, link.slot.hotkey
         verdict = Verdict(r.job.job_id, r.seq, attempt.segment, self.rank, tag, self._struck)
-        link.send(lambda: (seal_body(keypair, verdict, hotkey), None))
+        link.send(lambda: (seal_body(keypair, verdict, hotkey, self.links.netuid), None))
 
     def _settle(self, attempt: _Attempt, settled: Settled) -> None:
         """Every receiving peer's verdict on a segment: kept if all vouch for what this peer kept (lock held)."""

@@ -19,6 +19,7 @@ MINER, OTHER, PEER1, PEER2, PEER3 = (Keypair.create_from_uri(f"//{n}") for n in 
 PEERS = {1: PEER1, 2: PEER2, 3: PEER3}
 SLOTS = (MinerSlot(1, MINER.ss58_address, "127.0.0.1:1", 1.0), MinerSlot(2, OTHER.ss58_address, "127.0.0.1:2", 1.0))
 SPEC = JobSpec("job000000001", "j", 3, SLOTS, 1024, 30.0, 1 << 20)
+NETUID = 10  # the subnet the miners sign on
 TENSOR = TensorSpec("float32", (4,))
 PEERS = {1: "peer-a", 2: "peer-b", 3: "peer-c"}  # rank -> hotkey
 
@@ -29,19 +30,19 @@ def delivery(digests: list[str], signer: Keypair = MINER, seq: int = 1, miner: i
     for index, d in enumerate(digests):
         fields = {"job_id": SPEC.job_id, "seq": seq, "segment": 0, "chunk": index, **changes}
         body = Reduced(**fields, tensor=TENSOR, digest=d, inputs=("aa",))
-        wires.append(seal_body(signer, body, to or audience(SPEC.job_id)).decode())
+        wires.append(seal_body(signer, body, to or audience(SPEC.job_id), NETUID).decode())
     return Delivery(miner, 0, tuple(wires))
 
 
 def add(round_: RoundEvidence, rank: int, deliveries: tuple[Delivery, ...], late: tuple[int, ...] = ()) -> None:
     report = RoundReport(SPEC.job_id, round_.seq, rank, deliveries, late)
-    results = {(d.miner, d.segment): evidence_of(SPEC, report, d) for d in deliveries}
+    results = {(d.miner, d.segment): evidence_of(SPEC, report, d, NETUID) for d in deliveries}
     round_.add_report(rank, results, late)
 
 
 def test_the_evidence_is_the_digests_the_miner_signed_for_that_peer():
     report = RoundReport(SPEC.job_id, 1, 2, (delivery(["d0", "d1"]),), ())
-    assert evidence_of(SPEC, report, report.deliveries[0]) == ("d0", "d1")
+    assert evidence_of(SPEC, report, report.deliveries[0], NETUID) == ("d0", "d1")
 
 
 @pytest.mark.parametrize(
@@ -59,7 +60,7 @@ def test_the_evidence_is_the_digests_the_miner_signed_for_that_peer():
 def test_a_report_counts_only_with_signatures_of_that_round_for_that_peer(forged, match):
     report = RoundReport(SPEC.job_id, 1, 2, (forged,), ())
     with pytest.raises(JobError, match=match):
-        evidence_of(SPEC, report, forged)
+        evidence_of(SPEC, report, forged, NETUID)
 
 
 def test_a_round_is_complete_once_every_peer_reported():

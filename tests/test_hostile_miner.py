@@ -105,6 +105,7 @@ class HostileMiner:
 
     def __init__(self, world: WireWorld, mode: str, planted: Path):
         self.keypair, self.mode, self.planted = key("Hostile"), mode, planted
+        self.netuid = world.chain.netuid
         world.chain.register(self.keypair.ss58_address, COLD)
         self.server = grpc.server(futures.ThreadPoolExecutor(4))
         handler = grpc.method_handlers_generic_handler(
@@ -123,7 +124,7 @@ class HostileMiner:
             sent = _fields(request)
             if 3 not in sent:
                 continue  # the peer's schema message
-            envelope = attest(sent[3], Kind.CHUNK, None, self.keypair.ss58_address)
+            envelope = attest(sent[3], Kind.CHUNK, None, self.keypair.ss58_address, self.netuid)
             yield self._answer(decode(Chunk, envelope.body, "Chunk"), envelope.sender, sent.get(1000, b""))
 
     def _answer(self, chunk: Chunk, peer: str, data: bytes) -> bytes:
@@ -135,7 +136,7 @@ class HostileMiner:
         signed = digest(payload + b"!" if self.mode == "wrong digest" else payload)
         inputs = tuple(chunk.digest if r == chunk.rank else "00" * 32 for r in (1, 2))
         reduced = Reduced(chunk.job_id, chunk.seq, chunk.segment, chunk.chunk, chunk.tensor, signed, inputs)
-        metadata = seal_body(self.keypair, reduced, audience(chunk.job_id))
+        metadata = seal_body(self.keypair, reduced, audience(chunk.job_id), self.netuid)
         if self.mode == "pickle":
             metadata = pickle.dumps(Planted(self.planted))
         if self.mode == "malformed ipc":

@@ -146,7 +146,9 @@ class Impostor(Endpoint):
     def _join(self, caller, payload: bytes) -> bytes:
         request = parse(JobRequest, payload)
         spec = JobSpec("impostorjob01", request.job, request.peer_count, (), 1024, 30.0, 1 << 20)
-        return seal_body(self.signer, JobAdmission(spec, request.rank + self.rank_shift, caller.hotkey), caller.hotkey)
+        return seal_body(
+            self.signer, JobAdmission(spec, request.rank + self.rank_shift, caller.hotkey), caller.hotkey, self.netuid
+        )
 
 
 @dataclasses.dataclass
@@ -335,7 +337,7 @@ def test_an_unregistered_hotkey_cannot_open_a_stream(joined):
 def test_a_miner_refuses_a_tampered_chunk(subnets, joined):
     peer, status = joined
     own = dev_peer_key(subnets[1], 1)
-    outer = json.loads(seal_body(own, chunk(peer.spec.job_id), status["hotkey"]))
+    outer = json.loads(seal_body(own, chunk(peer.spec.job_id), status["hotkey"], status["netuid"]))
     assert outer["message"].count('"seq":1') == 1
     outer["message"] = outer["message"].replace('"seq":1', '"seq":2')
     cause = refusal(status, own, peer.spec.job_id, 1, (canonical(outer).encode(), b"\0" * 16))
@@ -352,7 +354,13 @@ def test_a_miner_refuses_a_chunk_addressed_to_another_miner(subnets, joined):
     elsewhere = ray.get(subnets[2].miners[1].status.remote(), timeout=TIMEOUT_S)["hotkey"]
     assert elsewhere != status["hotkey"]
     own = dev_peer_key(subnets[1], 1)
-    cause = refusal(status, own, peer.spec.job_id, 1, (seal_body(own, chunk(peer.spec.job_id), elsewhere), b"\0" * 16))
+    cause = refusal(
+        status,
+        own,
+        peer.spec.job_id,
+        1,
+        (seal_body(own, chunk(peer.spec.job_id), elsewhere, status["netuid"]), b"\0" * 16),
+    )
     assert type(cause) is WrongReceiverError
     assert str(cause) == (
         f"the miner refused the call: chunk message from {own.ss58_address} is addressed to {elsewhere}, "
@@ -371,7 +379,7 @@ def test_garbage_ends_the_stream(subnets, joined):
 def test_a_replayed_chunk_ends_the_stream_and_leaves_nothing_open(subnets, joined):
     peer, status = joined
     own = dev_peer_key(subnets[1], 1)
-    wire = seal_body(own, chunk(peer.spec.job_id, seq=7), status["hotkey"])
+    wire = seal_body(own, chunk(peer.spec.job_id, seq=7), status["hotkey"], status["netuid"])
     cause = refusal(status, own, peer.spec.job_id, 1, (wire, b"\0" * 16), (wire, b"\0" * 16))
     assert type(cause) is ReplayedMessageError
     assert re.fullmatch(
@@ -389,7 +397,9 @@ def test_a_miner_fails_the_round_of_bytes_other_than_the_signed_ones(subnets, jo
     peer, status = joined
     own = dev_peer_key(subnets[1], 1)
     stream = open_stream(status, own, peer.spec.job_id, 1)
-    stream.send(seal_body(own, chunk(peer.spec.job_id, data=b"\1" * 16), status["hotkey"]), b"\0" * 16)
+    stream.send(
+        seal_body(own, chunk(peer.spec.job_id, data=b"\1" * 16), status["hotkey"], status["netuid"]), b"\0" * 16
+    )
     verifier = Verifier(own.ss58_address, MetagraphCache(subnets[1].chain.open()))
     failed, _ = open_body(verifier, stream.next_message(), RoundFailed, receiver=audience(peer.spec.job_id))
     assert failed.error == "RoundMismatchError"

@@ -52,7 +52,7 @@ from mapreduce_ray.messages import (
     parse,
     seal_body,
 )
-from mapreduce_ray.protocol import Kind, MetagraphCache, NonceStore, Verifier, canonical, seal
+from mapreduce_ray.protocol import Kind, MetagraphCache, NonceStore, Verifier, attest, canonical, seal
 from mapreduce_ray.types import JobSpec, MinerSlot, ReduceOp, RoundKind, TensorSpec
 
 
@@ -64,6 +64,7 @@ COLD = key("Cold").ss58_address
 VALIDATOR, MINER, OTHER_MINER, PEER, STRANGER = (key(n) for n in ("Validator", "Miner", "OtherMiner", "Peer", "Nobody"))
 ED25519 = Keypair.create_from_uri("//Alice", crypto_type=CRYPTO_ED25519)
 S = 10**9  # nanoseconds per second
+NETUID = ChainConfig().netuid  # the test chain's, on which every message here is sealed
 
 SPEC = JobSpec(
     job_id="0123456789ab",
@@ -157,6 +158,7 @@ def inner_of(keypair: Keypair, kind: Kind, body: dict, receiver: Keypair, timest
     return {
         "protocol": "mapreduce-ray/1",
         "kind": kind.value,
+        "netuid": NETUID,
         "sender": keypair.ss58_address,
         "receiver": receiver.ss58_address,
         "timestamp_ns": timestamp_ns,
@@ -196,7 +198,9 @@ def test_the_round_trips_cover_every_kind():
 
 @pytest.mark.parametrize(("body", "sender", "receiver"), list(ROUND_TRIPS.values()), ids=list(ROUND_TRIPS))
 def test_every_kind_round_trips_to_an_equal_body(world, body, sender, receiver):
-    opened, envelope = open_body(world.verifier(receiver), seal_body(sender, body, receiver.ss58_address), type(body))
+    opened, envelope = open_body(
+        world.verifier(receiver), seal_body(sender, body, receiver.ss58_address, NETUID), type(body)
+    )
     assert type(opened) is type(body)
     assert opened == body  # tuples stay tuples, enums stay enums, nested dataclasses are rebuilt
     assert (envelope.kind, envelope.sender, envelope.receiver) == (
@@ -208,7 +212,7 @@ def test_every_kind_round_trips_to_an_equal_body(world, body, sender, receiver):
 
 
 def test_the_expected_sender_opens(world):
-    wire = seal_body(VALIDATOR, JobAdmission(SPEC, 2, PEER.ss58_address), PEER.ss58_address)
+    wire = seal_body(VALIDATOR, JobAdmission(SPEC, 2, PEER.ss58_address), PEER.ss58_address, NETUID)
     admission, envelope = open_body(world.verifier(PEER), wire, JobAdmission, sender=VALIDATOR.ss58_address)
     assert admission.spec == SPEC and envelope.sender == VALIDATOR.ss58_address
 
@@ -217,14 +221,14 @@ def test_the_expected_sender_opens(world):
 
 
 def test_a_tampered_body_fails_the_signature(world):
-    wire = edit_message(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), '"rank":1', '"rank":2')
+    wire = edit_message(seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID), '"rank":1', '"rank":2')
     with refused(BadSignatureError, rf"^chunk message from {PEER.ss58_address}: the signature does not match$"):
         world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
 
 
 def test_a_readdressed_message_fails_the_signature_not_the_receiver(world):
     """Rewriting the receiver inside the signed part is tampering, found before the receiver check."""
-    wire = seal_body(PEER, REQUEST, MINER.ss58_address)
+    wire = seal_body(PEER, REQUEST, MINER.ss58_address, NETUID)
     wire = edit_message(wire, MINER.ss58_address, VALIDATOR.ss58_address)
     with refused(BadSignatureError, "the signature does not match") as caught:
         world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
@@ -237,7 +241,7 @@ def test_a_readdressed_message_fails_the_signature_not_the_receiver(world):
     ids=["one byte flipped", "empty", "not hex", "missing"],
 )
 def test_a_broken_signature_does_not_verify(world, signature):
-    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address)
+    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID)
     outer = json.loads(wire)
     if signature == "flipped":
         raw = bytearray.fromhex(outer["signature"][2:])
@@ -259,9 +263,20 @@ def test_another_signer_than_the_sender_field_fails_the_signature(world):
         world.verifier(PEER).open(sign_raw(PEER, inner), Kind.JOB_SPEC)
 
 
+def test_a_message_sealed_on_another_subnet_is_refused_as_signed_and_as_evidence(world):
+    """The same hotkeys may serve several subnets: what one of them sealed on netuid N + 1 is refused on N."""
+    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID + 1)
+    why = rf"^chunk message from {PEER.ss58_address} was sealed for netuid {NETUID + 1}, not {NETUID}$"
+    with refused(WrongReceiverError, why):
+        world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
+    with refused(WrongReceiverError, why):
+        attest(wire, Kind.CHUNK, PEER.ss58_address, VALIDATOR.ss58_address, NETUID)
+    assert world.verifier(VALIDATOR).open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID), Kind.CHUNK)
+
+
 def test_an_ed25519_signature_is_refused_by_scheme(world):
     world.chain.register(ED25519.ss58_address, COLD)  # registered, so only the scheme can refuse it
-    wire = seal_body(ED25519, REQUEST, VALIDATOR.ss58_address)
+    wire = seal_body(ED25519, REQUEST, VALIDATOR.ss58_address, NETUID)
     assert json.loads(wire)["scheme"] == "ed25519"
     with refused(SignatureSchemeError, r"^chunk message signed with 'ed25519'; only sr25519 is accepted$"):
         world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
@@ -269,14 +284,14 @@ def test_an_ed25519_signature_is_refused_by_scheme(world):
 
 def test_an_ed25519_signature_relabelled_sr25519_does_not_verify(world):
     world.chain.register(ED25519.ss58_address, COLD)
-    wire = rewrap(seal_body(ED25519, REQUEST, VALIDATOR.ss58_address), scheme="sr25519")
+    wire = rewrap(seal_body(ED25519, REQUEST, VALIDATOR.ss58_address, NETUID), scheme="sr25519")
     with refused(BadSignatureError, rf"chunk message from {ED25519.ss58_address}: the signature does not match"):
         world.verifier(VALIDATOR).open(wire, Kind.CHUNK)
 
 
 @pytest.mark.parametrize("scheme", [None, "ed25519", "SR25519"])
 def test_any_other_scheme_label_is_refused(world, scheme):
-    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address)
+    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID)
     outer = json.loads(wire)
     if scheme is None:
         del outer["scheme"]
@@ -290,7 +305,7 @@ def test_any_other_scheme_label_is_refused(world, scheme):
 
 
 def test_a_message_for_another_receiver_is_refused(world):
-    wire = seal_body(PEER, REQUEST, MINER.ss58_address)
+    wire = seal_body(PEER, REQUEST, MINER.ss58_address, NETUID)
     with refused(
         WrongReceiverError,
         rf"^chunk message from {PEER.ss58_address} is addressed to {MINER.ss58_address}, "
@@ -310,7 +325,9 @@ def test_a_message_for_another_receiver_is_refused(world):
     ids=["61 s old", "an hour old", "6 s ahead", "an hour ahead"],
 )
 def test_a_message_outside_the_time_window_is_expired(world, offset_s, shown):
-    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns + offset_s * S)
+    wire = seal(
+        PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, NETUID, world.clock.ns + offset_s * S
+    )
     with refused(
         ExpiredMessageError,
         rf"^chunk message from {PEER.ss58_address} is {re.escape(shown)}; "
@@ -323,13 +340,15 @@ def test_a_message_outside_the_time_window_is_expired(world, offset_s, shown):
 def test_a_message_inside_the_time_window_opens(world, offset_s):
     verifier = world.verifier(VALIDATOR)
     world.clock.now += 60  # a receiver that has run for a minute
-    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns + offset_s * S)
+    wire = seal(
+        PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, NETUID, world.clock.ns + offset_s * S
+    )
     assert verifier.open(wire, Kind.CHUNK).body == json.loads(canonical(dataclasses.asdict(REQUEST)))
 
 
 def test_a_restarted_receiver_refuses_a_replay_of_what_it_accepted_before(world):
     before = world.verifier(VALIDATOR)
-    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns)
+    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, NETUID, world.clock.ns)
     before.open(wire, Kind.CHUNK)
     world.clock.now += 6  # the receiver restarts, more than the 5 s skew later, well inside the 60 s window
     with refused(
@@ -341,7 +360,7 @@ def test_a_restarted_receiver_refuses_a_replay_of_what_it_accepted_before(world)
 
 
 def test_the_window_follows_the_verifier_clock_and_settings(world):
-    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns)
+    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, NETUID, world.clock.ns)
     strict = world.verifier(VALIDATOR, max_age_s=10.0, skew_s=1.0)
     world.clock.now += 11
     with refused(ExpiredMessageError, r"is 11\.0 s old; accepted: up to 10 s old and 1 s ahead"):
@@ -350,7 +369,7 @@ def test_the_window_follows_the_verifier_clock_and_settings(world):
 
 def test_the_same_wire_twice_is_a_replay(world):
     verifier = world.verifier(VALIDATOR)
-    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address)
+    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID)
     nonce = verifier.open(wire, Kind.CHUNK).nonce
     with refused(ReplayedMessageError, rf"^chunk message from {PEER.ss58_address} replayed \(nonce {nonce}\)$"):
         verifier.open(wire, Kind.CHUNK)
@@ -359,7 +378,7 @@ def test_the_same_wire_twice_is_a_replay(world):
 def test_a_replay_is_refused_for_as_long_as_the_message_is_fresh(world):
     """Inside the window the nonce store refuses it; past the window the timestamp does."""
     verifier = world.verifier(VALIDATOR)
-    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, world.clock.ns)
+    wire = seal(PEER, Kind.CHUNK, dataclasses.asdict(REQUEST), VALIDATOR.ss58_address, NETUID, world.clock.ns)
     verifier.open(wire, Kind.CHUNK)
     for step_s in (1, 30, 29):  # 1, 31 and 60 s after it was sent
         world.clock.now += step_s
@@ -392,7 +411,7 @@ def test_a_verifier_remembers_nonces_for_longer_than_it_accepts_messages(world):
 
 
 def test_a_message_from_an_unregistered_hotkey_is_refused(world):
-    wire = seal_body(STRANGER, REQUEST, VALIDATOR.ss58_address)
+    wire = seal_body(STRANGER, REQUEST, VALIDATOR.ss58_address, NETUID)
     with refused(
         NotRegisteredError,
         rf"^chunk message from {STRANGER.ss58_address}, which is not registered on {world.where}$",
@@ -407,25 +426,27 @@ def test_a_job_spec_needs_a_validator_permit(world):
         rf"^job_spec message from uid {world.uids['miner']} \({MINER.ss58_address}\), which has no validator "
         rf"permit on {world.where}$",
     ):
-        open_body(world.verifier(PEER), seal_body(MINER, admission, PEER.ss58_address), JobAdmission)
-    opened, _ = open_body(world.verifier(PEER), seal_body(VALIDATOR, admission, PEER.ss58_address), JobAdmission)
+        open_body(world.verifier(PEER), seal_body(MINER, admission, PEER.ss58_address, NETUID), JobAdmission)
+    opened, _ = open_body(
+        world.verifier(PEER), seal_body(VALIDATOR, admission, PEER.ss58_address, NETUID), JobAdmission
+    )
     assert opened == admission
 
 
 def test_other_kinds_need_no_permit(world):
-    wire = seal_body(MINER, Reduced(SPEC.job_id, 1, 0, 0, TENSOR, "cc" * 32, ("aa" * 32,)), PEER.ss58_address)
+    wire = seal_body(MINER, Reduced(SPEC.job_id, 1, 0, 0, TENSOR, "cc" * 32, ("aa" * 32,)), PEER.ss58_address, NETUID)
     assert open_body(world.verifier(PEER), wire, Reduced)[1].sender == MINER.ss58_address
 
 
 def test_a_job_spec_from_a_non_permit_hotkey_is_refused_for_its_permit_before_its_sender(world):
     """What a peer expecting the validator sees when someone else's key signed the admission."""
-    wire = seal_body(MINER, JobAdmission(SPEC, 1, PEER.ss58_address), PEER.ss58_address)
+    wire = seal_body(MINER, JobAdmission(SPEC, 1, PEER.ss58_address), PEER.ss58_address, NETUID)
     with refused(NoValidatorPermitError, "which has no validator permit"):
         open_body(world.verifier(PEER), wire, JobAdmission, sender=VALIDATOR.ss58_address)
 
 
 def test_another_registered_sender_than_expected_is_refused_by_name(world):
-    wire = seal_body(MINER, Reduced(SPEC.job_id, 1, 0, 0, TENSOR, "cc" * 32, ("aa" * 32,)), PEER.ss58_address)
+    wire = seal_body(MINER, Reduced(SPEC.job_id, 1, 0, 0, TENSOR, "cc" * 32, ("aa" * 32,)), PEER.ss58_address, NETUID)
     with refused(
         BadSignatureError,
         rf"^reduced message signed by {MINER.ss58_address}, expected {OTHER_MINER.ss58_address}$",
@@ -435,9 +456,9 @@ def test_another_registered_sender_than_expected_is_refused_by_name(world):
 
 def test_an_unknown_sender_refreshes_the_metagraph_at_most_once_a_second(world):
     verifier = world.verifier(VALIDATOR)
-    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.CHUNK)  # the metagraph is now cached
+    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID), Kind.CHUNK)  # the metagraph is now cached
     world.chain.register(STRANGER.ss58_address, COLD)
-    wire = seal_body(STRANGER, REQUEST, VALIDATOR.ss58_address)
+    wire = seal_body(STRANGER, REQUEST, VALIDATOR.ss58_address, NETUID)
     with refused(NotRegisteredError, "which is not registered on"):
         verifier.open(wire, Kind.CHUNK)  # fetched less than a second ago: not fetched again
     world.clock.now += 1.5
@@ -449,9 +470,9 @@ def test_a_peer_a_validator_vouched_for_is_known_at_once_though_it_registered_af
     """A miner admitting a peer that registered a moment ago reads the chain again for it, where a stranger's
     miss within the second after a read does not."""
     verifier = world.verifier(VALIDATOR)
-    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.CHUNK)  # the metagraph is read now
+    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID), Kind.CHUNK)  # the metagraph is read now
     world.chain.register(STRANGER.ss58_address, COLD)
-    wire = seal_body(STRANGER, REQUEST, VALIDATOR.ss58_address)
+    wire = seal_body(STRANGER, REQUEST, VALIDATOR.ss58_address, NETUID)
     with refused(NotRegisteredError, "which is not registered on"):
         verifier.open(wire, Kind.CHUNK)
     world.metagraph.vouched(STRANGER.ss58_address)
@@ -464,11 +485,11 @@ def test_a_deregistered_sender_is_refused_once_the_metagraph_expires(tmp_path):
     chain.register(VALIDATOR.ss58_address, COLD, stake=100.0)
     chain.register(PEER.ss58_address, COLD)
     verifier = Verifier(VALIDATOR.ss58_address, MetagraphCache(chain, ttl_s=12.0, clock=clock), clock=clock)
-    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.CHUNK)
+    verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID), Kind.CHUNK)
     chain.register(STRANGER.ss58_address, COLD)  # the subnet is full: the stranger takes the peer's uid
     clock.now += 13
     with refused(NotRegisteredError, rf"from {PEER.ss58_address}, which is not registered"):
-        verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address), Kind.CHUNK)
+        verifier.open(seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID), Kind.CHUNK)
 
 
 # Malformed wires: refused before any signature or chain check.
@@ -511,7 +532,7 @@ def test_another_protocol_version_is_malformed(world):
 
 
 def test_another_kind_than_expected_is_malformed(world):
-    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address)
+    wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID)
     with refused(MalformedMessageError, r"^expected a await or reduced message, got 'chunk'$"):
         open_body(world.verifier(VALIDATOR), wire, (Await, Reduced))
     request, _ = open_body(world.verifier(VALIDATOR), wire, (Chunk, Await))  # the refusal used no nonce
@@ -647,7 +668,7 @@ MALFORMED_BODIES = {
 
 @pytest.mark.parametrize(("cls", "body", "match"), list(MALFORMED_BODIES.values()), ids=list(MALFORMED_BODIES))
 def test_a_signed_body_that_does_not_fit_its_type_is_malformed(world, cls, body, match):
-    wire = seal(PEER, KINDS[cls], body, MINER.ss58_address, world.clock.ns)
+    wire = seal(PEER, KINDS[cls], body, MINER.ss58_address, NETUID, world.clock.ns)
     with refused(MalformedMessageError, match):
         open_body(world.verifier(MINER), wire, cls)
 
@@ -655,7 +676,7 @@ def test_a_signed_body_that_does_not_fit_its_type_is_malformed(world, cls, body,
 def test_a_job_spec_with_a_malformed_miner_slot_is_malformed(world):
     body = json.loads(canonical(dataclasses.asdict(JobAdmission(SPEC, 1, PEER.ss58_address))))
     del body["spec"]["miners"][1]["weight"]
-    wire = seal(VALIDATOR, Kind.JOB_SPEC, body, PEER.ss58_address, world.clock.ns)
+    wire = seal(VALIDATOR, Kind.JOB_SPEC, body, PEER.ss58_address, NETUID, world.clock.ns)
     with refused(
         MalformedMessageError,
         r"^JobAdmission.spec.miners has fields \['capacity', 'certificate', 'endpoint', 'hotkey', 'throughput', "

@@ -84,6 +84,7 @@ class Endpoint(fl.FlightServerBase):
         self.hotkey = keypair.ss58_address
         self.config = config
         self.metagraph = metagraph
+        self.netuid = metagraph.chain.netuid  # of every call it takes and every message it seals
         tls = None
         if config.tls:
             with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
