@@ -179,16 +179,17 @@ def test_when_nothing_fails_the_validator_hears_at_most_one_call_per_party_per_r
 
     (first, miners), (second, _) = run_peers(subnet, 2, run)
     after = ray.get(subnet.validator.calls.remote(), timeout=60)
-    made = {
+    made = {  # the calls of this test's window (these dev hotkeys made others earlier)
         (call, hotkey): n - before.get(call, {}).get(hotkey, 0)
         for call, by_hotkey in after.items()
         for hotkey, n in by_hotkey.items()
+        if n > before.get(call, {}).get(hotkey, 0)
     }
     for peer in (first, second):
         assert made[("join", peer)] == 1 and made.get(("leave", peer), 0) <= 1
         assert 1 <= made[("report", peer)] <= rounds
         assert not {call for call, hotkey in made if hotkey == peer} - {"join", "report", "leave"}
-    assert len(miners) == 2 and not [key for key, n in made.items() if key[1] in miners and n]
+    assert len(miners) == 2 and not [key for key in made if key[1] in miners]
 
 
 def test_reports_from_outside_the_job_or_without_a_signature_are_refused_and_move_no_record(subnets, run_peers):
