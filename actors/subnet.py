@@ -28,7 +28,7 @@ from actors.validator import MAX_CONCURRENCY as VALIDATOR_CONCURRENCY
 from actors.validator import ValidatorActor
 from mapreduce_ray.chain import Chain, ChainConfig
 from mapreduce_ray.naming import DEFAULT_NAMESPACE, benchmark_name, miner_name, validator_name
-from mapreduce_ray.validation import ValidatorConfig
+from mapreduce_ray.validator.config import ValidatorConfig
 from mapreduce_ray.wallets import (
     WalletConfig,
     coldkey_of,

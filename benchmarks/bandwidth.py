@@ -49,7 +49,7 @@ from actors.subnet import register_dev_wallet, start_bot, start_validator
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.metrics import algbw, busbw
 from mapreduce_ray.types import RoundKind
-from mapreduce_ray.validation import ValidatorConfig
+from mapreduce_ray.validator.config import ValidatorConfig
 from mapreduce_ray.wallets import dev_peer_wallet, dev_wallet
 
 MIB = 1024 * 1024

@@ -5,7 +5,7 @@
 A whole subnet on loopback, on an embedded chain, in three processes: one serves `--miners` miner
 endpoints (actors.relay.Relay, each its own Flight server and hotkey); one is the validator, made
 of its real parts: its endpoint (actors.validator.ValidatorEndpoint) over its job book
-(actors.jobs), its auditor (actors.audit) and its SQLite ledger, without its loop (benchmarks are
+(actors.validator.jobs), its auditor (actors.validator.audit) and its SQLite ledger, without its loop (benchmarks are
 recorded in the ledger, so every miner is available); one runs the peers: jobs of 2 peers,
 `--max-miners` miners each, cover every miner, and their peers join and report over the wire as
 live peers do. Every round is sampled
@@ -15,7 +15,7 @@ fetched from their miner by ticket and recomputed, on the auditor's own check th
 Reported: sampled rounds per second, over the whole run (peers and miners share the machine's cores
 with the validator) and over the drain after the last round (the checks alone, with the miners
 serving them); then one scoring and
-weight-setting epoch over the ledger of every miner (mapreduce_ray.epoch.run_epoch).
+weight-setting epoch over the ledger of every miner (mapreduce_ray.validator.epoch.run_epoch).
 """
 
 from __future__ import annotations
@@ -33,19 +33,19 @@ from types import SimpleNamespace
 import torch
 from bittensor.sp_core import Keypair
 
-from actors.audit import Auditor
-from actors.directory import MinerDirectory
-from actors.jobs import JobBook
 from actors.relay import Relay, RelaySettings
 from actors.validator import ValidatorEndpoint
+from actors.validator.audit import Auditor
+from actors.validator.directory import MinerDirectory
+from actors.validator.jobs import JobBook
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
-from mapreduce_ray.epoch import run_epoch
-from mapreduce_ray.ledger import MinerLedger
 from mapreduce_ray.naming import miner_name
 from mapreduce_ray.protocol import MetagraphCache
 from mapreduce_ray.reference import reference_reduce
-from mapreduce_ray.validation import ValidatorConfig
+from mapreduce_ray.validator.config import ValidatorConfig
+from mapreduce_ray.validator.epoch import run_epoch
+from mapreduce_ray.validator.ledger import MinerLedger
 from mapreduce_ray.wallets import identity_of
 from mapreduce_ray.wire.config import WireConfig
 

@@ -6,7 +6,7 @@ An embedded chain in a temporary directory holds a validator and N miners; the
 validator's ledger (SQLite, as the validator keeps it) tracks them, every pair
 of uids on one host. Between epochs each miner gets a fresh benchmark and a few
 rounds (not timed; 2% of them a strike). The timed part is exactly the
-validator's epoch (mapreduce_ray.epoch.run_epoch): read the ledger, update and
+validator's epoch (mapreduce_ray.validator.epoch.run_epoch): read the ledger, update and
 save the EMA scores, share them per host, normalize, set the weights on the
 chain (one signed write). The chain's rate limit is off so every epoch writes.
 Reported: median and worst epoch.
@@ -26,9 +26,9 @@ from pathlib import Path
 from bittensor.sp_core import Keypair
 
 from mapreduce_ray.chain import ChainConfig
-from mapreduce_ray.epoch import run_epoch
-from mapreduce_ray.ledger import MinerLedger
-from mapreduce_ray.scoring import MIB, ScoringConfig
+from mapreduce_ray.validator.epoch import run_epoch
+from mapreduce_ray.validator.ledger import MinerLedger
+from mapreduce_ray.validator.scoring import MIB, ScoringConfig
 
 
 def measure(ledger: MinerLedger, uids: list[int], hosts: dict[int, str], rng: random.Random) -> None:

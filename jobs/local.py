@@ -29,7 +29,7 @@ from mapreduce_ray.errors import MapReduceError
 from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.shards import digest
 from mapreduce_ray.types import ReduceOp
-from mapreduce_ray.validation import ValidatorConfig
+from mapreduce_ray.validator.config import ValidatorConfig
 
 log = logging.getLogger(__name__)
 MIB = 1024 * 1024

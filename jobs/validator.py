@@ -9,7 +9,8 @@ until Ctrl-C, which stops the actor. Peers ask it for jobs with
 Peer(..., validator_uid=uid); it benchmarks miners with the bots whose hotkeys
 `validator.benchmark.bots` lists (python -m jobs.benchmark, in the same Ray
 cluster), checks rounds, scores miners and sets weights. Settings:
-conf/validator.yaml.
+conf/validator.yaml, and validator.* as mapreduce_ray.validator.config.ValidatorConfig
+documents them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from actors.validator import MAX_CONCURRENCY, ValidatorActor
 from jobs.config import wire_config
 from jobs.service import serve_role, user_errors
 from mapreduce_ray.naming import validator_name
-from mapreduce_ray.validation import ValidatorConfig
+from mapreduce_ray.validator.config import ValidatorConfig
 
 MIB = 1024 * 1024
 

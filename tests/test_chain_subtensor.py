@@ -19,10 +19,10 @@ from bittensor.sp_core import Keypair
 from fake_substrate import SubtensorUnderTest
 
 from mapreduce_ray.chain.subtensor import SubtensorChain
-from mapreduce_ray.epoch import run_epoch
 from mapreduce_ray.errors import ChainError, NotRegisteredError, NoValidatorPermitError, RateLimitedError
-from mapreduce_ray.ledger import MinerLedger
-from mapreduce_ray.scoring import ScoringConfig
+from mapreduce_ray.validator.epoch import run_epoch
+from mapreduce_ray.validator.ledger import MinerLedger
+from mapreduce_ray.validator.scoring import ScoringConfig
 from mapreduce_ray.wallets import WalletConfig
 
 ALICE, BOB, EVE = (Keypair.create_from_uri(f"//{name}") for name in ("Alice", "Bob", "Eve"))
@@ -334,7 +334,7 @@ def test_too_few_scored_miners_get_the_smallest_weight_beside_them_up_to_the_sub
     sut.substrate.min_allowed_weights = 3
     sut.substrate.weights_version_key = 2
     sut.chain.serve(key("Dave"), "10.0.0.3:8091")  # served uids come first
-    with caplog.at_level(logging.WARNING, logger="mapreduce_ray.epoch"):
+    with caplog.at_level(logging.WARNING, logger="mapreduce_ray.validator.epoch"):
         done = run_epoch(scored_ledger(tmp_path, [1]), sut.chain, ALICE, ScoringConfig())
     assert done.weights == {1: 1.0, 3: 1 / 65535, 2: 1 / 65535}
     assert sut.chain.weights() == {0: {1: 1.0, 2: 1 / 65535, 3: 1 / 65535}}
@@ -346,7 +346,7 @@ def test_too_few_scored_miners_get_the_smallest_weight_beside_them_up_to_the_sub
 
 def test_a_subnet_with_too_few_uids_for_its_minimum_gets_the_validators_weight_on_itself(sut, tmp_path, caplog):
     sut.substrate.min_allowed_weights = 8
-    with caplog.at_level(logging.WARNING, logger="mapreduce_ray.epoch"):
+    with caplog.at_level(logging.WARNING, logger="mapreduce_ray.validator.epoch"):
         done = run_epoch(scored_ledger(tmp_path, [1, 2]), sut.chain, ALICE, ScoringConfig())
     assert done.weights == {0: 1.0}
     assert sut.chain.weights() == {0: {0: 1.0}}

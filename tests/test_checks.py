@@ -6,8 +6,8 @@ import pytest
 import torch
 from wire_world import WireWorld, on_every_peer
 
-from actors.checks import ChunkCheck, Unverifiable, check_chunk
 from actors.relay import Relay
+from actors.validator.checks import ChunkCheck, Unverifiable, check_chunk
 from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote

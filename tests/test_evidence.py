@@ -9,11 +9,11 @@ import pytest
 from bittensor.sp_core import Keypair
 
 from mapreduce_ray.errors import JobError
-from mapreduce_ray.evidence import RoundEvidence, evidence_of
 from mapreduce_ray.messages import REPORT_BATCH, Delivery, Reduced, RoundReport, seal_body
 from mapreduce_ray.peer import _Reporter
 from mapreduce_ray.protocol import audience
 from mapreduce_ray.types import JobSpec, MinerSlot, TensorSpec
+from mapreduce_ray.validator.evidence import RoundEvidence, evidence_of
 
 MINER, OTHER, PEER1, PEER2, PEER3 = (Keypair.create_from_uri(f"//{n}") for n in ("Miner", "Other", "P1", "P2", "P3"))
 PEERS = {1: PEER1, 2: PEER2, 3: PEER3}

@@ -11,9 +11,11 @@ from actors import PeerActor, start_local_subnet
 from actors.relay import RelaySettings
 from actors.subnet import DEV_VALIDATOR_STAKE, register_dev_wallet
 from jobs.config import relay_settings, wire_config
+from jobs.validator import validator_config
 from mapreduce_ray import JobError, Peer
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.errors import EndpointError
+from mapreduce_ray.validator.config import BenchmarkConfig, ValidatorConfig, VerifyConfig
 from mapreduce_ray.wallets import dev_wallet
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.tls import create_certificate
@@ -124,6 +126,22 @@ def test_a_refused_subnet_leaves_no_miner_behind(local_ray):
         assert _named(namespace, "miner-1", "miner-2") == []
     finally:
         ray.kill(squatter)
+
+
+def test_validator_settings_default_to_the_dataclass_and_take_overrides_but_not_what_other_groups_set(job_config):
+    """conf/validator.yaml sets no validator.* value: they all come from ValidatorConfig, once."""
+    from_job = {"namespace": "mapreduce", "chunk_bytes": 4 * 1024 * 1024, "timeout_s": 60}
+    assert validator_config(job_config("validator", "+wallet=dev-validator")) == ValidatorConfig(**from_job)
+    cfg = job_config(
+        "validator", "+wallet=dev-validator", "validator.benchmark.bots=[a,b]", "validator.verify.fraction=0.5"
+    )
+    assert validator_config(cfg) == ValidatorConfig(
+        **from_job, benchmark=BenchmarkConfig(bots=("a", "b")), verify=VerifyConfig(fraction=0.5)
+    )
+    with pytest.raises(ConfigCompositionException, match=r"^Could not override 'validator\.timeout_s'"):
+        job_config("validator", "+wallet=dev-validator", "validator.timeout_s=5")  # it is subnet.timeout_s
+    with pytest.raises(ConfigCompositionException, match=r"^Error merging override validator\.verify\.fraction=x$"):
+        job_config("validator", "+wallet=dev-validator", "validator.verify.fraction=x")
 
 
 def _named(namespace: str, *names: str) -> list[str]:

@@ -3,8 +3,8 @@
 import pytest
 
 from mapreduce_ray.errors import MapReduceError
-from mapreduce_ray.ledger import MinerLedger, MinerState
-from mapreduce_ray.scoring import MIB, MinerRecord
+from mapreduce_ray.validator.ledger import MinerLedger, MinerState
+from mapreduce_ray.validator.scoring import MIB, MinerRecord
 
 
 class Clock:

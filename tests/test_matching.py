@@ -6,9 +6,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mapreduce_ray.errors import JobError
-from mapreduce_ray.matching import Candidate, capacity_wanted, choose_miners, job_capacity, require_fit, shares
 from mapreduce_ray.plan import CAPACITY_ALIGN, failover_order, plan_round
 from mapreduce_ray.types import JobSpec, MinerSlot, TensorSpec
+from mapreduce_ray.validator.matching import (
+    Candidate,
+    capacity_wanted,
+    choose_miners,
+    job_capacity,
+    require_fit,
+    shares,
+)
 
 MIB = 1024 * 1024
 

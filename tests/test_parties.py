@@ -20,8 +20,8 @@ from conftest import TRAINER_OVERRIDES, assert_exact_rounds, free_port, ray_head
 from actors.subnet import register_dev_wallet
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
-from mapreduce_ray.ledger import MinerLedger
 from mapreduce_ray.reference import reference_reduce
+from mapreduce_ray.validator.ledger import MinerLedger
 from mapreduce_ray.wallets import dev_wallet
 
 START_TIMEOUT_S = 120.0

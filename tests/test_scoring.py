@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mapreduce_ray.scoring import (
+from mapreduce_ray.validator.scoring import (
     MIB,
     MinerRecord,
     ScoringConfig,

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from mapreduce_ray.dtypes import SUPPORTED
 from mapreduce_ray.reduce import block_accumulator, reduce_chunk
 from mapreduce_ray.types import ReduceOp
-from mapreduce_ray.verify import check_exact
+from mapreduce_ray.validator.verify import check_exact
 
 INTS = [name for name, d in SUPPORTED.items() if d.is_integer]
 CASES = [(name, op) for name in SUPPORTED for op in ("sum", "avg") if not (op == "avg" and name in INTS)]

@@ -19,8 +19,8 @@ from enum import Enum
 from pathlib import Path
 
 from mapreduce_ray.errors import MapReduceError
-from mapreduce_ray.scoring import MinerRecord
 from mapreduce_ray.store import create, transaction
+from mapreduce_ray.validator.scoring import MinerRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS miners (

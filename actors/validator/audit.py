@@ -2,11 +2,11 @@
 
 After each round every peer reports (the `report` call) which miners delivered which segments,
 with the miners' signed receipts, and which failed. Once every peer reported (or the round went
-stale), each miner's reliability counts the round if it is evidence (mapreduce_ray.evidence: the
+stale), each miner's reliability counts the round if it is evidence (mapreduce_ray.validator.evidence: the
 round ran, and several distinct peer hotkeys reported; a round closed once is never opened again
 by a later report), and a random `verify.fraction` of rounds is
 checked: a few chunks of each delivered segment (`verify.chunks`; 0: all) are fetched from the
-miner by ticket and recomputed here (actors.checks). A wrong result, or a miner whose own
+miner by ticket and recomputed here (actors.validator.checks). A wrong result, or a miner whose own
 signatures show it sent peers different results, is a strike: score zeroed, banned for
 `verify.ban_s`, evidence in the ledger. A chunk the miner cannot serve is a missed round. A
 report may carry evidence that a chunk failed its peer's check (the miner's signed Reduced of
@@ -25,18 +25,18 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from actors.checks import ChunkCheck, Unverifiable, check_chunk
-from actors.directory import MinerDirectory
-from actors.jobs import Job, JobBook
+from actors.validator.checks import ChunkCheck, Unverifiable, check_chunk
+from actors.validator.directory import MinerDirectory
+from actors.validator.jobs import Job, JobBook
 from mapreduce_ray.errors import JobError
-from mapreduce_ray.evidence import RoundEvidence, evidence_of, signed_result
-from mapreduce_ray.ledger import MinerLedger
 from mapreduce_ray.messages import Dispute, Excluded, RoundReport, Ruling, WrongChunk
 from mapreduce_ray.metrics import record_check
 from mapreduce_ray.plan import failover_order
 from mapreduce_ray.types import JobSpec
-from mapreduce_ray.validation import ValidatorConfig
-from mapreduce_ray.verify import Verdict
+from mapreduce_ray.validator.config import ValidatorConfig
+from mapreduce_ray.validator.evidence import RoundEvidence, evidence_of, signed_result
+from mapreduce_ray.validator.ledger import MinerLedger
+from mapreduce_ray.validator.verify import Verdict
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ from collections.abc import Collection, Mapping
 from mapreduce_ray.chain import Chain
 from mapreduce_ray.chain.base import U16_MAX
 from mapreduce_ray.errors import RateLimitedError
-from mapreduce_ray.ledger import MinerLedger
-from mapreduce_ray.scoring import ScoringConfig, update_scores, weights_for
+from mapreduce_ray.validator.ledger import MinerLedger
+from mapreduce_ray.validator.scoring import ScoringConfig, update_scores, weights_for
 
 log = logging.getLogger(__name__)
 

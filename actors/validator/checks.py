@@ -19,7 +19,7 @@ from mapreduce_ray.plan import plan_round
 from mapreduce_ray.protocol import Kind, attest
 from mapreduce_ray.shards import from_buffer
 from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind
-from mapreduce_ray.verify import Verdict, check_exact
+from mapreduce_ray.validator.verify import Verdict, check_exact
 from mapreduce_ray.wire.endpoint import Remote
 from mapreduce_ray.wire.frames import check_schema, digest, unframe
 

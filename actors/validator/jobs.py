@@ -2,7 +2,7 @@
 
 A peer's signed JobRequest (the `join` call) opens a job, or joins the open job of that name.
 A new job gets the available miners (not busy, not banned, benchmarked) best score first, with
-segments sized by measured throughput within verified capacity (mapreduce_ray.matching); the
+segments sized by measured throughput within verified capacity (mapreduce_ray.validator.matching); the
 miners are marked busy. A job whose largest tensor is over their capacity has them benchmarked
 at the size it needs first, within the peer's and the validator's largest benchmark. Each peer
 is admitted at every miner of its job (the miners' `admit` calls, in parallel) before it gets
@@ -22,14 +22,21 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from actors.directory import MinerDirectory
+from actors.validator.directory import MinerDirectory
 from mapreduce_ray.errors import EndpointError, JobError, MapReduceError, RoundTimeoutError
-from mapreduce_ray.ledger import MinerLedger
-from mapreduce_ray.matching import Candidate, capacity_wanted, choose_miners, job_capacity, require_fit, shares
 from mapreduce_ray.messages import JobAdmission, JobLeave, JobRequest, Outcome, encode
 from mapreduce_ray.sketch import SECRET_BYTES
 from mapreduce_ray.types import JobSpec, MinerSlot
-from mapreduce_ray.validation import ValidatorConfig
+from mapreduce_ray.validator.config import ValidatorConfig
+from mapreduce_ray.validator.ledger import MinerLedger
+from mapreduce_ray.validator.matching import (
+    Candidate,
+    capacity_wanted,
+    choose_miners,
+    job_capacity,
+    require_fit,
+    shares,
+)
 
 log = logging.getLogger(__name__)
 

@@ -31,6 +31,8 @@ MIB = 1024 * 1024
 
 @dataclass(frozen=True)
 class ScoringConfig:
+    """How measurements become scores (the validator's `validator.scoring.*`)."""
+
     ema_alpha: float = 0.1  # weight of the newest instant score
     capacity_target: int = 64 * MIB  # capacity at which a miner gets full capacity credit
     min_reliability: float = 0.9  # below this on-time fraction a miner earns nothing

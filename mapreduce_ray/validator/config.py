@@ -1,6 +1,8 @@
 """What a validator is told: its subnet, how it benchmarks, verifies and scores miners.
 
-Plain settings, validated on construction; `conf/validator.yaml` maps onto them.
+Plain settings, validated on construction, and the one place their defaults are defined: the
+jobs' `validator.*` config is built from them (jobs.config), so `validator.verify.fraction=0.2` on
+the command line sets VerifyConfig.fraction.
 """
 
 from __future__ import annotations
@@ -8,18 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mapreduce_ray.naming import DEFAULT_NAMESPACE
-from mapreduce_ray.scoring import MIB, ScoringConfig
+from mapreduce_ray.validator.scoring import MIB, ScoringConfig
 
 HOST_KEYS = ("ip", "endpoint")
 
 
 @dataclass(frozen=True)
 class BenchmarkConfig:
-    """Benchmarks: `bots` are the hotkeys of the benchmark bots this validator orders; each benchmark
-    runs one all_reduce of `size_mib` per rank across `peers` ranks, each played by a bot of its own, through
-    one miner, at most once per `interval_s` per miner, within the validator's `timeout_s`, as a live job's
-    round. A job larger than its miners' verified capacity has them
-    benchmarked at the size it needs, up to `max_size_mib` (capacity on demand)."""
+    """Benchmarks: `bots` are the hotkeys of the benchmark bots this validator orders (each running
+    `python -m jobs.benchmark +wallet=NAME` in the validator's Ray; list at least `peers` of them); each
+    benchmark runs one all_reduce of `size_mib` per rank across `peers` ranks, each played by a bot of its
+    own, through one miner, at most once per `interval_s` per miner, within the validator's `timeout_s`, as
+    a live job's round; passing it proves `size_mib` of capacity. A job larger than its miners' verified
+    capacity has them benchmarked at the size it needs, up to `max_size_mib` (capacity on demand)."""
 
     bots: tuple[str, ...] = ()
     size_mib: float = 64.0
@@ -66,11 +69,13 @@ class ValidatorConfig:
     """A validator's settings.
 
     namespace: the Ray namespace of the validator's own actors (where it finds its bots). chunk_bytes,
-    timeout_s: its jobs' chunk size and deadline. max_miners: miners per job. epoch_blocks: blocks between
-    scoring epochs (weights are set then, as the chain's rate limit allows). host_key: what makes miners
-    one host ("ip": the IP of the endpoint they announce; "endpoint": the whole host:port). tick_s: how
-    often the validator's loop runs.
-    job_idle_s: a job without activity this long is ended and its miners freed.
+    timeout_s: its jobs' chunk size and deadline (the jobs take them from `subnet.namespace`,
+    `topology.chunk_mib` and `subnet.timeout_s`). max_miners: miners per job, best score first, segments
+    sized by measured throughput. epoch_blocks: blocks between scoring epochs (weights are set then, as the
+    chain's rate limit allows). host_key: what makes miners one host, sharing one score ("ip": the IP of
+    the endpoint they announce; "endpoint": the whole host:port). tick_s: how often the validator's loop
+    runs. job_idle_s: a job without a round or a join this long is ended and its miners freed.
+    scoring, benchmark, verify: see ScoringConfig, BenchmarkConfig and VerifyConfig.
     """
 
     namespace: str = DEFAULT_NAMESPACE
