@@ -13,7 +13,7 @@ from mapreduce_ray.messages import REPORT_BATCH, Delivery, Reduced, RoundReport,
 from mapreduce_ray.peer import _Reporter
 from mapreduce_ray.protocol import audience
 from mapreduce_ray.types import JobSpec, MinerSlot, TensorSpec
-from mapreduce_ray.validator.evidence import RoundEvidence, evidence_of
+from mapreduce_ray.validator.evidence import ROUNDS_AHEAD, JobRounds, RoundEvidence, evidence_of
 
 MINER, OTHER, PEER1, PEER2, PEER3 = (Keypair.create_from_uri(f"//{n}") for n in ("Miner", "Other", "P1", "P2", "P3"))
 PEERS = {1: PEER1, 2: PEER2, 3: PEER3}
@@ -134,3 +134,29 @@ def test_a_peer_reports_every_round_of_a_fast_job_in_full_batches():
     reporter.close(timeout_s=30)
     assert sorted(seq for batch in validator.batches for seq in batch) == list(range(1, rounds + 1))
     assert all(len(batch) <= REPORT_BATCH for batch in validator.batches)
+
+
+def test_a_jobs_rounds_close_in_bounded_memory_and_refuse_reports_far_ahead():
+    rounds = JobRounds()
+    for seq in range(1, 1001):  # rounds close in order: nothing is kept but the floor
+        rounds.admit(seq, 1)
+        rounds.open[seq] = RoundEvidence(SPEC, seq, PEERS)
+        assert rounds.close(seq).seq == seq
+    assert (rounds.floor, rounds.closed, rounds.open) == (1001, set(), {})
+    assert rounds.is_closed(7)  # a report of a closed round changes nothing
+    rounds.admit(1001 + ROUNDS_AHEAD - 1, 2)
+    with pytest.raises(JobError, match=rf"^the report of rank 2 names round {1001 + ROUNDS_AHEAD}, more than "):
+        rounds.admit(1001 + ROUNDS_AHEAD, 2)
+
+
+def test_a_round_nobody_reported_is_closed_once_no_older_round_is_open_and_a_newer_one_closed():
+    rounds = JobRounds()
+    for seq in (1, 2, 4, 5):
+        rounds.open[seq] = RoundEvidence(SPEC, seq, PEERS)
+    rounds.close(4)  # round 3 went unreported; 1 and 2 are still open
+    assert (rounds.floor, rounds.closed) == (1, {4})
+    rounds.close(1)
+    rounds.close(2)
+    assert (rounds.floor, rounds.closed) == (5, set()) and rounds.is_closed(3)  # 5 is open: the floor stops there
+    rounds.close(5)
+    assert (rounds.floor, rounds.closed, rounds.open) == (6, set(), {})

@@ -34,7 +34,7 @@ from mapreduce_ray.metrics import record_check
 from mapreduce_ray.plan import failover_order
 from mapreduce_ray.types import JobSpec
 from mapreduce_ray.validator.config import ValidatorConfig
-from mapreduce_ray.validator.evidence import RoundEvidence, evidence_of, signed_result
+from mapreduce_ray.validator.evidence import JobRounds, RoundEvidence, evidence_of, signed_result
 from mapreduce_ray.validator.ledger import MinerLedger
 from mapreduce_ray.validator.verify import Verdict
 
@@ -62,8 +62,7 @@ class Auditor:
         self.config, self.ledger, self.jobs, self.miners = config, ledger, jobs, miners
         self._validator, self._netuid, self._followed = validator, netuid, followed
         self._lock = threading.Lock()
-        self._rounds: dict[tuple[str, int], RoundEvidence] = {}
-        self._done: dict[str, set[int]] = {}  # job_id -> rounds closed (later reports of them change nothing)
+        self._rounds: dict[str, JobRounds] = {}  # job_id -> its rounds open and closed
         self._closed: dict[tuple[str, int], RoundEvidence] = {}  # complete rounds of jobs with redundancy
         self._rulings: dict[tuple[str, int, int], Future] = {}
         self._accused: dict[tuple[str, int, int, int], Future] = {}  # (job_id, seq, miner, segment) -> its check
@@ -74,7 +73,8 @@ class Auditor:
     def status(self) -> dict:
         """Checks done and failed, and the rounds still open or waiting for their check."""
         with self._lock:
-            return {**self.stats, "rounds_open": len(self._rounds), "checks_queued": self._queued}
+            rounds_open = sum(len(rounds.open) for rounds in self._rounds.values())
+            return {**self.stats, "rounds_open": rounds_open, "checks_queued": self._queued}
 
     # ---- reports ------------------------------------------------------------------------------------
 
@@ -87,17 +87,17 @@ class Auditor:
         self.jobs.touch(job)
         key = (job.spec.job_id, report.seq)
         with self._lock:
-            done = self._done.setdefault(job.spec.job_id, set())
+            rounds = self._rounds.setdefault(job.spec.job_id, JobRounds())
+            rounds.admit(report.seq, report.rank)
             complete = False
-            if report.seq not in done:
-                round_ = self._rounds.get(key)
+            if not rounds.is_closed(report.seq):
+                round_ = rounds.open.get(report.seq)
                 if round_ is None:
-                    round_ = self._rounds[key] = RoundEvidence(job.spec, report.seq, dict(job.admitted))
+                    round_ = rounds.open[report.seq] = RoundEvidence(job.spec, report.seq, dict(job.admitted))
                 round_.add_report(report.rank, results, report.late)
                 complete = round_.complete
             if complete:
-                del self._rounds[key]
-                done.add(report.seq)
+                rounds.close(report.seq)
                 if job.spec.redundancy > 1:  # disputes about it may still come
                     self._closed[key] = round_
         if complete:
@@ -143,15 +143,18 @@ class Auditor:
         now = time.monotonic()
         live = self.jobs.live_ids()
         with self._lock:
-            stale = [k for k, r in self._rounds.items() if now - r.opened_at > 2 * r.spec.timeout_s]
-            rounds = [self._rounds.pop(k) for k in stale]
-            for job_id, seq in stale:
-                self._done.setdefault(job_id, set()).add(seq)
-            self._done = {k: seqs for k, seqs in self._done.items() if k in live}
+            self._rounds = {job_id: rounds for job_id, rounds in self._rounds.items() if job_id in live}
+            stale = [
+                (job_rounds, seq)
+                for job_rounds in self._rounds.values()
+                for seq, r in job_rounds.open.items()
+                if now - r.opened_at > 2 * r.spec.timeout_s
+            ]
+            closed = [job_rounds.close(seq) for job_rounds, seq in stale]
             self._rulings = {k: r for k, r in self._rulings.items() if k[0] in live}
             self._accused = {k: c for k, c in self._accused.items() if k[0] in live}
             self._closed = {k: r for k, r in self._closed.items() if now - r.opened_at <= 2 * r.spec.timeout_s}
-        for round_ in rounds:
+        for round_ in closed:
             job = self.jobs.find(round_.spec.job_id)
             if job is not None:
                 self._close(job, round_)
@@ -263,7 +266,8 @@ class Auditor:
         deadline = time.monotonic() + spec.timeout_s
         while True:
             with self._lock:
-                round_ = self._closed.get((spec.job_id, seq)) or self._rounds.get((spec.job_id, seq))
+                open_ = self._rounds.get(spec.job_id, JobRounds()).open
+                round_ = self._closed.get((spec.job_id, seq)) or open_.get(seq)
                 miners = sorted(m for m, s in round_.heard if s == segment) if round_ else []
                 ready = round_ is not None and (round_.complete or len(miners) >= spec.redundancy)
             if ready or time.monotonic() > deadline:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from mapreduce_ray.errors import JobError, MessageRejectedError
-from mapreduce_ray.messages import Delivery, Reduced, RoundReport, decode
+from mapreduce_ray.messages import REPORT_BATCH, Delivery, Reduced, RoundReport, decode
 from mapreduce_ray.protocol import Kind, attest, audience
 from mapreduce_ray.types import JobSpec
 
@@ -103,3 +103,39 @@ class RoundEvidence:
         if len(sent) > 1:
             return "the miner sent different results to different peers"
         return sent.pop()
+
+
+ROUNDS_AHEAD = 16 * REPORT_BATCH  # how far past its oldest round not yet closed a job's reports may name a round
+
+
+@dataclass
+class JobRounds:
+    """One job's rounds at the validator: those open (reports still coming in) and those closed, which later
+    reports change nothing of. Memory stays bounded: reports may name no round more than ROUNDS_AHEAD past the
+    oldest one not closed, and closed rounds are kept as a floor (every round below it is closed: a round
+    older than every open one and than the newest closed one that nobody reported yet never will be) and the
+    few closed above it."""
+
+    open: dict[int, RoundEvidence] = field(default_factory=dict)
+    floor: int = 1
+    closed: set[int] = field(default_factory=set)  # closed rounds at or above the floor
+
+    def is_closed(self, seq: int) -> bool:
+        return seq < self.floor or seq in self.closed
+
+    def admit(self, seq: int, rank: int) -> None:
+        """Refuse a report of a round outside the window."""
+        if not self.floor <= seq < self.floor + ROUNDS_AHEAD and not self.is_closed(seq):
+            raise JobError(
+                f"the report of rank {rank} names round {seq}, more than {ROUNDS_AHEAD} rounds past the job's "
+                f"oldest open round {self.floor}"
+            )
+
+    def close(self, seq: int) -> RoundEvidence | None:
+        """Close round `seq`; its evidence, if it was open."""
+        round_ = self.open.pop(seq, None)
+        self.closed.add(seq)
+        newest = max(self.closed) + 1
+        self.floor = max(self.floor, min(min(self.open, default=newest), newest))
+        self.closed = {s for s in self.closed if s >= self.floor}
+        return round_
