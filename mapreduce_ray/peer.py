@@ -301,7 +301,9 @@ class Peer:
         # in a checked job every peer leaves a struck miner out from the round after its verdicts all told of it,
         # so all peers leave it out from the same round; otherwise each as soon as the validator says so
         excluded = self._left_out if self._sketcher is not None else self._excluded
-        round_ = Round(spec, self.rank, self._links, flat, dispute, self._sketcher, excluded, self._excluded)
+        round_ = Round(
+            spec, self.rank, self._links, flat, dispute, self._sketcher, excluded, self._excluded, self.bandwidth
+        )
         try:
             round_.run()
         finally:

@@ -107,8 +107,10 @@ class Round:
         sketcher: Sketcher | None = None,
         excluded: frozenset[int] = frozenset(),
         struck: frozenset[int] = frozenset(),
+        bandwidth: int | None = None,
     ):
         self.spec, self.rank, self.links, self.flat = spec, rank, links, flat
+        self._bandwidth = bandwidth  # the largest tensor this peer takes in a broadcast it allocates for
         self._dispute, self._sketcher = dispute, sketcher
         job = spec.job
         self.started = time.monotonic()
@@ -423,10 +425,17 @@ class Round:
         """The round's tensor as a miner states it: a broadcast receiver learns it from the first."""
         with self._cond:
             if self.tensor is None:
+                over = None
                 if tensor.nbytes > self.spec.job.max_bytes:
+                    over = f"over the job's {self.spec.job.max_bytes} bytes"
+                elif self.flat is None and self._bandwidth is not None and tensor.nbytes > self._bandwidth:
+                    over = (
+                        f"over this peer's bandwidth of {self._bandwidth} bytes; pass Peer(bandwidth=) of at least "
+                        f"{tensor.nbytes} to take it"
+                    )
+                if over is not None:  # refused before anything is allocated for it
                     self._fatal = InvalidTensorError(
-                        f"{self.describe()}: the source's tensor ({tensor.describe()}) is over the job's "
-                        f"{self.spec.job.max_bytes} bytes"
+                        f"{self.describe()}: the source's tensor ({tensor.describe()}) is {over}"
                     )
                     self._cond.notify_all()
                     raise self._fatal

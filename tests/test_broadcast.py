@@ -1,8 +1,11 @@
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
 
-from mapreduce_ray import InvalidTensorError, RoundMismatchError
+from mapreduce_ray import InvalidTensorError, Peer, RoundMismatchError
 
 
 @pytest.mark.parametrize("src", [1, 3])
@@ -61,3 +64,26 @@ def test_source_must_pass_a_tensor_and_src_must_be_a_rank(subnets, run_peers):
             peer.broadcast(torch.ones(1), src=2)
 
     run_peers(subnets[1], 1, attempt)
+
+
+def test_a_receiver_refuses_a_source_tensor_over_its_bandwidth_before_allocating_it(subnets):
+    """Rank 2 takes at most 1 KiB (Peer(bandwidth=1024)) and passes no tensor: the 16 KiB the source broadcasts
+    is refused from the miner's first signed statement of it, naming the fix. (Unchecked, so the source need not
+    wait for the receiver's verdicts.)"""
+    options = {**subnets[2].peer_options, "job": uuid.uuid4().hex, "verify_results": False}
+    source, receiver = Peer(1, 2, **options), Peer(2, 2, 1024, **options)
+    for peer in (source, receiver):
+        peer.init_process_group()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            sent = pool.submit(source.broadcast, torch.ones(4096))
+            with pytest.raises(
+                InvalidTensorError,
+                match=r"the source's tensor \(float32 \(4096,\)\) is over this peer's bandwidth of 1024 bytes; "
+                r"pass Peer\(bandwidth=\) of at least 16384 to take it$",
+            ):
+                receiver.broadcast(None)
+            sent.result(timeout=60)
+    finally:
+        for peer in (source, receiver):
+            peer.destroy_process_group()
