@@ -86,11 +86,17 @@ REDUCE_THREADS = 4  # chunks reduced at once; streams go on reading meanwhile
 @dataclass(frozen=True)
 class RelaySettings:
     """retention_s, retention_mib: how long, and within how many MiB, finished rounds are kept for checks.
-    job_idle_s: a job with no open stream for this long is forgotten."""
+    job_idle_s: a job with no open stream for this long is forgotten. rounds_per_job: how many rounds (seqs) of
+    one job may be open here at once (its peers run one round at a time, a fast one at most a round ahead)."""
 
     retention_s: float = 120.0
     retention_mib: float = 512.0
     job_idle_s: float = 600.0
+    rounds_per_job: int = 4
+
+    def __post_init__(self):
+        if self.rounds_per_job < 1:
+            raise ValueError(f"relay.rounds_per_job must be at least 1, got {self.rounds_per_job}")
 
 
 @dataclass
@@ -515,6 +521,12 @@ class Relay(Endpoint):
         if state is None:
             if key in self._ended or self._retained.get(key, time.monotonic()) is not None:
                 return None
+            open_seqs = {k[1] for k in self._rounds if k[0] == job.spec.job_id}
+            if seq not in open_seqs and len(open_seqs) >= self._settings.rounds_per_job:
+                raise JobError(
+                    f"job {job.spec.name!r} already has rounds {sorted(open_seqs)} open at miner {self.name!r} "
+                    f"(relay.rounds_per_job {self._settings.rounds_per_job}); a peer runs one round at a time"
+                )
             if kind is RoundKind.ALL_REDUCE and (op is None or src is not None):
                 raise JobError(f"an all_reduce of job {job.spec.name!r} needs an op and no source")
             if kind is RoundKind.BROADCAST and (op is not None or src is None or not 1 <= src <= job.spec.peer_count):

@@ -376,6 +376,24 @@ def test_garbage_ends_the_stream(subnets, joined):
     assert str(cause) == "the miner refused the call: the message is not JSON of the mapreduce-ray/1 protocol"
 
 
+def test_a_peer_opening_rounds_far_ahead_is_refused_past_the_rounds_a_job_may_hold_open(subnets, joined):
+    """Rank 1 sends the first chunk of rounds 10, 11, 12, 13 (each then waits for rank 2) and of round 14: the
+    miner holds 4 rounds of a job open at most (relay.rounds_per_job), and refuses the fifth, naming the limit."""
+    peer, status = joined
+    own = dev_peer_key(subnets[1], 1)
+    sent = [
+        (seal_body(own, chunk(peer.spec.job_id, seq=seq), status["hotkey"], status["netuid"]), b"\0" * 16)
+        for seq in range(10, 15)
+    ]
+    cause = refusal(status, own, peer.spec.job_id, 1, *sent)
+    assert type(cause) is JobError
+    assert re.fullmatch(
+        r"job '[0-9a-f]{12}' already has rounds \[10, 11, 12, 13\] open at miner "
+        r"'miner-\d+' \(relay.rounds_per_job 4\); a peer runs one round at a time",
+        str(cause),
+    )
+
+
 def test_a_replayed_chunk_ends_the_stream_and_leaves_nothing_open(subnets, joined):
     peer, status = joined
     own = dev_peer_key(subnets[1], 1)
