@@ -21,9 +21,7 @@ weight-setting epoch over the ledger of every miner (mapreduce_ray.validator.epo
 from __future__ import annotations
 
 import argparse
-import datetime
 import multiprocessing
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +30,7 @@ from types import SimpleNamespace
 
 import torch
 from bittensor.sp_core import Keypair
+from report import append_run, markdown_table
 
 from actors.relay import Relay, RelaySettings
 from actors.validator import ValidatorEndpoint
@@ -196,19 +195,29 @@ def main() -> None:
     total_rate = rounds / (drained - start)
     drain_rate = (segments - checks_before) / args.max_miners / (drained - rounds_done)
     header = (
-        "| miners | jobs x peers | rounds sampled | chunks checked | sampled rounds/s (whole run) | "
-        "sampled rounds/s (checks alone) | epoch ms | uids weighted |\n|---|---|---|---|---|---|---|---|"
+        "miners",
+        "jobs x peers",
+        "rounds sampled",
+        "chunks checked",
+        "sampled rounds/s (whole run)",
+        "sampled rounds/s (checks alone)",
+        "epoch ms",
+        "uids weighted",
     )
     row = (
-        f"| {args.miners} | {jobs} x 2 | {rounds} | {segments * args.chunks} | {total_rate:.1f} | {drain_rate:.1f} | "
-        f"{epoch_s * 1e3:.1f} | {len(weights)} |"
+        str(args.miners),
+        f"{jobs} x 2",
+        str(rounds),
+        str(segments * args.chunks),
+        f"{total_rate:.1f}",
+        f"{drain_rate:.1f}",
+        f"{epoch_s * 1e3:.1f}",
+        str(len(weights)),
     )
-    print(header, row, sep="\n")
+    table = markdown_table(header, [row])
+    print(table)
     if args.output:
-        command = "python " + " ".join(Path(a).as_posix() for a in sys.argv)
-        with open(args.output, "a") as f:
-            f.write(f"\n## {datetime.date.today()}: rounds one validator samples across miners\n\n")
-            f.write(f"Command: `{command}`\n\n{header}\n{row}\n")
+        append_run(args.output, "rounds one validator samples across miners", table)
 
 
 if __name__ == "__main__":
