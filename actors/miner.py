@@ -20,7 +20,7 @@ import torch
 
 from actors.relay import Relay, RelaySettings
 from mapreduce_ray.chain import ChainConfig
-from mapreduce_ray.metrics import record_miner_round
+from mapreduce_ray.metrics import record_miner_round, record_refusal
 from mapreduce_ray.naming import miner_name
 from mapreduce_ray.protocol import MetagraphCache
 from mapreduce_ray.remote import get
@@ -137,6 +137,7 @@ class _Reducer:
             wire,
             settings or RelaySettings(),
             self._record,
+            self._refused,
             **(relay_options or {}),
         )
 
@@ -147,3 +148,6 @@ class _Reducer:
 
     def _record(self, bytes_in: int, bytes_out: int, seconds: float) -> None:
         record_miner_round(self.netuid, self.uid, bytes_in, bytes_out, seconds)
+
+    def _refused(self, error: str) -> None:
+        record_refusal(self.netuid, self.name, error)

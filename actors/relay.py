@@ -68,7 +68,7 @@ from mapreduce_ray.types import JobSpec, ReduceOp, RoundKind, TensorSpec
 from mapreduce_ray.wallets import Identity
 from mapreduce_ray.wire.auth import Rule
 from mapreduce_ray.wire.config import MIB, WireConfig
-from mapreduce_ray.wire.endpoint import Endpoint, answering, location
+from mapreduce_ray.wire.endpoint import Endpoint, location
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, check_schema, digest, frame, frame_buffer, unframe
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,8 @@ class _Retained:
 class Relay(Endpoint):
     """The endpoint of miner `name`, speaking for `identity`'s hotkey on `listen` (host:port).
 
-    `on_round(bytes_in, bytes_out, seconds)` is told of every segment reduced (for metrics).
+    `on_round(bytes_in, bytes_out, seconds)` is told of every segment reduced, `on_refusal(error)` of every call
+    refused (for metrics).
     """
 
     def __init__(
@@ -275,8 +276,9 @@ class Relay(Endpoint):
         config: WireConfig,
         settings: RelaySettings,
         on_round: Callable[[int, int, float], None] = lambda *_: None,
+        on_refusal: Callable[[str], None] = lambda error: None,
     ):
-        super().__init__(listen, identity.keypair, metagraph, RULES, config)
+        super().__init__(listen, identity.keypair, metagraph, RULES, config, on_refusal)
         self.name = name
         self._keypair = identity.keypair
         self._verifier = Verifier(self.hotkey, metagraph)
@@ -328,7 +330,7 @@ class Relay(Endpoint):
     def get_flight_info(self, context, descriptor):
         """Where this miner's reducers listen: validators place each job at one, and its peers stream there."""
         self.accept(context, descriptor.command)
-        with answering():
+        with self.answering():
             if not self.locations:
                 raise JobError(f"miner {self.name!r} is still starting its reducers; ask again")
         endpoints = [fl.FlightEndpoint(b"", [location(address, self.config.tls)]) for address in self.locations]
@@ -338,7 +340,7 @@ class Relay(Endpoint):
 
     def do_exchange(self, context, descriptor, reader, writer):
         caller = self.accept(context, descriptor.command)
-        with answering():
+        with self.answering():
             opened = parse(StreamOpen, descriptor.command)
             job = self._open_stream(opened, caller.hotkey)
         writer.begin(CHUNK_SCHEMA)
@@ -347,7 +349,7 @@ class Relay(Endpoint):
             job.streams[opened.rank] = stream
         who = f"rank {opened.rank} of job {job.spec.name!r}"
         try:
-            with answering():
+            with self.answering():
                 self._read_stream(job, stream, reader, who)
         finally:
             self._close_stream(job, stream)
@@ -716,7 +718,7 @@ class Relay(Endpoint):
 
     def do_get(self, context, ticket):
         caller = self.accept(context, ticket.ticket)
-        with answering():
+        with self.answering():
             wanted = parse(Ticket, ticket.ticket)
             with self._lock:
                 state = self._retained.get((wanted.job_id, wanted.seq, wanted.segment), time.monotonic())

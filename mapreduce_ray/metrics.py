@@ -80,6 +80,9 @@ BENCHMARKS = _Metric(
     metrics.Counter, "mapreduce_benchmarks", "Benchmarks of a miner, by outcome", (*MINER_TAGS, "outcome")
 )
 MINER_SCORE = _Metric(metrics.Gauge, "mapreduce_miner_score", "A miner's score at the validator", MINER_TAGS)
+REFUSALS = _Metric(
+    metrics.Counter, "mapreduce_refusals", "Calls an endpoint refused, by error", ("netuid", "endpoint", "error")
+)
 VALIDATOR_CALLS = _Metric(
     metrics.Counter, "mapreduce_validator_calls", "Authenticated calls into the validator", ("netuid", "call")
 )
@@ -145,3 +148,8 @@ def record_scores(netuid: int, scores: Mapping[int, float], weights: Mapping[int
 def record_validator_call(netuid: int, call: str) -> None:
     """An authenticated call into the validator of subnet `netuid`, by name (join, report, ...)."""
     VALIDATOR_CALLS.get().inc(1, {"netuid": str(netuid), "call": call})
+
+
+def record_refusal(netuid: int, endpoint: str, error: str) -> None:
+    """A call endpoint `endpoint` (miner-N, validator-N) of subnet `netuid` refused, by the error's class name."""
+    REFUSALS.get().inc(1, {"netuid": str(netuid), "endpoint": endpoint, "error": error})

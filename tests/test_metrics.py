@@ -12,11 +12,15 @@ from collections import defaultdict
 import pytest
 import ray
 import torch
+from bittensor.sp_core import Keypair
 
+from mapreduce_ray.errors import NotRegisteredError
 from mapreduce_ray.messages import JobAdmission, decode
 from mapreduce_ray.metrics import algbw, busbw, relay_efficiency
 from mapreduce_ray.protocol import canonical
 from mapreduce_ray.types import JobSpec, MinerSlot, RoundKind
+from mapreduce_ray.wire.config import WireConfig
+from mapreduce_ray.wire.endpoint import Remote
 
 MIB = 1024 * 1024
 PEERS = 3  # busbw = algbw * 4/3 (with 2 peers the factor would be 1)
@@ -83,6 +87,39 @@ def by_miner(samples: dict, name: str, netuid: str) -> dict[str, float]:
         if labels.get("netuid") == netuid:
             values[labels["miner"]] += v
     return dict(values)
+
+
+def test_calls_into_the_validator_and_refusals_at_a_miner_show_up_by_name_and_error(subnets, run_peers):
+    subnet = subnets[2]
+    netuid = str(subnet.chain.netuid)
+    status = ray.get(subnet.miners[0].status.remote(), timeout=30)
+    stranger = Remote(
+        "the miner",
+        status["endpoint"],
+        status["hotkey"],
+        Keypair.create_from_uri("//metrics-stranger"),
+        WireConfig(),
+        netuid=subnet.chain.netuid,
+    )
+    with pytest.raises(NotRegisteredError):
+        stranger.locations("reducers", b"reducers")
+    stranger.close()
+    run_peers(subnet, 2, lambda peer: peer.all_reduce(torch.ones(16)))
+
+    def counted(samples, name, **tags):
+        return sum(v for labels, v in samples.get(name, []) if all(labels.get(k) == t for k, t in tags.items()))
+
+    scrape_until(
+        lambda s: (
+            counted(
+                s, "ray_mapreduce_refusals_total", netuid=netuid, endpoint=status["name"], error="NotRegisteredError"
+            )
+            >= 1
+            and counted(s, "ray_mapreduce_validator_calls_total", netuid=netuid, call="join") >= 2
+            and counted(s, "ray_mapreduce_validator_calls_total", netuid=netuid, call="report") >= 2
+        ),
+        "a refused call at the miner and the peers' calls into the validator",
+    )
 
 
 def all_reduce_1_mib(peer):

@@ -302,8 +302,11 @@ RULES = {
 class Probe(Endpoint):
     """An endpoint with one action of each kind, and an exchange that acks then reads until the stream ends."""
 
-    def __init__(self, metagraph: MetagraphCache, config: WireConfig):
-        super().__init__("127.0.0.1:0", SERVER, metagraph, RULES, config)
+    def __init__(self, metagraph: MetagraphCache, config: WireConfig, counted: list[str] | None = None):
+        """`counted` gets the error of every refusal."""
+        super().__init__(
+            "127.0.0.1:0", SERVER, metagraph, RULES, config, (counted if counted is not None else []).append
+        )
 
     def actions(self) -> dict[str, Callable[[Caller, bytes], bytes]]:
         return {
@@ -392,6 +395,27 @@ def refused(cls: type, match: str):
     with pytest.raises(MapReduceError, match=match) as caught:
         yield caught
     assert type(caught.value) is cls, f"{type(caught.value).__name__}: {caught.value}"
+
+
+def test_every_refusal_is_counted_by_its_error_and_an_answer_is_not(chain):
+    counted: list[str] = []
+    probe = Probe(MetagraphCache(chain), WireConfig(max_message_bytes=MAX_MESSAGE_BYTES), counted)
+    clients = [
+        Remote("endpoint", probe.address, probe.hotkey, k, WireConfig(), netuid=NETUID) for k in (PLAIN, STRANGER)
+    ]
+    try:
+        assert clients[0].call("echo", b"hello") == b"hello"
+        with refused(NotRegisteredError, r"is not registered on"):
+            clients[1].call("echo", b"hello")
+        with refused(LimitExceededError, r"over wire.max_message_bytes"):
+            clients[0].call("echo", b"x" * (MAX_MESSAGE_BYTES + 1))
+        with refused(JobError, r"no such job"):
+            clients[0].call("job", b"")
+        assert counted == ["NotRegisteredError", "LimitExceededError", "JobError"]
+    finally:
+        for client in clients:
+            client.close()
+        probe.shutdown()
 
 
 def test_a_registered_caller_gets_its_echo(remote):

@@ -18,6 +18,7 @@ import os
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 
 import pyarrow.flight as fl
 
@@ -37,7 +38,8 @@ from mapreduce_ray.messages import (
     parse,
     seal_body,
 )
-from mapreduce_ray.metrics import record_validator_call
+from mapreduce_ray.metrics import record_refusal, record_validator_call
+from mapreduce_ray.naming import validator_name
 from mapreduce_ray.protocol import MetagraphCache
 from mapreduce_ray.validator.config import ValidatorConfig
 from mapreduce_ray.validator.ledger import MinerLedger
@@ -58,8 +60,16 @@ RULES = {
 class ValidatorEndpoint(Endpoint):
     """The validator's calls, as other parties make them."""
 
-    def __init__(self, listen: str, keypair, metagraph: MetagraphCache, wire: WireConfig, validator: ValidatorActor):
-        super().__init__(listen, keypair, metagraph, RULES, wire)
+    def __init__(
+        self,
+        listen: str,
+        keypair,
+        metagraph: MetagraphCache,
+        wire: WireConfig,
+        validator: ValidatorActor,
+        on_refusal: Callable[[str], None] = lambda error: None,
+    ):
+        super().__init__(listen, keypair, metagraph, RULES, wire, on_refusal)
         self._keypair, self._validator = keypair, validator
 
     def actions(self):
@@ -149,7 +159,15 @@ class ValidatorActor:
         self._followed: dict[int, str] | None = None  # the miners the ledger last followed
         self._calls: Counter[tuple[str, str]] = Counter()  # (call, caller's hotkey) -> calls it made here
         self._refresh_miners()
-        self.endpoint_server = ValidatorEndpoint(listen, self._identity.keypair, self._metagraph, wire, self)
+        name = validator_name(self.uid)
+        self.endpoint_server = ValidatorEndpoint(
+            listen,
+            self._identity.keypair,
+            self._metagraph,
+            wire,
+            self,
+            lambda error: record_refusal(chain.netuid, name, error),
+        )
         self.endpoint = advertise or self.endpoint_server.address
         announce_address(self._chain, self._identity.keypair, self.endpoint, wire)
         threading.Thread(target=self._loop, name="validator-loop", daemon=True).start()

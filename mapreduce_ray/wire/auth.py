@@ -17,6 +17,7 @@ import hashlib
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyarrow.flight as fl
@@ -98,8 +99,16 @@ class Caller(fl.ServerMiddleware):
 class Authenticator(fl.ServerMiddlewareFactory):
     """Checks every call's btauth headers against `hotkey` (the endpoint's) and the subnet's metagraph."""
 
-    def __init__(self, hotkey: str, metagraph: MetagraphCache, rules: dict[str, Rule], config: WireConfig):
+    def __init__(
+        self,
+        hotkey: str,
+        metagraph: MetagraphCache,
+        rules: dict[str, Rule],
+        config: WireConfig,
+        on_refusal: Callable[[str], None] = lambda error: None,
+    ):
         self.hotkey = hotkey
+        self._on_refusal = on_refusal  # told the class name of every error a call is refused with
         self.metagraph = metagraph
         self.rules = rules
         self.config = config
@@ -113,6 +122,7 @@ class Authenticator(fl.ServerMiddlewareFactory):
         try:
             return self._authenticate(info.method, headers)
         except IdentityError as e:
+            self._on_refusal(type(e).__name__)
             raise refusal(e) from None
 
     def _authenticate(self, method: fl.FlightMethod, headers: dict) -> Caller:

@@ -77,10 +77,19 @@ class Endpoint(fl.FlightServerBase):
     `config.port_range` when set).
 
     Subclasses list their calls in `rules` and their actions in `actions()`; exchanges and tickets
-    override `do_exchange` / `do_get` and start with `accept(context, payload)`.
+    override `do_exchange` / `do_get`, start with `accept(context, payload)` and answer inside `answering()`.
+    `on_refusal(error)` is told the class name of every error a call is refused with (for metrics).
     """
 
-    def __init__(self, listen: str, keypair, metagraph: MetagraphCache, rules: dict[str, Rule], config: WireConfig):
+    def __init__(
+        self,
+        listen: str,
+        keypair,
+        metagraph: MetagraphCache,
+        rules: dict[str, Rule],
+        config: WireConfig,
+        on_refusal: Callable[[str], None] = lambda error: None,
+    ):
         self.hotkey = keypair.ss58_address
         self.config = config
         self.metagraph = metagraph
@@ -89,7 +98,8 @@ class Endpoint(fl.FlightServerBase):
         if config.tls:
             with open(config.tls_cert, "rb") as cert, open(config.tls_key, "rb") as key:
                 tls = [fl.CertKeyPair(cert.read(), key.read())]
-        auth = Authenticator(self.hotkey, metagraph, rules, config)
+        self._on_refusal = on_refusal
+        auth = Authenticator(self.hotkey, metagraph, rules, config, on_refusal)
         self.host, _, port = listen.rpartition(":")
         for address in _addresses(self.host, int(port), config):
             try:
@@ -114,35 +124,37 @@ class Endpoint(fl.FlightServerBase):
     def accept(self, context: fl.ServerCallContext, payload: bytes) -> Caller:
         """The caller of this call, once its payload is shown to be the one it signed."""
         caller: Caller = context.get_middleware("auth")
-        with answering():
+        with self.answering():
             caller.check_payload(payload)
         return caller
 
     def do_action(self, context, action):
         payload = action.body.to_pybytes()
-        if len(payload) > self.config.max_message_bytes:
-            raise refusal(LimitExceededError(f"an action of {len(payload)} bytes is over wire.max_message_bytes"))
+        with self.answering():
+            if len(payload) > self.config.max_message_bytes:
+                raise LimitExceededError(f"an action of {len(payload)} bytes is over wire.max_message_bytes")
         caller = self.accept(context, payload)
         handler = self.actions().get(action.type)
         if handler is None or action.type != caller.call:
             raise fl.FlightServerError(f"no action {action.type!r} here")
-        with answering():
+        with self.answering():
             answer = handler(caller, payload)
         return [fl.Result(answer)]
 
-
-@contextmanager
-def answering() -> Iterator[None]:
-    """Send our errors back to the caller by class name; log anything else and say only that it failed."""
-    try:
-        yield
-    except fl.FlightError:
-        raise
-    except MapReduceError as e:
-        raise refusal(e) from None
-    except Exception:
-        log.exception("a call failed")
-        raise fl.FlightInternalError("the endpoint failed to answer; see its log") from None
+    @contextmanager
+    def answering(self) -> Iterator[None]:
+        """Send our errors back to the caller by class name, each counted; log anything else and say only that
+        it failed."""
+        try:
+            yield
+        except fl.FlightError:
+            raise
+        except MapReduceError as e:
+            self._on_refusal(type(e).__name__)
+            raise refusal(e) from None
+        except Exception:
+            log.exception("a call failed")
+            raise fl.FlightInternalError("the endpoint failed to answer; see its log") from None
 
 
 class Remote:
