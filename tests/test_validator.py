@@ -25,9 +25,11 @@ from actors.behaviours import (
 from actors.subnet import start_validator
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
-from mapreduce_ray.errors import JobError, PeerLostError
+from mapreduce_ray.errors import JobError, PeerLostError, ReplayedMessageError
 from mapreduce_ray.messages import Reports, RoundReport, encode
+from mapreduce_ray.protocol import METAGRAPH_MISS_REFRESH_S
 from mapreduce_ray.reference import reference_reduce
+from mapreduce_ray.wire.auth import call_headers
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
 
@@ -110,6 +112,38 @@ def test_a_restarted_validator_resumes_miner_state_scores_and_weights(benchmarke
     assert after[0][honest]["score"] > 0 and after[0][zeros]["state"] == "banned"
     assert (after[1]["weights"], after[1]["weights_set_at"]) == (before[1]["weights"], before[1]["weights_set_at"])
     assert after[1]["weights"][honest] > 0
+
+
+def test_a_call_replayed_to_a_restarted_validator_is_refused_and_moves_no_record(benchmarked):
+    """A registered hotkey's signed report call, taken once, is replayed byte for byte after the validator
+    restarted (its nonces gone with it): refused as a replay before its payload is read; no record moves."""
+    subnet, honest, _ = benchmarked
+    chain = subnet.chain.open()
+    reporter = Keypair.create_from_uri("//replayed-reporter")
+    chain.register(reporter.ss58_address, Keypair.create_from_uri("//replayed-cold").ss58_address)
+    time.sleep(METAGRAPH_MISS_REFRESH_S)  # the validator reads the chain again on an unknown hotkey by then
+    validator = chain.metagraph().neuron(subnet.validator_uid)
+    payload = encode(Reports((RoundReport("feedbeeffeed", 1, 1, (), (0,)),)))
+    signed_at = time.time()
+    headers = call_headers(reporter, fl.FlightMethod.DO_ACTION, "report", payload, validator.hotkey, chain.netuid)
+
+    def send(endpoint: str) -> None:
+        remote = Remote("validator", endpoint, validator.hotkey, reporter, WireConfig(), netuid=chain.netuid)
+        options = fl.FlightCallOptions(headers=headers, timeout=30)
+        with remote.errors():
+            list(remote.client.do_action(fl.Action("report", payload), options))
+        remote.close()
+
+    with pytest.raises(JobError, match=r"holds no rank 1 in a job feedbeeffeed"):
+        send(validator.endpoint)  # taken as a call (its nonce now seen), refused as a report: no such job
+    before = ledger(subnet)
+    time.sleep(max(signed_at + WireConfig().auth_skew_s + 0.5 - time.time(), 0))  # a restart takes longer
+    ray.kill(subnet.validator)
+    wait_for(lambda: _gone(subnet), "the old validator gone")
+    _, subnet.validator = start_validator(subnet.chain, subnet.config)
+    with pytest.raises(ReplayedMessageError, match=r"signed before this endpoint started, so it may be a replay"):
+        send(chain.metagraph().neuron(subnet.validator_uid).endpoint)
+    assert ledger(subnet) == before
 
 
 def _gone(subnet) -> bool:
