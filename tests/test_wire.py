@@ -601,6 +601,26 @@ def test_a_hotkey_may_hold_only_streams_per_hotkey_calls_open(one_stream_each):
         validator.close()
 
 
+def test_callers_together_may_hold_only_calls_per_endpoint_calls_open(chain):
+    probe = Probe(MetagraphCache(chain), WireConfig(calls_per_endpoint=1))
+    plain, validator = (
+        Remote("endpoint", probe.address, probe.hotkey, keypair, WireConfig(), netuid=NETUID)
+        for keypair in (PLAIN, VALIDATOR)
+    )
+    try:
+        writer, reader = plain.exchange("stream", b"open")
+        assert reader.read_chunk().data.column(0).to_pylist() == list(b"ack")  # the endpoint holds the stream
+        with refused(LimitExceededError, r"^endpoint refused the call: this endpoint already holds 1 open calls "):
+            validator.call("echo", b"another hotkey")
+        writer.done_writing()
+        writer.close()
+        assert validator.call("echo", b"after") == b"after"
+    finally:
+        plain.close()
+        validator.close()
+        probe.shutdown()
+
+
 # --- TLS ----------------------------------------------------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ class WireConfig:
     max_message_bytes: the largest message sent or accepted (a chunk frame with its metadata); a job's
         chunks must fit. max_metadata_bytes: the largest signed message riding beside a frame.
     streams_per_hotkey: calls one hotkey may hold open at one endpoint at once.
+    calls_per_endpoint: calls all callers together may hold open at one endpoint at once.
     window_bytes: bytes a job stream may have at a miner that are not yet reduced; it reads no further
         until they are (flow control by bytes in flight).
     call_timeout_s: deadline of one request/answer call (join, admit, report, ticket).
@@ -29,6 +30,7 @@ class WireConfig:
     max_message_bytes: int = 16 * MIB
     max_metadata_bytes: int = 64 * KIB
     streams_per_hotkey: int = 64
+    calls_per_endpoint: int = 1024
     window_bytes: int = 64 * MIB
     call_timeout_s: float = 30.0
     auth_max_age_s: float = 10.0
@@ -38,7 +40,13 @@ class WireConfig:
     port_range: str | None = None
 
     def __post_init__(self):
-        for name in ("max_message_bytes", "max_metadata_bytes", "streams_per_hotkey", "window_bytes"):
+        for name in (
+            "max_message_bytes",
+            "max_metadata_bytes",
+            "streams_per_hotkey",
+            "calls_per_endpoint",
+            "window_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"wire.{name} must be at least 1, got {getattr(self, name)!r}")
         for name in ("call_timeout_s", "auth_max_age_s"):
