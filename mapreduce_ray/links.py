@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from mapreduce_ray.errors import PEER_FAULTS, FrameRejectedError, MapReduceError, MinerFaultError
-from mapreduce_ray.messages import Reduced, RoundFailed, Settled, StreamOpen, encode, open_body
+from mapreduce_ray.messages import Reduced, RoundFailed, Settled, StreamOpen, encode, open_body, seal_body
 from mapreduce_ray.protocol import Verifier, audience
 from mapreduce_ray.types import MinerSlot
 from mapreduce_ray.wire.config import WireConfig
@@ -194,17 +194,21 @@ class JobLinks:
     """A peer's links to the miners of its job, opened when a round first needs them; what they receive goes
     to the round that runs (`current`).
 
-    `remote_of(index)` makes the Remote of the job's miner `index`; `keypair` signs what rounds send, on the
-    verifier's subnet (`netuid`)."""
+    `remote_of(index)` makes the Remote of the job's miner `index`; `keypair` signs what rounds send (`seal`), on
+    the verifier's subnet."""
 
     def __init__(
         self, spec, rank: int, keypair, verifier: Verifier, config: WireConfig, remote_of: Callable[[int], Remote]
     ):
-        self.spec, self.rank, self.keypair, self.netuid = spec, rank, keypair, verifier.netuid
+        self.spec, self.rank, self._keypair = spec, rank, keypair
         self._verifier, self._config, self._remote_of = verifier, config, remote_of
         self._links: dict[int, MinerLink] = {}
         self._lock = threading.Lock()
         self.current = None  # the running round: .received(link, body, wire, frame) and .broken(link, error)
+
+    def seal(self, body, miner: str) -> bytes:
+        """`body` signed by this peer for the miner with hotkey `miner`, on the job's subnet."""
+        return seal_body(self._keypair, body, miner, self._verifier.netuid)
 
     def get(self, index: int) -> MinerLink:
         """The open link to miner `index`, opened now if there is none; MinerFaultError if it cannot be."""

@@ -50,7 +50,6 @@ from mapreduce_ray.messages import (
     Settled,
     Verdict,
     WrongChunk,
-    seal_body,
 )
 from mapreduce_ray.plan import Segment, failover_order, plan_round
 from mapreduce_ray.shards import FlatTensor, flatten, from_buffer, new_tensor
@@ -219,16 +218,16 @@ class Round:
     def _send(self, link: MinerLink, segment: int) -> None:
         """Hand the link this peer's part of `segment`: its chunks, or a receiver's request."""
         job, r = self.spec.job, self.spec
-        hotkey, keypair = link.slot.hotkey, self.links.keypair
+        hotkey = link.slot.hotkey
         if not self.sending:
             ask = Await(job.job_id, r.seq, r.src, segment, self.rank)
-            makes = [lambda: (seal_body(keypair, ask, hotkey, self.links.netuid), None)]
+            makes = [lambda: (self.links.seal(ask, hotkey), None)]
         elif not self.plan[segment].chunks:  # a broadcast's empty segment: the miner learns there is nothing
             head = Chunk(job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, segment, self.rank, 0, EMPTY_DIGEST)
-            makes = [lambda: (seal_body(keypair, head, hotkey, self.links.netuid), None)]
+            makes = [lambda: (self.links.seal(head, hotkey), None)]
         else:
             makes = [
-                lambda index=index, a=a, b=b: self._make_chunk(keypair, hotkey, segment, index, a, b)
+                lambda index=index, a=a, b=b: self._make_chunk(hotkey, segment, index, a, b)
                 for index, (a, b) in enumerate(self.plan[segment].chunks)
             ]
         for make in makes:
@@ -237,7 +236,7 @@ class Round:
             else:
                 link.send(make)
 
-    def _make_chunk(self, keypair, hotkey: str, segment: int, index: int, a: int, b: int):
+    def _make_chunk(self, hotkey: str, segment: int, index: int, a: int, b: int):
         """(signed Chunk, frame) of this peer's chunk `index` of `segment`: elements [a, b)."""
         r = self.spec
         values = self.flat.flat[a:b]
@@ -252,7 +251,7 @@ class Round:
             self._signed[key] = (digest(batch.column(0).buffers()[1]), proof)
         chunk_digest, proof = self._signed[key]
         body = Chunk(r.job.job_id, r.seq, r.kind, r.op, r.src, r.tensor, segment, self.rank, index, chunk_digest, proof)
-        return seal_body(keypair, body, hotkey, self.links.netuid), batch
+        return self.links.seal(body, hotkey), batch
 
     def _settle_if_empty(self, attempt: _Attempt) -> None:
         """A broadcast's empty segment brings nothing back."""
@@ -329,9 +328,9 @@ class Round:
             self._give_verdict(link, attempt, "")
 
     def _give_verdict(self, link: MinerLink, attempt: _Attempt, tag: str) -> None:
-        r, keypair, hotkey = self.spec, self.links.keypair, link.slot.hotkey
+        r, hotkey = self.spec, link.slot.hotkey
         verdict = Verdict(r.job.job_id, r.seq, attempt.segment, self.rank, tag, self._struck)
-        link.send(lambda: (seal_body(keypair, verdict, hotkey, self.links.netuid), None))
+        link.send(lambda: (self.links.seal(verdict, hotkey), None))
 
     def _settle(self, attempt: _Attempt, settled: Settled) -> None:
         """Every receiving peer's verdict on a segment: kept if all vouch for what this peer kept (lock held)."""

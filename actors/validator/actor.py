@@ -88,7 +88,7 @@ class ValidatorEndpoint(Endpoint):
 
     def _join(self, caller, payload: bytes) -> bytes:
         admission = self._validator.jobs.join(parse(JobRequest, payload), caller.hotkey)
-        return seal_body(self._keypair, admission, caller.hotkey, self.netuid)
+        return self._answer(admission, caller)
 
     def _leave(self, caller, payload: bytes) -> bytes:
         self._validator.jobs.leave(parse(JobLeave, payload), caller.hotkey)
@@ -99,15 +99,19 @@ class ValidatorEndpoint(Endpoint):
         for report in reports:
             self._validator.audit.report(report, caller.hotkey)
         excluded = self._validator.audit.excluded(reports[-1].job_id if reports else "")
-        return seal_body(self._keypair, excluded, caller.hotkey, self.netuid)
+        return self._answer(excluded, caller)
 
     def _dispute(self, caller, payload: bytes) -> bytes:
         ruling = self._validator.audit.arbitrate(parse(Dispute, payload), caller.hotkey)
-        return seal_body(self._keypair, ruling, caller.hotkey, self.netuid)
+        return self._answer(ruling, caller)
 
     def _benchmark(self, caller, payload: bytes) -> bytes:
         measured = self._validator.benchmarks.measure_job(parse(BenchmarkRequest, payload), caller.hotkey)
-        return seal_body(self._keypair, measured, caller.hotkey, self.netuid)
+        return self._answer(measured, caller)
+
+    def _answer(self, body, caller) -> bytes:
+        """`body` signed by this validator for the caller, on its subnet."""
+        return seal_body(self._keypair, body, caller.hotkey, self.netuid)
 
     def _miners(self, caller, payload: bytes) -> bytes:
         return json.dumps({"miners": self._validator.miners(), "weights": self._validator.status()["weights"]}).encode()

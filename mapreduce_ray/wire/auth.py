@@ -116,7 +116,6 @@ class Authenticator(fl.ServerMiddlewareFactory):
         self._nonces = http_auth.InMemoryNonceStore(retention=retention)
         self._signed_after_ns = time.time_ns() - int(config.auth_skew_s * 1e9)  # earlier calls may be replays
         self._open: dict[str, int] = {}  # hotkey -> its calls open here
-        self._open_calls = 0  # everyone's
         self._lock = threading.Lock()
 
     def start_call(self, info, headers):
@@ -183,13 +182,12 @@ class Authenticator(fl.ServerMiddlewareFactory):
                     f"hotkey {hotkey} already holds {self.config.streams_per_hotkey} open calls here "
                     "(wire.streams_per_hotkey)"
                 )
-            if self._open_calls >= self.config.calls_per_endpoint:
+            if sum(self._open.values()) >= self.config.calls_per_endpoint:
                 raise LimitExceededError(
                     f"this endpoint already holds {self.config.calls_per_endpoint} open calls "
                     "(wire.calls_per_endpoint); call again later"
                 )
             self._open[hotkey] = self._open.get(hotkey, 0) + 1
-            self._open_calls += 1
         released = threading.Event()
 
         def release() -> None:
@@ -197,7 +195,6 @@ class Authenticator(fl.ServerMiddlewareFactory):
                 return
             released.set()
             with self._lock:
-                self._open_calls -= 1
                 self._open[hotkey] -= 1
                 if not self._open[hotkey]:
                     del self._open[hotkey]
