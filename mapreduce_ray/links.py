@@ -25,7 +25,7 @@ from mapreduce_ray.protocol import Verifier, audience
 from mapreduce_ray.types import MinerSlot
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
-from mapreduce_ray.wire.errors import translated
+from mapreduce_ray.wire.errors import stream_fault, translated
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, check_schema
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,7 @@ class MinerLink:
                 self._writer.write_with_metadata(frame, metadata)
         except Exception as e:  # a broken stream, or a failure making the message
             self._down.join(CAUSE_GRACE_S)  # what broke it usually reaches the reading side: let that tell
-            self._fail(f"broke off the job stream while this peer was sending ({_one_line(e)})")
+            self._fail(f"{stream_fault(e)} while this peer was sending")
 
     def _receive_loop(self) -> None:
         who = f"miner {self.slot.name!r}"
@@ -171,7 +171,7 @@ class MinerLink:
             else:
                 self._fail(f"broke off the job stream: {error}")
         except Exception as e:  # the IPC stream itself is broken
-            self._fail(f"broke off the job stream ({_one_line(e)})")
+            self._fail(stream_fault(e))
 
     def _fail(self, why: str) -> None:
         self._end(MinerFaultError(f"miner {self.slot.name!r} {why}"[:600]))
@@ -184,10 +184,6 @@ class MinerLink:
         log.warning("%s", error)
         self._reader.cancel()
         self._broken(self, error)
-
-
-def _one_line(error: Exception) -> str:
-    return " ".join(str(error).split())[:300]
 
 
 class JobLinks:

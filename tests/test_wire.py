@@ -49,7 +49,7 @@ from mapreduce_ray.errors import (
 from mapreduce_ray.protocol import MetagraphCache
 from mapreduce_ray.wire import Endpoint, Remote, WireConfig
 from mapreduce_ray.wire.auth import CALL_HEADER, Authenticator, Caller, Rule, call_headers, payload_digest
-from mapreduce_ray.wire.errors import MAX_EXTRA_BYTES, MAX_MESSAGE_CHARS, refusal, translated
+from mapreduce_ray.wire.errors import MAX_EXTRA_BYTES, MAX_MESSAGE_CHARS, refusal, stream_fault, translated
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, check_schema, digest, frame, frame_buffer, unframe
 from mapreduce_ray.wire.tls import (
     check_certificate,
@@ -772,6 +772,15 @@ def test_a_timed_out_call_is_a_round_timeout():
 
 def test_a_cancelled_call_is_an_endpoint_error():
     assert type(translated(fl.FlightCancelledError("cancelled"), "miner 3")) is EndpointError
+
+
+def test_a_stream_broken_by_a_message_over_the_size_limit_says_so():
+    grpc = OSError(
+        "gRPC returned resource exhausted error, with message: CLIENT: Received message larger than max "
+        "(197556 vs. 131072). gRPC client debug context: RESOURCE_EXHAUSTED"
+    )
+    assert stream_fault(grpc) == "sent a message over the size limit (197556 bytes, at most 131072)"
+    assert stream_fault(ValueError("bad\n  batch")) == "broke off the job stream (bad batch)"
 
 
 @pytest.mark.parametrize(

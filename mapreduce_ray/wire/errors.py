@@ -26,6 +26,7 @@ KNOWN = {
 }
 _DETAIL = re.compile(r"(\. Detail: .*|\. gRPC client debug context: .*)$", re.DOTALL)
 _PREFIX = re.compile(r"^Flight returned [a-z ]+ error, with message: ")
+_TOO_LARGE = re.compile(r"Received message larger than max \((\d+) vs\. (\d+)\)")
 
 
 def refusal(error: MapReduceError) -> fl.FlightError:
@@ -50,6 +51,15 @@ def translated(error: fl.FlightError, who: str) -> MapReduceError:
     if issubclass(cls, IdentityError):
         return cls(f"{who} refused the call: {text}")
     return cls(text)
+
+
+def stream_fault(error: Exception) -> str:
+    """Why a stream broke, in one line: gRPC's refusal of a message over the size limit is named as such."""
+    text = " ".join(str(error).split())
+    too_large = _TOO_LARGE.search(text)
+    if too_large:
+        return f"sent a message over the size limit ({too_large[1]} bytes, at most {too_large[2]})"
+    return f"broke off the job stream ({text[:300]})"
 
 
 def _class_name(extra: bytes | None) -> str:
