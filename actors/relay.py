@@ -30,8 +30,9 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -39,7 +40,9 @@ import pyarrow.flight as fl
 import torch
 
 from mapreduce_ray.errors import (
+    FrameRejectedError,
     JobError,
+    LimitExceededError,
     MapReduceError,
     NonFiniteError,
     PeerLostError,
@@ -87,16 +90,24 @@ REDUCE_THREADS = 4  # chunks reduced at once; streams go on reading meanwhile
 class RelaySettings:
     """retention_s, retention_mib: how long, and within how many MiB, finished rounds are kept for checks.
     job_idle_s: a job with no open stream for this long is forgotten. rounds_per_job: how many rounds (seqs) of
-    one job may be open here at once (its peers run one round at a time, a fast one at most a round ahead)."""
+    one job may be open here at once (its peers run one round at a time, a fast one at most a round ahead).
+    jobs_per_peer: how many jobs one peer hotkey may be admitted to here at once. memory_mib: what the open
+    rounds' inputs may take together; a round that would take more is refused before any of its bytes are read
+    (its peers hand the segment to their next miner)."""
 
     retention_s: float = 120.0
     retention_mib: float = 512.0
     job_idle_s: float = 600.0
     rounds_per_job: int = 4
+    jobs_per_peer: int = 16
+    memory_mib: float = 2048.0
 
     def __post_init__(self):
-        if self.rounds_per_job < 1:
-            raise ValueError(f"relay.rounds_per_job must be at least 1, got {self.rounds_per_job}")
+        for name in ("rounds_per_job", "jobs_per_peer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"relay.{name} must be at least 1, got {getattr(self, name)}")
+        if self.memory_mib <= 0:
+            raise ValueError(f"relay.memory_mib must be positive, got {self.memory_mib}")
 
 
 @dataclass
@@ -110,6 +121,10 @@ class _Job:
     streams: dict[int, _Stream] = field(default_factory=dict)  # rank -> its open stream
     left: set[int] = field(default_factory=set)
     active_at: float = field(default_factory=time.monotonic)
+
+    def holds(self, hotkey: str) -> bool:
+        """`hotkey` holds a rank of this job that has not left."""
+        return any(h == hotkey and r not in self.left for r, h in self.peers.items())
 
 
 class _Stream:
@@ -175,10 +190,11 @@ class _Round:
         self.inputs: dict[int, dict[int, tuple[pa.Buffer, bytes, str, str]]] = {}
         self.results: list[_Result] = []
         self.receivers: dict[int, int] = {}  # rank -> results it was sent
-        self.heard: set[int] = set()  # ranks that sent anything for this round
+        self.heard: dict[int, float] = {}  # rank -> when it last sent anything for this round
         self.receipted = False  # a broadcast's source was sent its receipts
         self.verdicts: dict[int, Verdict] = {}  # rank -> its verdict, in checked jobs
         self.settled = False  # every peer was sent the verdicts
+        self.reserved = False  # its inputs were found room for (relay.memory_mib)
         self.bytes_in = 0
         self.bytes_out = 0  # bytes of the reduced chunks (once, not per receiver)
         if tensor is not None:
@@ -217,6 +233,13 @@ class _Round:
     def set_tensor(self, tensor: TensorSpec) -> None:
         self.tensor = tensor
         self.plan = plan_round(self.job.spec, tensor)[self.segment]
+
+    @property
+    def planned_bytes(self) -> int:
+        """What its inputs take here once every contributor's chunks are in (0 while its tensor is unknown)."""
+        if self.plan is None:
+            return 0
+        return self.plan.numel * self.tensor.dtype_info.itemsize * len(self.contributors)
 
     def agree(self, rank: int, kind: RoundKind, op, src, tensor: TensorSpec | None) -> None:
         """Refuse a message that disagrees with what the round's first message said about it."""
@@ -288,7 +311,8 @@ class Relay(Endpoint):
         self._jobs: dict[str, _Job] = {}
         self._rounds: dict[tuple[str, int, int], _Round] = {}
         self._retained = _Retained(settings)
-        self._ended: OrderedDict[tuple[str, int, int], float] = OrderedDict()  # failed rounds, when they failed
+        # failed rounds: when they failed, their sealed RoundFailed, and the ranks it was sent to
+        self._ended: OrderedDict[tuple[str, int, int], tuple[float, pa.Buffer, set[int]]] = OrderedDict()
         self._accumulators: list[torch.Tensor] = []
         self._reducers = ThreadPoolExecutor(REDUCE_THREADS, thread_name_prefix="reduce")
         self._counters = {"rounds_done": 0, "rounds_failed": 0, "bytes_in": 0}
@@ -317,6 +341,12 @@ class Relay(Endpoint):
             raise JobError(f"job {spec.name!r} ({spec.job_id}) does not include miner {self.name!r}")
         self.metagraph.vouched(admission.peer)  # the peer may have registered a moment ago
         with self._lock:
+            held = [j for j in self._jobs.values() if j.spec.job_id != spec.job_id and j.holds(admission.peer)]
+            if len(held) >= self._settings.jobs_per_peer:
+                raise LimitExceededError(
+                    f"peer {admission.peer} is in {len(held)} jobs at miner {self.name!r} already "
+                    f"(relay.jobs_per_peer {self._settings.jobs_per_peer}); it leaves one before it joins another"
+                )
             job = self._jobs.setdefault(spec.job_id, _Job(spec, index, caller.hotkey))
             if job.spec != spec or job.validator != caller.hotkey:
                 raise JobError(f"job {spec.job_id} was admitted here by another validator or with another spec")
@@ -348,11 +378,16 @@ class Relay(Endpoint):
         with self._lock:
             job.streams[opened.rank] = stream
         who = f"rank {opened.rank} of job {job.spec.name!r}"
+        cause = None
         try:
             with self.answering():
-                self._read_stream(job, stream, reader, who)
+                try:
+                    self._read_stream(job, stream, reader, who)
+                except MapReduceError as e:
+                    cause = e
+                    raise
         finally:
-            self._close_stream(job, stream)
+            self._close_stream(job, stream, cause)
 
     def _open_stream(self, opened: StreamOpen, hotkey: str) -> _Job:
         with self._lock:
@@ -370,10 +405,12 @@ class Relay(Endpoint):
             return job
 
     def _read_stream(self, job: _Job, stream: _Stream, reader, who: str) -> None:
-        check_schema(reader.schema, who)
+        with _ipc_refused(who):
+            check_schema(reader.schema, who)
         while not self._stopped.is_set():
             try:
-                message = reader.read_chunk()
+                with _ipc_refused(who):
+                    message = reader.read_chunk()
             except StopIteration:
                 return
             metadata = message.app_metadata
@@ -388,8 +425,9 @@ class Relay(Endpoint):
             else:
                 self._take_verdict(job, stream, body)
 
-    def _close_stream(self, job: _Job, stream: _Stream) -> None:
-        """The peer closed its stream or lost it: it left the job; rounds still waiting for it fail."""
+    def _close_stream(self, job: _Job, stream: _Stream, cause: MapReduceError | None) -> None:
+        """The peer closed its stream, lost it, or had it refused for `cause`: it left the job; rounds still
+        waiting for it fail, naming it."""
         with self._lock:
             if job.streams.get(stream.rank) is stream:
                 del job.streams[stream.rank]
@@ -399,12 +437,17 @@ class Relay(Endpoint):
             ]
             for state in failed:
                 if state.plan is None or state.sent_by(stream.rank) < len(state.plan.chunks):
+                    why = (
+                        f"was cut off by miner {self.name!r}: {cause}"
+                        if cause
+                        else (f"left the job or lost its stream to miner {self.name!r}")
+                    )
                     self._fail(
                         state,
                         PeerLostError(
-                            f"{state.describe()}: rank {stream.rank} left the job or lost its stream to miner "
-                            f"{self.name!r} before sending its chunks. Every peer calls every collective; start the "
-                            "job again: destroy_process_group(), then init_process_group()"
+                            f"{state.describe()}: rank {stream.rank} {why} before sending its chunks. Every peer "
+                            "calls every collective; start the job again: destroy_process_group(), then "
+                            "init_process_group()"
                         ),
                     )
             if job.left >= job.peers.keys() and not job.streams:
@@ -414,11 +457,15 @@ class Relay(Endpoint):
 
     def _take_chunk(self, job: _Job, stream: _Stream, chunk: Chunk, wire: bytes, batch, who: str) -> None:
         self._check_place(job, chunk.job_id, chunk.rank, chunk.segment, stream)
+        if chunk.tensor.nbytes > job.spec.max_bytes:  # before planning its chunks
+            raise JobError(
+                f"{who} signed a tensor of {chunk.tensor.nbytes} bytes, over the job's max_bytes {job.spec.max_bytes}"
+            )
         with self._lock:
-            state = self._round(job, chunk.seq, chunk.segment, chunk.kind, chunk.op, chunk.src, chunk.tensor)
+            state = self._round(job, stream, chunk.seq, chunk.segment, chunk.kind, chunk.op, chunk.src, chunk.tensor)
             if state is None:
                 return  # a round that already ended here
-            state.heard.add(chunk.rank)
+            state.heard[chunk.rank] = time.monotonic()
             try:
                 state.agree(chunk.rank, chunk.kind, chunk.op, chunk.src, chunk.tensor)
                 if chunk.kind is RoundKind.BROADCAST and chunk.rank != chunk.src:
@@ -428,6 +475,8 @@ class Relay(Endpoint):
                 if chunk.kind is RoundKind.BROADCAST and state.tensor is None:
                     state.set_tensor(chunk.tensor)
                     self._send_results(state)
+                if not state.reserved:
+                    self._reserve(state)
             except MapReduceError as e:
                 self._fail(state, e)
                 return
@@ -469,10 +518,10 @@ class Relay(Endpoint):
     def _take_await(self, job: _Job, stream: _Stream, wanted: Await) -> None:
         self._check_place(job, wanted.job_id, wanted.rank, wanted.segment, stream)
         with self._lock:
-            state = self._round(job, wanted.seq, wanted.segment, RoundKind.BROADCAST, None, wanted.src, None)
+            state = self._round(job, stream, wanted.seq, wanted.segment, RoundKind.BROADCAST, None, wanted.src, None)
             if state is None:
                 return
-            state.heard.add(wanted.rank)
+            state.heard[wanted.rank] = time.monotonic()
             try:
                 state.agree(wanted.rank, RoundKind.BROADCAST, None, wanted.src, None)
                 if wanted.rank == wanted.src:
@@ -516,12 +565,19 @@ class Relay(Endpoint):
         if not 0 <= segment < len(job.spec.miners):
             raise JobError(f"job {job.spec.name!r} has no segment #{segment}")
 
-    def _round(self, job: _Job, seq: int, segment: int, kind, op, src, tensor) -> _Round | None:
-        """The round a message belongs to, opened by its first message (lock held); None once it ended."""
+    def _round(self, job: _Job, stream: _Stream, seq: int, segment: int, kind, op, src, tensor) -> _Round | None:
+        """The round a message on `stream` belongs to, opened by its first message (lock held); None once it
+        ended (a peer that comes to a failed round late is sent its RoundFailed)."""
         key = (job.spec.job_id, seq, segment)
         state = self._rounds.get(key)
         if state is None:
-            if key in self._ended or self._retained.get(key, time.monotonic()) is not None:
+            if key in self._ended:
+                _, failed, told = self._ended[key]
+                if stream.rank not in told:
+                    told.add(stream.rank)
+                    stream.put(failed)
+                return None
+            if self._retained.get(key, time.monotonic()) is not None:
                 return None
             open_seqs = {k[1] for k in self._rounds if k[0] == job.spec.job_id}
             if seq not in open_seqs and len(open_seqs) >= self._settings.rounds_per_job:
@@ -536,6 +592,18 @@ class Relay(Endpoint):
             state = self._rounds[key] = _Round(job, seq, segment, kind, op, src, tensor, time.monotonic())
             job.active_at = time.monotonic()
         return state
+
+    def _reserve(self, state: _Round) -> None:
+        """Find room for a round's inputs before any is read (lock held): refuse a round the open ones leave no
+        room for within relay.memory_mib."""
+        taken = sum(r.planned_bytes for r in self._rounds.values() if r.reserved)
+        budget = int(self._settings.memory_mib * MIB)
+        if taken + state.planned_bytes > budget:
+            raise LimitExceededError(
+                f"{state.describe()}: miner {self.name!r} has no room for its {state.planned_bytes} bytes; open "
+                f"rounds take {taken} of relay.memory_mib ({budget} bytes)"
+            )
+        state.reserved = True
 
     def _wait_for_window(self, stream: _Stream, state: _Round) -> None:
         """Read no further from this stream while its unreduced bytes are over the window (lock held)."""
@@ -667,12 +735,13 @@ class Relay(Endpoint):
         """End a round for every peer in it with `error` (lock held)."""
         if self._rounds.pop(state.key, None) is None:
             return
-        self._ended[state.key] = time.monotonic()
         self._counters["rounds_failed"] += 1
         log.info("%s failed: %s", state.describe(), error)
         body = RoundFailed(state.job.spec.job_id, state.seq, state.segment, type(error).__name__, str(error))
         failed = self._seal(body, state.job.spec.job_id)
-        for rank in state.heard | set(state.receivers):
+        told = state.heard.keys() | state.receivers.keys()
+        self._ended[state.key] = (time.monotonic(), failed, told)
+        for rank in told:
             stream = state.job.streams.get(rank)
             if stream is not None:
                 stream.put(failed)
@@ -685,34 +754,48 @@ class Relay(Endpoint):
             now = time.monotonic()
             with self._lock:
                 for state in list(self._rounds.values()):
-                    missing = [r for r in state.contributors if r not in state.heard]
-                    if missing and now > state.contribution_deadline:
-                        spec = state.job.spec
-                        self._fail(
-                            state,
-                            PeerLostError(
-                                f"{state.describe()}: rank(s) {missing} sent nothing to miner {self.name!r} within "
-                                f"{spec.contribution_timeout_s:g} s: they left or died. Every peer calls every "
-                                "collective; start the job again: destroy_process_group(), then init_process_group()"
-                            ),
-                        )
-                    elif now > state.deadline and state.reduced:
-                        self._retire(state)  # a broadcast receiver never asked for its segment
-                    elif now > state.deadline:
-                        spec = state.job.spec
-                        self._fail(
-                            state,
-                            RoundTimeoutError(
-                                f"{state.describe()}: miner {self.name!r} missed its {spec.timeout_s:g} s"
-                            ),
-                        )
-                while self._ended and now - next(iter(self._ended.values())) > self._settings.retention_s:
+                    self._check_progress(state, now)
+                while self._ended and now - next(iter(self._ended.values()))[0] > self._settings.retention_s:
                     self._ended.popitem(last=False)
                 idle = [
                     j for j in self._jobs.values() if not j.streams and now - j.active_at > self._settings.job_idle_s
                 ]
                 for job in idle:
                     del self._jobs[job.spec.job_id]
+
+    def _check_progress(self, state: _Round, now: float) -> None:
+        """Fail a round whose contributors stay silent, or stop sending while others sent more (each for the
+        job's contribution_timeout_s), or that is past its deadline; retire one whose receivers stopped asking
+        (lock held)."""
+        spec = state.job.spec
+        wait = spec.contribution_timeout_s
+        missing = [r for r in state.contributors if r not in state.heard]
+        sent = {r: state.sent_by(r) for r in state.contributors}
+        behind = [r for r, n in sent.items() if n < max(sent.values())] if state.plan is not None else []
+        stalled = [r for r in behind if now - state.heard.get(r, state.opened) > wait]
+        if missing and now > state.contribution_deadline:
+            self._fail(
+                state,
+                self._peer_lost(
+                    state, missing, f"sent nothing to miner {self.name!r} within {wait:g} s: they left or died"
+                ),
+            )
+        elif stalled or (behind and now > state.deadline):
+            counts = ", ".join(f"rank {r} {sent[r]}" for r in stalled or behind)
+            why = f"stopped sending their chunks to miner {self.name!r} (sent of {len(state.plan.chunks)}: {counts})"
+            self._fail(state, self._peer_lost(state, stalled or behind, why))
+        elif now > state.deadline and state.reduced:
+            self._retire(state)  # a broadcast receiver never asked for its segment
+        elif now > state.deadline:
+            self._fail(
+                state, RoundTimeoutError(f"{state.describe()}: miner {self.name!r} missed its {spec.timeout_s:g} s")
+            )
+
+    def _peer_lost(self, state: _Round, ranks: list[int], why: str) -> PeerLostError:
+        return PeerLostError(
+            f"{state.describe()}: rank(s) {ranks} {why}. Every peer calls every collective; start the job again: "
+            "destroy_process_group(), then init_process_group()"
+        )
 
     # ---- tickets --------------------------------------------------------------------------------
 
@@ -742,6 +825,17 @@ class Relay(Endpoint):
         )
         items.append((result.frame, pa.py_buffer(seal_body(self._keypair, reduced, caller.hotkey, self.netuid))))
         return fl.GeneratorStream(CHUNK_SCHEMA, iter(items))
+
+
+@contextmanager
+def _ipc_refused(who: str) -> Iterator[None]:
+    """An IPC message Arrow cannot parse is refused as a frame, naming its sender."""
+    try:
+        yield
+    except fl.FlightError:
+        raise  # the call itself broke or was cancelled
+    except (pa.ArrowException, OSError) as e:  # pyarrow's IOError is OSError
+        raise FrameRejectedError(f"{who} sent a malformed IPC message: {' '.join(str(e).split())[:300]}") from None
 
 
 def _refuse_nonfinite(state: _Round, ranks: list[int], views: list[torch.Tensor], offset: int) -> None:

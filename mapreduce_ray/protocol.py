@@ -231,6 +231,10 @@ def _signed(wire: bytes, kinds: Kind | frozenset[Kind], netuid: int) -> Envelope
     kinds = frozenset({kinds}) if isinstance(kinds, Kind) else kinds
     kind = min(kinds, key=lambda k: k.value)  # names the expected kind in errors before the real one is known
     outer = json_object(wire, "the message")
+    if outer.keys() != {"scheme", "message", "signature"}:
+        raise MalformedMessageError(
+            f"a signed message has fields {sorted(outer)[:8]}, expected message, scheme, signature"
+        )
     if outer.get("scheme") != SCHEME:
         raise SignatureSchemeError(
             f"{kind.value} message signed with {outer.get('scheme')!r}; only sr25519 is accepted"

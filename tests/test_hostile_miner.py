@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import pickle
 import re
-import struct
 from concurrent import futures
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from flight_raw import fields, flight_data, ipc
 from wire_world import COLD, WireWorld, key, on_every_peer
 
 from actors.behaviours import SketchDroppingRelay
@@ -56,50 +56,6 @@ class Planted:
         return (Path.write_text, (self.path, "unpickled"))
 
 
-def _field(number: int, data: bytes) -> bytes:
-    """A length-delimited protobuf field."""
-    return _varint(number << 3 | 2) + _varint(len(data)) + data
-
-
-def _varint(n: int) -> bytes:
-    out = b""
-    while True:
-        out += bytes([n & 0x7F | (0x80 if n > 0x7F else 0)])
-        n >>= 7
-        if not n:
-            return out
-
-
-def _fields(message: bytes) -> dict[int, bytes]:
-    """The length-delimited fields of a protobuf message (all FlightData's are)."""
-    fields, i = {}, 0
-    while i < len(message):
-        tag, i = _read_varint(message, i)
-        size, i = _read_varint(message, i)
-        fields[tag >> 3], i = message[i : i + size], i + size
-    return fields
-
-
-def _read_varint(data: bytes, i: int) -> tuple[int, int]:
-    n, shift = 0, 0
-    while True:
-        byte = data[i]
-        n, shift, i = n | (byte & 0x7F) << shift, shift + 7, i + 1
-        if not byte & 0x80:
-            return n, i
-
-
-def _ipc(message: pa.Buffer) -> tuple[bytes, bytes]:
-    """(flatbuffer header, body) of an encapsulated IPC message."""
-    raw = message.to_pybytes()
-    size = struct.unpack("<i", raw[4:8])[0]
-    return raw[8 : 8 + size], raw[8 + size :]
-
-
-def flight_data(header: bytes, body: bytes = b"", metadata: bytes = b"") -> bytes:
-    return _field(2, header) + (_field(3, metadata) if metadata else b"") + (_field(1000, body) if body else b"")
-
-
 class HostileMiner:
     """A Flight DoExchange endpoint by hand: answers each chunk a peer streams with what `mode` says."""
 
@@ -119,9 +75,9 @@ class HostileMiner:
     def _exchange(self, requests, context):
         next(requests)  # the descriptor
         schema = pa.schema([pa.field("chunk", pa.float64(), nullable=False)]) if self.mode == "wrong dtype" else None
-        yield flight_data(_ipc((schema or CHUNK_SCHEMA).serialize())[0])
+        yield flight_data(ipc((schema or CHUNK_SCHEMA).serialize())[0])
         for request in requests:
-            sent = _fields(request)
+            sent = fields(request)
             if 3 not in sent:
                 continue  # the peer's schema message
             envelope = attest(sent[3], Kind.CHUNK, None, self.keypair.ss58_address, self.netuid)
@@ -130,7 +86,7 @@ class HostileMiner:
     def _answer(self, chunk: Chunk, peer: str, data: bytes) -> bytes:
         """A reduced chunk (the peer's own bytes sent back) as `mode` spoils it."""
         payload = bytes(3 * LIMIT) if self.mode == "over the size limit" else data
-        header, body = _ipc(
+        header, body = ipc(
             pa.record_batch([pa.array(np.frombuffer(payload, np.uint8))], schema=CHUNK_SCHEMA).serialize()
         )
         signed = digest(payload + b"!" if self.mode == "wrong digest" else payload)

@@ -237,8 +237,8 @@ def test_a_readdressed_message_fails_the_signature_not_the_receiver(world):
 
 @pytest.mark.parametrize(
     "signature",
-    ["flipped", "0x", "0xnothex", None],
-    ids=["one byte flipped", "empty", "not hex", "missing"],
+    ["flipped", "0x", "0xnothex"],
+    ids=["one byte flipped", "empty", "not hex"],
 )
 def test_a_broken_signature_does_not_verify(world, signature):
     wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID)
@@ -247,11 +247,19 @@ def test_a_broken_signature_does_not_verify(world, signature):
         raw = bytearray.fromhex(outer["signature"][2:])
         raw[10] ^= 0x01
         signature = "0x" + raw.hex()
-    if signature is None:
+    outer["signature"] = signature
+    with refused(BadSignatureError, rf"chunk message from {PEER.ss58_address}: the signature does not match"):
+        world.verifier(VALIDATOR).open(canonical(outer).encode(), Kind.CHUNK)
+
+
+@pytest.mark.parametrize("edit", ["missing signature", "extra field"])
+def test_a_signed_message_with_other_fields_than_its_three_is_malformed(world, edit):
+    outer = json.loads(seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID))
+    if edit == "missing signature":
         del outer["signature"]
     else:
-        outer["signature"] = signature
-    with refused(BadSignatureError, rf"chunk message from {PEER.ss58_address}: the signature does not match"):
+        outer["note"] = "unsigned"
+    with refused(MalformedMessageError, r"^a signed message has fields \[.*\], expected message, scheme, signature$"):
         world.verifier(VALIDATOR).open(canonical(outer).encode(), Kind.CHUNK)
 
 
@@ -293,10 +301,7 @@ def test_an_ed25519_signature_relabelled_sr25519_does_not_verify(world):
 def test_any_other_scheme_label_is_refused(world, scheme):
     wire = seal_body(PEER, REQUEST, VALIDATOR.ss58_address, NETUID)
     outer = json.loads(wire)
-    if scheme is None:
-        del outer["scheme"]
-    else:
-        outer["scheme"] = scheme
+    outer["scheme"] = scheme
     with refused(SignatureSchemeError, rf"^chunk message signed with {re.escape(repr(scheme))}; only sr25519"):
         world.verifier(VALIDATOR).open(canonical(outer).encode(), Kind.CHUNK)
 
@@ -499,7 +504,10 @@ MALFORMED_WIRES = {
     "not UTF-8": (b"\xc3\x28", r"^the message is not JSON of the mapreduce-ray/1 protocol$"),
     "a JSON list": (b"[1, 2]", r"^the message is not a JSON object of the mapreduce-ray/1 protocol$"),
     "a JSON string": (b'"hello"', r"^the message is not a JSON object of the mapreduce-ray/1 protocol$"),
-    "no signed part": (b'{"scheme": "sr25519", "signature": "0x00"}', r"^the signed part is not UTF-8 JSON of the"),
+    "no signed part": (
+        b'{"scheme": "sr25519", "signature": "0x00"}',
+        r"^a signed message has fields \['scheme', 'signature'\]",
+    ),
     "a signed part that is no string": (
         b'{"scheme": "sr25519", "signature": "0x00", "message": {"kind": "chunk"}}',
         r"^the signed part is not UTF-8 JSON of the mapreduce-ray/1 protocol$",

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 from actors.validator.directory import MinerDirectory
-from mapreduce_ray.errors import EndpointError, JobError, MapReduceError, RoundTimeoutError
+from mapreduce_ray.errors import EndpointError, JobError, LimitExceededError, MapReduceError, RoundTimeoutError
 from mapreduce_ray.messages import JobAdmission, JobLeave, JobRequest, Outcome, encode
 from mapreduce_ray.sketch import SECRET_BYTES
 from mapreduce_ray.types import JobSpec, MinerSlot
@@ -78,6 +78,7 @@ class JobBook:
         reached is made again without them (they are marked failed until their next passed benchmark)."""
         name, rank = request.job, request.rank
         with self._lock:
+            self._check_jobs_held(name, peer)
             while True:
                 job = self._jobs.get(name) or self._new_job(name, request)
                 _check_fits(job, request, peer)
@@ -95,6 +96,15 @@ class JobBook:
             job.ranks[rank] = job.admitted[rank] = peer
             job.active_at = time.monotonic()
             return admission
+
+    def _check_jobs_held(self, name: str, peer: str) -> None:
+        """Refuse a peer that holds ranks in validator.jobs_per_peer other open jobs already (lock held)."""
+        held = [n for n, job in self._jobs.items() if n != name and peer in job.ranks.values()]
+        if len(held) >= self.config.jobs_per_peer:
+            raise LimitExceededError(
+                f"hotkey {peer} holds ranks in {len(held)} open jobs already (validator.jobs_per_peer "
+                f"{self.config.jobs_per_peer}); leave one (destroy_process_group()) before joining another"
+            )
 
     def leave(self, leave: JobLeave, peer: str) -> None:
         """A peer leaves its job, which ends: a round needs every peer."""

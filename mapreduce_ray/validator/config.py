@@ -74,7 +74,8 @@ class ValidatorConfig:
     sized by measured throughput. epoch_blocks: blocks between scoring epochs (weights are set then, as the
     chain's rate limit allows). host_key: what makes miners one host, sharing one score ("ip": the IP of
     the endpoint they announce; "endpoint": the whole host:port). tick_s: how often the validator's loop
-    runs. job_idle_s: a job without a round or a join this long is ended and its miners freed.
+    runs. job_idle_s: a job without a round or a join this long is ended and its miners freed. jobs_per_peer:
+    how many open jobs one peer hotkey may hold a rank in (each new job claims miners).
     scoring, benchmark, verify: see ScoringConfig, BenchmarkConfig and VerifyConfig.
     """
 
@@ -86,12 +87,13 @@ class ValidatorConfig:
     host_key: str = "ip"
     tick_s: float = 1.0
     job_idle_s: float = 600.0
+    jobs_per_peer: int = 8
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
 
     def __post_init__(self):
-        for name in ("chunk_bytes", "timeout_s", "max_miners", "epoch_blocks", "tick_s", "job_idle_s"):
+        for name in ("chunk_bytes", "timeout_s", "max_miners", "epoch_blocks", "tick_s", "job_idle_s", "jobs_per_peer"):
             _require(getattr(self, name) > 0, name, getattr(self, name), "positive")
         _require(self.host_key in HOST_KEYS, "host_key", self.host_key, f"one of {', '.join(HOST_KEYS)}")
 
