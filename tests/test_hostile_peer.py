@@ -8,27 +8,16 @@ rank, or one chunk and then nothing), or is a real Peer that changes its tensor'
 
 from __future__ import annotations
 
-import contextlib
 import re
 import time
 
-import pyarrow as pa
 import pytest
 import torch
-from wire_world import WireWorld, on_every_peer
+from wire_world import NUMEL, SPEC, WAIT_S, HandPeer, WireWorld, honest_round_fails, on_every_peer
 
 from mapreduce_ray.errors import JobError, PeerLostError, RoundMismatchError
-from mapreduce_ray.messages import Chunk, StreamOpen, encode, seal_body
 from mapreduce_ray.plan import plan_round
 from mapreduce_ray.reference import reference_reduce
-from mapreduce_ray.types import ReduceOp, RoundKind, TensorSpec
-from mapreduce_ray.wire.config import WireConfig
-from mapreduce_ray.wire.endpoint import Remote
-from mapreduce_ray.wire.frames import CHUNK_SCHEMA, digest, frame
-
-NUMEL = 2000
-SPEC = TensorSpec("float32", (NUMEL,))
-WAIT_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -36,73 +25,6 @@ def world(tmp_path_factory):
     world = WireWorld.create(str(tmp_path_factory.mktemp("hostile-peer")), 3)
     yield world
     world.close()
-
-
-class HandPeer:
-    """Rank `rank` of job `spec` on a stream of its own to `relay`, sending what the test says."""
-
-    def __init__(self, world: WireWorld, spec, rank: int, relay):
-        self.spec, self.rank, self.relay = spec, rank, relay
-        self.keypair, self.netuid = world.peers[rank - 1], world.chain.netuid
-        self.remote = Remote(relay.name, relay.address, relay.hotkey, self.keypair, WireConfig(), netuid=self.netuid)
-        self.writer, self.reader = self.remote.exchange("exchange", encode(StreamOpen(spec.job_id, rank)))
-        self.writer.begin(CHUNK_SCHEMA)
-
-    def send(self, tensor: torch.Tensor, index: int, as_rank: int | None = None) -> None:
-        """Chunk `index` of round 1 (an all_reduce sum), signed by this peer as rank `as_rank` (its own rank
-        unless given)."""
-        a, b = plan_round(self.spec, SPEC)[0].chunks[index]
-        part = tensor[a:b].contiguous()
-        body = Chunk(
-            self.spec.job_id,
-            1,
-            RoundKind.ALL_REDUCE,
-            ReduceOp.SUM,
-            None,
-            SPEC,
-            0,
-            as_rank or self.rank,
-            index,
-            digest(part.numpy().tobytes()),
-        )
-        sealed = seal_body(self.keypair, body, self.relay.hotkey, self.netuid)
-        self.writer.write_with_metadata(frame(part), pa.py_buffer(sealed))
-
-    def refusal(self) -> Exception:
-        """What the miner ended this stream with."""
-        with pytest.raises(Exception) as refused, self.remote.errors():
-            while True:
-                self.reader.read_chunk()
-        return refused.value
-
-    def close(self) -> None:
-        with contextlib.suppress(Exception):  # the miner may have cut the stream already
-            self.writer.close()
-        self.remote.close()
-
-
-def honest_round_fails(world, spec, hostile, error: type) -> list:
-    """Ranks 1 and 3 run round 1 while `hostile(tensor)` plays rank 2; both must fail with `error`, their
-    tensors untouched and the miner holding no round; their messages, then what `hostile` returned."""
-    peers = world.attached(spec)
-    tensors = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(r)) for r in (1, 2, 3)]
-    before = [t.clone() for t in tensors]
-    honest = [peers[0], peers[2]]
-    try:
-        results = on_every_peer(
-            [*honest, None], lambda p: hostile(tensors[1]) if p is None else p.all_reduce(tensors[p.rank - 1], "sum")
-        )
-    finally:
-        for peer in peers:
-            peer.destroy_process_group()
-    for result in results[:2]:
-        assert type(result) is error, result
-    assert all(torch.equal(t, b) for t, b in zip(tensors, before, strict=True))
-    deadline = time.monotonic() + WAIT_S
-    while world.relays[-1].status()["open_rounds"]:
-        assert time.monotonic() < deadline, "the miner still holds the failed round"
-        time.sleep(0.1)
-    return [str(r) for r in results[:2]] + [results[2]]
 
 
 def test_a_peer_that_signs_chunks_as_another_rank_is_cut_off_and_the_round_fails_naming_it(world):

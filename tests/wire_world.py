@@ -1,27 +1,35 @@
 """Parties on the wire without Ray: an embedded chain, miners' relays on loopback, peers attached to a job.
 
-Used by the tests of checks and of hostile miners: everything a round does between parties, in one
-process, with no Ray anywhere.
+Used by the tests of checks, hostile miners and peers, limits and fuzzing: everything a round does between
+parties, in one process, with no Ray anywhere. A HandPeer speaks a job stream by hand, to send what a Peer
+would not.
 """
 
 from __future__ import annotations
 
+import contextlib
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import pyarrow as pa
+import pytest
+import torch
 from bittensor.sp_core import Keypair
 
 from actors.relay import Relay, RelaySettings
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.chain.base import Chain
-from mapreduce_ray.messages import JobAdmission, encode
+from mapreduce_ray.messages import Chunk, JobAdmission, StreamOpen, encode, seal_body
 from mapreduce_ray.peer import Peer
+from mapreduce_ray.plan import plan_round
 from mapreduce_ray.protocol import MetagraphCache, Verifier
-from mapreduce_ray.types import JobSpec, MinerSlot
+from mapreduce_ray.types import JobSpec, MinerSlot, ReduceOp, RoundKind, TensorSpec
 from mapreduce_ray.wallets import Identity
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
+from mapreduce_ray.wire.frames import CHUNK_SCHEMA, digest, frame
 from mapreduce_ray.wire.tls import announce_address
 
 COLD = Keypair.create_from_uri("//WireCold").ss58_address
@@ -50,7 +58,14 @@ class WireWorld:
             chain.register(k.ss58_address, COLD)
         return cls(chain, validator, keys)
 
-    def relay(self, name: str, relay_class: type = Relay, wire: WireConfig | None = None, **options) -> Relay:
+    def relay(
+        self,
+        name: str,
+        relay_class: type = Relay,
+        wire: WireConfig | None = None,
+        settings: RelaySettings | None = None,
+        **options,
+    ) -> Relay:
         """A miner's endpoint on loopback, its hotkey registered and its endpoint announced."""
         miner = key(name)
         self.chain.register(miner.ss58_address, COLD)
@@ -60,7 +75,7 @@ class WireWorld:
             MetagraphCache(self.chain),
             name,
             wire or WireConfig(),
-            RelaySettings(),
+            settings or RelaySettings(),
             lambda *_: None,
             **options,
         )
@@ -123,3 +138,77 @@ def on_every_peer(peers: list[Peer], fn) -> list:
     with ThreadPoolExecutor(len(peers)) as pool:
         futures = [pool.submit(fn, peer) for peer in peers]
         return [f.exception() or f.result() for f in futures]
+
+
+NUMEL = 2000  # elements of the tensors a HandPeer's rounds carry
+SPEC = TensorSpec("float32", (NUMEL,))
+WAIT_S = 30.0
+
+
+class HandPeer:
+    """Rank `rank` of job `spec` on a stream of its own to `relay`, sending what the test says."""
+
+    def __init__(self, world: WireWorld, spec, rank: int, relay):
+        self.spec, self.rank, self.relay = spec, rank, relay
+        self.keypair, self.netuid = world.peers[rank - 1], world.chain.netuid
+        self.remote = Remote(relay.name, relay.address, relay.hotkey, self.keypair, WireConfig(), netuid=self.netuid)
+        self.writer, self.reader = self.remote.exchange("exchange", encode(StreamOpen(spec.job_id, rank)))
+        self.writer.begin(CHUNK_SCHEMA)
+
+    def send(
+        self, tensor: torch.Tensor, index: int, as_rank: int | None = None, tensor_spec: TensorSpec = SPEC
+    ) -> None:
+        """Chunk `index` of round 1 (an all_reduce sum of a SPEC tensor), signed by this peer as rank `as_rank`
+        (its own rank unless given) for a tensor of `tensor_spec`."""
+        a, b = plan_round(self.spec, SPEC)[0].chunks[index]
+        part = tensor[a:b].contiguous()
+        body = Chunk(
+            self.spec.job_id,
+            1,
+            RoundKind.ALL_REDUCE,
+            ReduceOp.SUM,
+            None,
+            tensor_spec,
+            0,
+            as_rank or self.rank,
+            index,
+            digest(part.numpy().tobytes()),
+        )
+        sealed = seal_body(self.keypair, body, self.relay.hotkey, self.netuid)
+        self.writer.write_with_metadata(frame(part), pa.py_buffer(sealed))
+
+    def refusal(self) -> Exception:
+        """What the miner ended this stream with."""
+        with pytest.raises(Exception) as refused, self.remote.errors():
+            while True:
+                self.reader.read_chunk()
+        return refused.value
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):  # the miner may have cut the stream already
+            self.writer.close()
+        self.remote.close()
+
+
+def honest_round_fails(world, spec, hostile, error: type) -> list:
+    """Ranks 1 and 3 run round 1 while `hostile(tensor)` plays rank 2; both must fail with `error`, their
+    tensors untouched and the miner holding no round; their messages, then what `hostile` returned."""
+    peers = world.attached(spec)
+    tensors = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(r)) for r in (1, 2, 3)]
+    before = [t.clone() for t in tensors]
+    honest = [peers[0], peers[2]]
+    try:
+        results = on_every_peer(
+            [*honest, None], lambda p: hostile(tensors[1]) if p is None else p.all_reduce(tensors[p.rank - 1], "sum")
+        )
+    finally:
+        for peer in peers:
+            peer.destroy_process_group()
+    for result in results[:2]:
+        assert type(result) is error, result
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before, strict=True))
+    deadline = time.monotonic() + WAIT_S
+    while world.relays[-1].status()["open_rounds"]:
+        assert time.monotonic() < deadline, "the miner still holds the failed round"
+        time.sleep(0.1)
+    return [str(r) for r in results[:2]] + [results[2]]

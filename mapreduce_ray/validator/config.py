@@ -87,7 +87,7 @@ class ValidatorConfig:
     host_key: str = "ip"
     tick_s: float = 1.0
     job_idle_s: float = 600.0
-    jobs_per_peer: int = 8
+    jobs_per_peer: int = 4
     scoring: ScoringConfig = field(default_factory=ScoringConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
