@@ -13,6 +13,10 @@ object-store pages a process has read), and the miners' open rounds. Then the pe
 store is read once more. A miner keeps finished rounds for checks (relay.retention_s, within
 relay.retention_mib), so its memory grows until the retention is full: warm up past that
 (--warmup 100 at 16 MiB) to see its level.
+
+With --abuse N, N hostile clients of each kind (actors.hostile: unregistered, replaying, oversize,
+slow-drip, holding calls open) hit every miner's endpoint from before the warm-up to the end, and
+what they got is counted.
 """
 
 from __future__ import annotations
@@ -25,9 +29,12 @@ import time
 import ray
 import torch
 from allreduce import wait_until_validator_idle
+from bittensor.sp_core import Keypair
 from ray._private.internal_api import node_stats
 
 from actors import PeerActor, init_local_ray, start_local_subnet
+from actors.hostile import Flood, Target
+from mapreduce_ray.wire.config import WireConfig
 
 MIB = 1024 * 1024
 SETTLE_S = 1.0  # Ray frees an object shortly after its last ref goes
@@ -75,6 +82,21 @@ def mib(n: int | tuple[int, int]) -> str:
     return f"{n / MIB:.1f} MiB"
 
 
+def abuse(subnet, per_kind: int) -> Flood:
+    """`per_kind` hostile clients of each kind at every miner's endpoint, started."""
+    chain = subnet.chain.open()
+    holder, sender = Keypair.create_from_uri("//SoakHolder"), Keypair.create_from_uri("//SoakOversize")
+    cold = Keypair.create_from_uri("//SoakCold").ss58_address
+    for keypair in (holder, sender):
+        chain.register(keypair.ss58_address, cold)
+    statuses = ray.get([m.status.remote() for m in subnet.miners], timeout=60)
+    targets = [Target(s["name"], s["hotkey"], s["endpoint"]) for s in statuses]
+    strangers = [Keypair.create_from_uri(f"//SoakStranger{i}") for i in range(per_kind)]
+    flood = Flood(targets, chain.netuid, holder, holder, sender, strangers, WireConfig(), per_kind, 24 * 3600)
+    flood.start()
+    return flood
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=200)
@@ -82,6 +104,7 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--miners", type=int, default=2)
     parser.add_argument("--size-mib", type=float, default=16)
+    parser.add_argument("--abuse", type=int, default=0, help="hostile clients of each kind at every miner")
     parser.add_argument("--output", help="also append the result as markdown to this file")
     args = parser.parse_args()
     init_local_ray(object_store_mib=2048)
@@ -91,6 +114,7 @@ def main() -> None:
         ray.remote(PeerActor).remote(r, args.peers, job="soak", **subnet.peer_options) for r in range(1, args.peers + 1)
     ]
     ray.get([p.init_process_group.remote() for p in peers], timeout=120)
+    flood = abuse(subnet, args.abuse) if args.abuse else None
     wrong = 0
     for k in range(args.warmup):
         wrong += not all(ray.get([p.run.remote(exact_round, numel, k) for p in peers], timeout=120))
@@ -102,6 +126,7 @@ def main() -> None:
             print(f"round {k + 1}: store {mib(store_bytes())}", flush=True)
     seconds = time.perf_counter() - began
     end = snapshot(subnet)
+    hung = flood.finish() if flood else []
     ray.get([p.destroy_process_group.remote() for p in peers], timeout=120)
     time.sleep(SETTLE_S)
     after_leave = store_bytes()
@@ -119,7 +144,7 @@ def main() -> None:
         f"### Soak: {args.rounds} rounds ({datetime.date.today().isoformat()})",
         "",
         f"`python benchmarks/soak.py --rounds {args.rounds} --warmup {args.warmup} --peers {args.peers} "
-        f"--miners {args.miners} "
+        f"--miners {args.miners} --abuse {args.abuse} "
         f"--size-mib {args.size_mib:g}`: {args.peers} peers, {args.miners} miners, {args.size_mib:g} MiB per rank, "
         f"{args.rounds} rounds in {seconds:.1f} s after {args.warmup} warm-up rounds; rounds with a wrong result "
         f"on any peer: {wrong}; checks {status['checks']} (failed {status['check_failures']}, skipped "
@@ -131,13 +156,33 @@ def main() -> None:
         "",
         f"After the peers left: object store in use {mib(after_leave)}.",
         "",
+        *(abused(flood, args.abuse, hung) if flood else []),
     ]
     print("\n".join(lines))
     if args.output:
         with open(args.output, "a") as f:
             f.write("\n" + "\n".join(lines))
     subnet.shutdown()
-    sys.exit(1 if wrong else 0)
+    sys.exit(1 if wrong or (flood and hung) else 0)
+
+
+def abused(flood: Flood, per_kind: int, hung: list[str]) -> list[str]:
+    """Markdown lines: what the hostile clients got, by kind."""
+    by_kind: dict[tuple[str, str], int] = {}
+    for client, got in flood.outcomes.items():
+        for outcome, n in got.items():
+            kind = client.rsplit("-", 1)[0]
+            by_kind[(kind, outcome)] = by_kind.get((kind, outcome), 0) + n
+    answered = sum(n for (_, outcome), n in by_kind.items() if outcome == "answered")
+    return [
+        f"Background abuse (`--abuse {per_kind}`): {len(flood.outcomes)} hostile clients for the whole run; calls "
+        f"answered: {answered}; clients hung at the end: {len(hung)}.",
+        "",
+        "| client | what it got | times |",
+        "|---|---|---|",
+        *[f"| {kind} | {outcome} | {n} |" for (kind, outcome), n in sorted(by_kind.items())],
+        "",
+    ]
 
 
 if __name__ == "__main__":

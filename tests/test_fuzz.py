@@ -21,11 +21,11 @@ import grpc
 import pyarrow.flight as fl
 import pytest
 import torch
-from flight_raw import descriptor, exchange, flight_data, ipc
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from wire_world import WireWorld, on_every_peer
 
+from actors.hostile import descriptor, exchange, flight_data, ipc
 from mapreduce_ray.errors import EndpointError, IdentityError, MalformedMessageError, MapReduceError
 from mapreduce_ray.messages import (
     Await,

@@ -21,10 +21,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from flight_raw import fields, flight_data, ipc
 from wire_world import COLD, WireWorld, key, on_every_peer
 
 from actors.behaviours import SketchDroppingRelay
+from actors.hostile import fields, flight_data, ipc
 from mapreduce_ray.errors import EndpointError, JobError, NoValidatorPermitError, RoundTimeoutError
 from mapreduce_ray.messages import Chunk, JobAdmission, Reduced, decode, encode, seal_body
 from mapreduce_ray.protocol import Kind, attest, audience
