@@ -30,6 +30,7 @@ from mapreduce_ray.messages import StreamOpen, encode
 from mapreduce_ray.wire.auth import call_headers
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
+from mapreduce_ray.wire.tls import TLS_NAME
 
 EXCHANGE = "/arrow.flight.protocol.FlightService/DoExchange"
 
@@ -83,10 +84,20 @@ def descriptor(command: bytes) -> bytes:
     return _field(1, b"\x08\x02" + _field(2, command))  # FlightDescriptor{type: CMD, cmd: command}
 
 
-def exchange(address: str, headers: list[tuple[bytes, bytes]], messages: Iterable[bytes], timeout_s: float) -> Iterator:
-    """The FlightData an endpoint answers to `messages` sent on a DoExchange with `headers` (raw bytes each);
-    grpc.RpcError when it refuses the call."""
-    channel = grpc.insecure_channel(address)
+def exchange(
+    address: str,
+    headers: list[tuple[bytes, bytes]],
+    messages: Iterable[bytes],
+    timeout_s: float,
+    certificate: bytes | None = None,
+) -> Iterator:
+    """The FlightData an endpoint answers to `messages` sent on a DoExchange with `headers` (raw bytes each),
+    over TLS trusting only `certificate` (PEM) when given; grpc.RpcError when it refuses the call."""
+    if certificate is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        credentials = grpc.ssl_channel_credentials(root_certificates=certificate)
+        channel = grpc.secure_channel(address, credentials, [("grpc.ssl_target_name_override", TLS_NAME)])
     call = channel.stream_stream(EXCHANGE, request_serializer=lambda b: b, response_deserializer=lambda b: b)
     metadata = [(k.decode(), v.decode()) for k, v in headers]
     try:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from wire_world import WireWorld, on_every_peer
+from wire_world import TRANSPORTS, WireWorld, on_every_peer
 
 from actors.relay import Relay
 from actors.validator.checks import ChunkCheck, Unverifiable, check_chunk
 from mapreduce_ray.reference import reference_reduce
-from mapreduce_ray.wire.config import WireConfig
-from mapreduce_ray.wire.endpoint import Remote
 
 PEERS = 3
 NUMEL = 2 * 16384 + 200  # over 2 x 64 KiB: 2 segments of 16484 float32, each in 17 chunks of up to 1 KiB
@@ -24,9 +22,9 @@ class OneOff(Relay):
         return out
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    world = WireWorld.create(str(tmp_path_factory.mktemp("checks")), PEERS)
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def world(tmp_path_factory, request):
+    world = WireWorld.create(str(tmp_path_factory.mktemp("checks")), PEERS, request.param)
     yield world
     world.close()
 
@@ -47,7 +45,7 @@ def run_round(world: WireWorld, relays: list[Relay]) -> tuple:
 
 def check(world: WireWorld, spec, relay: Relay, miner: int, segment: int, chunk: int, sent: str):
     admitted = {r: k.ss58_address for r, k in enumerate(world.peers, 1)}
-    remote = Remote(relay.name, relay.address, relay.hotkey, world.validator, WireConfig(), netuid=world.chain.netuid)
+    remote = world.remote(relay, world.validator)
     return check_chunk(
         remote, ChunkCheck(spec, admitted, 1, miner, segment, chunk, sent), world.validator.ss58_address, 10
     )
@@ -97,6 +95,6 @@ def test_a_validator_without_a_permit_gets_no_ticket(world):
     spec, _, _ = run_round(world, [relay])
     admitted = {r: k.ss58_address for r, k in enumerate(world.peers, 1)}
     peer = world.peers[0]
-    remote = Remote(relay.name, relay.address, relay.hotkey, peer, WireConfig(), netuid=world.chain.netuid)
+    remote = world.remote(relay, peer)
     with pytest.raises(Unverifiable, match=r"refused the call: ticket is for validators, and uid \d+ .* holds no"):
         check_chunk(remote, ChunkCheck(spec, admitted, 1, 0, 0, 0, "00" * 32), peer.ss58_address, 10)

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from wire_world import COLD, WireWorld, key, on_every_peer
+from wire_world import COLD, TRANSPORTS, WireWorld, key, on_every_peer
 
 from actors.behaviours import SketchDroppingRelay
 from actors.hostile import fields, flight_data, ipc
@@ -31,8 +31,9 @@ from mapreduce_ray.protocol import Kind, attest, audience
 from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.sketch import SECRET_BYTES
 from mapreduce_ray.wire.config import WireConfig
-from mapreduce_ray.wire.endpoint import Remote, address_of
+from mapreduce_ray.wire.endpoint import address_of
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, digest
+from mapreduce_ray.wire.tls import announce_address
 
 LIMIT = 64 * 1024  # the peers' largest message
 WIRE = WireConfig(max_message_bytes=LIMIT)
@@ -68,9 +69,15 @@ class HostileMiner:
             "arrow.flight.protocol.FlightService", {"DoExchange": grpc.stream_stream_rpc_method_handler(self._exchange)}
         )
         self.server.add_generic_rpc_handlers((handler,))
-        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        wire = world.wire_of(f"hostile {planted.parent.name}", None)  # in a TLS world, a certificate of its own
+        if wire.tls:
+            pem = (Path(wire.tls_key).read_bytes(), Path(wire.tls_cert).read_bytes())
+            port = self.server.add_secure_port("127.0.0.1:0", grpc.ssl_server_credentials([pem]))
+        else:
+            port = self.server.add_insecure_port("127.0.0.1:0")
+        self.address = f"127.0.0.1:{port}"
         self.server.start()
-        world.chain.serve(self.keypair, self.address)
+        announce_address(world.chain, self.keypair, self.address, wire)
 
     def _exchange(self, requests, context):
         next(requests)  # the descriptor
@@ -103,9 +110,9 @@ class HostileMiner:
         self.server.stop(grace=None)
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    world = WireWorld.create(str(tmp_path_factory.mktemp("hostile")), 2)
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def world(tmp_path_factory, request):
+    world = WireWorld.create(str(tmp_path_factory.mktemp("hostile")), 2, request.param)
     yield world
     world.close()
 
@@ -176,22 +183,20 @@ def test_only_a_validator_may_admit_peers_at_a_miner(world):
     relay = world.relay("admits")
     spec = world.job([relay], 1)
     admission = encode(JobAdmission(spec, 1, world.peers[0].ss58_address))
-    as_peer = Remote("the miner", relay.address, relay.hotkey, world.peers[0], WireConfig(), netuid=world.chain.netuid)
-    with pytest.raises(NoValidatorPermitError, match=r"^the miner refused the call: admit is for validators"):
+    as_peer = world.remote(relay, world.peers[0])
+    with pytest.raises(NoValidatorPermitError, match=r"^admits refused the call: admit is for validators"):
         as_peer.call("admit", admission)
 
 
 def test_a_miner_lists_its_reducers_to_validators_only(world):
     relay = world.relay("lists")
-    as_validator = Remote(
-        "the miner", relay.address, relay.hotkey, world.validator, WireConfig(), netuid=world.chain.netuid
-    )
+    as_validator = world.remote(relay, world.validator)
     with pytest.raises(JobError, match=r"^miner 'lists' is still starting its reducers; ask again$"):
         as_validator.locations("reducers", b"reducers")
     relay.locations = [relay.address, "10.0.0.7:9000"]
     assert as_validator.locations("reducers", b"reducers") == [relay.address, "10.0.0.7:9000"]
-    as_peer = Remote("the miner", relay.address, relay.hotkey, world.peers[0], WireConfig(), netuid=world.chain.netuid)
-    with pytest.raises(NoValidatorPermitError, match=r"^the miner refused the call: reducers is for validators"):
+    as_peer = world.remote(relay, world.peers[0])
+    with pytest.raises(NoValidatorPermitError, match=r"^lists refused the call: reducers is for validators"):
         as_peer.locations("reducers", b"reducers")
 
 

@@ -13,16 +13,16 @@ import time
 
 import pytest
 import torch
-from wire_world import NUMEL, SPEC, WAIT_S, HandPeer, WireWorld, honest_round_fails, on_every_peer
+from wire_world import NUMEL, SPEC, TRANSPORTS, WAIT_S, HandPeer, WireWorld, honest_round_fails, on_every_peer
 
 from mapreduce_ray.errors import JobError, PeerLostError, RoundMismatchError
 from mapreduce_ray.plan import plan_round
 from mapreduce_ray.reference import reference_reduce
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    world = WireWorld.create(str(tmp_path_factory.mktemp("hostile-peer")), 3)
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def world(tmp_path_factory, request):
+    world = WireWorld.create(str(tmp_path_factory.mktemp("hostile-peer")), 3, request.param)
     yield world
     world.close()
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from wire_world import SPEC, HandPeer, WireWorld, honest_round_fails, on_every_peer
+from wire_world import SPEC, TRANSPORTS, HandPeer, WireWorld, honest_round_fails, on_every_peer
 
 from actors.relay import RelaySettings
 from actors.validator.jobs import Job, JobBook
@@ -24,13 +24,11 @@ from mapreduce_ray.messages import JobAdmission, JobRequest, encode
 from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.types import TensorSpec
 from mapreduce_ray.validator.config import ValidatorConfig
-from mapreduce_ray.wire.config import WireConfig
-from mapreduce_ray.wire.endpoint import Remote
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    world = WireWorld.create(str(tmp_path_factory.mktemp("limits")), 3)
+@pytest.fixture(scope="module", params=TRANSPORTS)
+def world(tmp_path_factory, request):
+    world = WireWorld.create(str(tmp_path_factory.mktemp("limits")), 3, request.param)
     yield world
     world.close()
 
@@ -40,7 +38,7 @@ def test_a_miner_admits_a_peer_to_at_most_relay_jobs_per_peer_jobs(world):
     first = world.job([relay], 2)
     world.job([relay], 2)  # peers 1 and 2 are in two jobs here now
     third = replace(first, job_id="a-third-job")
-    remote = Remote(relay.name, relay.address, relay.hotkey, world.validator, WireConfig(), netuid=world.chain.netuid)
+    remote = world.remote(relay, world.validator)
     try:
         with pytest.raises(LimitExceededError) as refused:
             remote.call("admit", encode(JobAdmission(third, 1, world.peers[0].ss58_address)))

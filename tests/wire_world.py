@@ -11,7 +11,8 @@ import contextlib
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -30,7 +31,7 @@ from mapreduce_ray.wallets import Identity
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, digest, frame
-from mapreduce_ray.wire.tls import announce_address
+from mapreduce_ray.wire.tls import announce_address, create_certificate
 
 COLD = Keypair.create_from_uri("//WireCold").ss58_address
 
@@ -39,24 +40,61 @@ def key(name: str) -> Keypair:
     return Keypair.create_from_uri(f"//Wire{name}")
 
 
+TRANSPORTS = ("grpc", "grpc+tls")  # what a suite runs over, each in a world of its own
+
+
 @dataclass
 class WireWorld:
-    """A chain with a validator (permit) and peers; relays started on demand; all shut down by `close`."""
+    """A chain with a validator (permit) and peers; relays started on demand; all shut down by `close`. With
+    `tls_dir`, every relay serves grpc+tls with a certificate of its own made there (announced on chain)."""
 
     chain: Chain
     validator: Keypair
     peers: list[Keypair]
     relays: list[Relay] = field(default_factory=list)
+    tls_dir: Path | None = None
 
     @classmethod
-    def create(cls, state_dir: str, peers: int) -> WireWorld:
+    def create(cls, state_dir: str, peers: int, transport: str = "grpc") -> WireWorld:
         chain = ChainConfig(state_dir=state_dir).open()
         validator = key("Validator")
         chain.register(validator.ss58_address, COLD, 1000.0)
         keys = [key(f"Peer{r}") for r in range(1, peers + 1)]
         for k in keys:
             chain.register(k.ss58_address, COLD)
-        return cls(chain, validator, keys)
+        tls_dir = None
+        if transport == "grpc+tls":
+            tls_dir = Path(state_dir) / "tls"
+            tls_dir.mkdir()
+        return cls(chain, validator, keys, tls_dir=tls_dir)
+
+    def wire_of(self, name: str, wire: WireConfig | None) -> WireConfig:
+        """The wire settings of relay `name`: `wire`, with a new certificate of its own in a TLS world."""
+        wire = wire or WireConfig()
+        if self.tls_dir is None or wire.tls:
+            return wire
+        cert, secret = self.tls_dir / f"{name}.pem", self.tls_dir / f"{name}.key"
+        create_certificate(str(cert), str(secret))
+        return replace(wire, tls_cert=str(cert), tls_key=str(secret))
+
+    def remote(self, relay, keypair, wire: WireConfig | None = None) -> Remote:
+        """A call to `relay` (anything with a name, hotkey and address) signed by `keypair`, its certificate
+        pinned to what its hotkey announced on chain."""
+        certificate = self.chain.metagraph().by_hotkey(relay.hotkey).certificate
+        return Remote(
+            relay.name,
+            relay.address,
+            relay.hotkey,
+            keypair,
+            wire or WireConfig(),
+            certificate,
+            netuid=self.chain.netuid,
+        )
+
+    def certificate_pem(self, relay) -> bytes | None:
+        """The PEM certificate `relay` serves (None: it serves plain gRPC)."""
+        path = self.tls_dir / f"{relay.name}.pem" if self.tls_dir else None
+        return path.read_bytes() if path and path.exists() else None
 
     def relay(
         self,
@@ -69,17 +107,18 @@ class WireWorld:
         """A miner's endpoint on loopback, its hotkey registered and its endpoint announced."""
         miner = key(name)
         self.chain.register(miner.ss58_address, COLD)
+        wire = self.wire_of(name, wire)
         relay = relay_class(
             "127.0.0.1:0",
             Identity(miner, None),
             MetagraphCache(self.chain),
             name,
-            wire or WireConfig(),
+            wire,
             settings or RelaySettings(),
             lambda *_: None,
             **options,
         )
-        announce_address(self.chain, miner, relay.address, wire or WireConfig())
+        announce_address(self.chain, miner, relay.address, wire)
         self.relays.append(relay)
         return relay
 
@@ -102,16 +141,8 @@ class WireWorld:
         spec = JobSpec(uuid.uuid4().hex[:12], "wire", peer_count, slots, chunk_bytes, timeout_s, 1 << 30)
         for rank in range(1, peer_count + 1):
             admission = encode(JobAdmission(spec, rank, self.peers[rank - 1].ss58_address))
-            for relay, slot in zip(relays, slots[len(first) :], strict=True):
-                remote = Remote(
-                    relay.name,
-                    relay.address,
-                    relay.hotkey,
-                    self.validator,
-                    WireConfig(),
-                    slot.certificate,
-                    netuid=self.chain.netuid,
-                )
+            for relay in relays:
+                remote = self.remote(relay, self.validator)
                 remote.call("admit", admission)
                 remote.close()
         return spec
@@ -151,7 +182,7 @@ class HandPeer:
     def __init__(self, world: WireWorld, spec, rank: int, relay):
         self.spec, self.rank, self.relay = spec, rank, relay
         self.keypair, self.netuid = world.peers[rank - 1], world.chain.netuid
-        self.remote = Remote(relay.name, relay.address, relay.hotkey, self.keypair, WireConfig(), netuid=self.netuid)
+        self.remote = world.remote(relay, self.keypair)
         self.writer, self.reader = self.remote.exchange("exchange", encode(StreamOpen(spec.job_id, rank)))
         self.writer.begin(CHUNK_SCHEMA)
 
