@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from wire_world import TRANSPORTS, WireWorld, on_every_peer
+from wire_world import WireWorld, exact_round, world_fixture
 
 from actors.relay import Relay
 from actors.validator.checks import ChunkCheck, Unverifiable, check_chunk
-from mapreduce_ray.reference import reference_reduce
 
 PEERS = 3
 NUMEL = 2 * 16384 + 200  # over 2 x 64 KiB: 2 segments of 16484 float32, each in 17 chunks of up to 1 KiB
@@ -22,25 +21,7 @@ class OneOff(Relay):
         return out
 
 
-@pytest.fixture(scope="module", params=TRANSPORTS)
-def world(tmp_path_factory, request):
-    world = WireWorld.create(str(tmp_path_factory.mktemp("checks")), PEERS, request.param)
-    yield world
-    world.close()
-
-
-def run_round(world: WireWorld, relays: list[Relay]) -> tuple:
-    """One all_reduce (sum) of 3 peers over `relays`; (spec, the peers' tensors, the expected result)."""
-    spec = world.job(relays, PEERS)
-    peers = world.attached(spec)
-    tensors = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(r)) for r in range(PEERS)]
-    expected = reference_reduce([t.clone() for t in tensors], "sum")
-    try:
-        on_every_peer(peers, lambda p: p.all_reduce(tensors[p.rank - 1], "sum"))
-    finally:
-        for peer in peers:
-            peer.destroy_process_group()
-    return spec, tensors, expected
+world = world_fixture("checks", PEERS)
 
 
 def check(world: WireWorld, spec, relay: Relay, miner: int, segment: int, chunk: int, sent: str):
@@ -59,7 +40,7 @@ def sent_digest(relay: Relay, spec, segment: int, chunk: int) -> str:
 
 def test_every_chunk_of_an_honest_round_passes(world):
     relays = [world.relay("honest-a"), world.relay("honest-b")]
-    spec, tensors, expected = run_round(world, relays)
+    spec, tensors, expected = exact_round(world, relays, PEERS, NUMEL)
     assert all(torch.equal(t, expected) for t in tensors)
     for segment, relay in enumerate(relays):
         for chunk in (0, 16):
@@ -69,7 +50,7 @@ def test_every_chunk_of_an_honest_round_passes(world):
 
 def test_a_miner_one_element_off_fails_its_check_naming_the_element(world):
     relay = world.relay("one-off", OneOff)
-    spec, tensors, expected = run_round(world, [relay])
+    spec, tensors, expected = exact_round(world, [relay], PEERS, NUMEL)
     assert not torch.equal(tensors[0], expected)  # no check before use here: that is what the validator catches
     verdict = check(world, spec, relay, 0, 0, 1, sent_digest(relay, spec, 0, 1))
     assert not verdict.ok
@@ -78,21 +59,21 @@ def test_a_miner_one_element_off_fails_its_check_naming_the_element(world):
 
 def test_a_result_other_than_the_one_the_peers_reported_fails(world):
     relay = world.relay("honest-c")
-    spec, _, _ = run_round(world, [relay])
+    spec, _, _ = exact_round(world, [relay], PEERS, NUMEL)
     verdict = check(world, spec, relay, 0, 0, 0, "00" * 32)
     assert (verdict.ok, verdict.reason) == (False, "served another result than the one it sent the peers")
 
 
 def test_a_round_the_miner_does_not_hold_is_unverifiable(world):
     relay = world.relay("honest-d")
-    spec, _, _ = run_round(world, [relay])
+    spec, _, _ = exact_round(world, [relay], PEERS, NUMEL)
     with pytest.raises(Unverifiable, match=r"honest-d did not serve chunk 500 of segment 0: .*holds no chunk 500"):
         check(world, spec, relay, 0, 0, 500, "00" * 32)
 
 
 def test_a_validator_without_a_permit_gets_no_ticket(world):
     relay = world.relay("honest-e")
-    spec, _, _ = run_round(world, [relay])
+    spec, _, _ = exact_round(world, [relay], PEERS, NUMEL)
     admitted = {r: k.ss58_address for r, k in enumerate(world.peers, 1)}
     peer = world.peers[0]
     remote = world.remote(relay, peer)

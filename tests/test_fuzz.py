@@ -23,7 +23,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from wire_world import TRANSPORTS, WireWorld, on_every_peer
+from wire_world import exact_round, world_fixture
 
 from actors.hostile import descriptor, exchange, flight_data, ipc
 from mapreduce_ray.errors import EndpointError, IdentityError, MalformedMessageError, MapReduceError
@@ -50,7 +50,6 @@ from mapreduce_ray.messages import (
     seal_body,
 )
 from mapreduce_ray.protocol import Kind, MetagraphCache, Verifier
-from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.types import ReduceOp, RoundKind, TensorSpec
 from mapreduce_ray.wire.auth import call_headers
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, digest, frame
@@ -137,11 +136,7 @@ def test_any_bytes_parse_as_a_message_or_are_refused_as_malformed(cls, payload: 
     assert type(body) is cls
 
 
-@pytest.fixture(scope="module", params=TRANSPORTS)
-def world(tmp_path_factory, request):
-    world = WireWorld.create(str(tmp_path_factory.mktemp("fuzz")), 2, request.param)
-    yield world
-    world.close()
+world = world_fixture("fuzz", 2)
 
 
 @pytest.fixture(scope="module")
@@ -275,15 +270,7 @@ def test_any_messages_on_an_admitted_peers_stream_are_answered_with_one_of_our_e
 
 def test_after_the_fuzzing_the_miner_still_reduces_exactly(world, target):
     relay, _ = target
-    spec = world.job([relay], 2)
-    peers = world.attached(spec)
-    tensors = [torch.randn(3000, generator=torch.Generator().manual_seed(r)) for r in (1, 2)]
-    expected = reference_reduce([t.clone() for t in tensors], "sum")
-    try:
-        on_every_peer(peers, lambda p: p.all_reduce(tensors[p.rank - 1], "sum"))
-    finally:
-        for peer in peers:
-            peer.destroy_process_group()
+    spec, tensors, expected = exact_round(world, [relay], 2, 3000)
     assert all(torch.equal(t, expected) for t in tensors)
     deadline = time.monotonic() + 2 * spec.timeout_s  # what the fuzzing opened ends by its rounds' deadlines
     while relay.status()["open_rounds"]:

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from wire_world import COLD, TRANSPORTS, WireWorld, key, on_every_peer
+from wire_world import COLD, WireWorld, key, on_every_peer, world_fixture
 
 from actors.behaviours import SketchDroppingRelay
 from actors.hostile import fields, flight_data, ipc
@@ -110,11 +110,7 @@ class HostileMiner:
         self.server.stop(grace=None)
 
 
-@pytest.fixture(scope="module", params=TRANSPORTS)
-def world(tmp_path_factory, request):
-    world = WireWorld.create(str(tmp_path_factory.mktemp("hostile")), 2, request.param)
-    yield world
-    world.close()
+world = world_fixture("hostile", 2)
 
 
 def exact_sum_with_failovers(peers, caplog, cleanup=lambda: None) -> list[str]:

@@ -11,20 +11,14 @@ from __future__ import annotations
 import re
 import time
 
-import pytest
 import torch
-from wire_world import NUMEL, SPEC, TRANSPORTS, WAIT_S, HandPeer, WireWorld, honest_round_fails, on_every_peer
+from wire_world import NUMEL, SPEC, WAIT_S, HandPeer, honest_round_fails, on_every_peer, world_fixture
 
 from mapreduce_ray.errors import JobError, PeerLostError, RoundMismatchError
 from mapreduce_ray.plan import plan_round
 from mapreduce_ray.reference import reference_reduce
 
-
-@pytest.fixture(scope="module", params=TRANSPORTS)
-def world(tmp_path_factory, request):
-    world = WireWorld.create(str(tmp_path_factory.mktemp("hostile-peer")), 3, request.param)
-    yield world
-    world.close()
+world = world_fixture("hostile-peer", 3)
 
 
 def test_a_peer_that_signs_chunks_as_another_rank_is_cut_off_and_the_round_fails_naming_it(world):

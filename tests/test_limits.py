@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from wire_world import SPEC, TRANSPORTS, HandPeer, WireWorld, honest_round_fails, on_every_peer
+from wire_world import SPEC, HandPeer, honest_round_fails, on_every_peer, world_fixture
 
 from actors.relay import RelaySettings
 from actors.validator.jobs import Job, JobBook
@@ -25,12 +25,7 @@ from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.types import TensorSpec
 from mapreduce_ray.validator.config import ValidatorConfig
 
-
-@pytest.fixture(scope="module", params=TRANSPORTS)
-def world(tmp_path_factory, request):
-    world = WireWorld.create(str(tmp_path_factory.mktemp("limits")), 3, request.param)
-    yield world
-    world.close()
+world = world_fixture("limits", 3)
 
 
 def test_a_miner_admits_a_peer_to_at_most_relay_jobs_per_peer_jobs(world):

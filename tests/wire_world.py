@@ -26,6 +26,7 @@ from mapreduce_ray.messages import Chunk, JobAdmission, StreamOpen, encode, seal
 from mapreduce_ray.peer import Peer
 from mapreduce_ray.plan import plan_round
 from mapreduce_ray.protocol import MetagraphCache, Verifier
+from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.types import JobSpec, MinerSlot, ReduceOp, RoundKind, TensorSpec
 from mapreduce_ray.wallets import Identity
 from mapreduce_ray.wire.config import WireConfig
@@ -41,6 +42,18 @@ def key(name: str) -> Keypair:
 
 
 TRANSPORTS = ("grpc", "grpc+tls")  # what a suite runs over, each in a world of its own
+
+
+def world_fixture(name: str, peers: int):
+    """A module's `world` fixture: a WireWorld of `peers` peers, once over each of TRANSPORTS."""
+
+    @pytest.fixture(scope="module", params=TRANSPORTS)
+    def world(tmp_path_factory, request):
+        world = WireWorld.create(str(tmp_path_factory.mktemp(name)), peers, request.param)
+        yield world
+        world.close()
+
+    return world
 
 
 @dataclass
@@ -243,3 +256,18 @@ def honest_round_fails(world, spec, hostile, error: type) -> list:
         assert time.monotonic() < deadline, "the miner still holds the failed round"
         time.sleep(0.1)
     return [str(r) for r in results[:2]] + [results[2]]
+
+
+def exact_round(world: WireWorld, relays: list, peers: int, numel: int) -> tuple:
+    """One all_reduce (sum) of `peers` peers' random tensors over `relays`, each peer leaving after it; (spec, the
+    peers' tensors, the expected result)."""
+    spec = world.job(relays, peers)
+    attached = world.attached(spec)
+    tensors = [torch.randn(numel, generator=torch.Generator().manual_seed(r)) for r in range(peers)]
+    expected = reference_reduce([t.clone() for t in tensors], "sum")
+    try:
+        on_every_peer(attached, lambda p: p.all_reduce(tensors[p.rank - 1], "sum"))
+    finally:
+        for peer in attached:
+            peer.destroy_process_group()
+    return spec, tensors, expected
