@@ -75,6 +75,12 @@ def snapshot(subnet) -> dict:
     }
 
 
+def miners_rss(subnet) -> list[float]:
+    """Each miner's resident memory now, in MiB."""
+    statuses = ray.get([m.status.remote() for m in subnet.miners], timeout=60)
+    return [memory(s["pid"])[0] / MIB for s in statuses]
+
+
 def mib(n: int | tuple[int, int]) -> str:
     """MiB, or "resident MiB (private MiB)" for a process."""
     if isinstance(n, tuple):
@@ -120,10 +126,12 @@ def main() -> None:
         wrong += not all(ray.get([p.run.remote(exact_round, numel, k) for p in peers], timeout=120))
     start = snapshot(subnet)
     began = time.perf_counter()
+    levels = []  # (round, each miner's RSS), every 100 rounds
     for k in range(args.rounds):
         wrong += not all(ray.get([p.run.remote(exact_round, numel, k) for p in peers], timeout=120))
-        if (k + 1) % 50 == 0:
-            print(f"round {k + 1}: store {mib(store_bytes())}", flush=True)
+        if (k + 1) % 100 == 0:
+            levels.append((k + 1, miners_rss(subnet)))
+            print(f"round {k + 1}: store {mib(store_bytes())}, miners' RSS {levels[-1][1]}", flush=True)
     seconds = time.perf_counter() - began
     end = snapshot(subnet)
     hung = flood.finish() if flood else []
@@ -155,6 +163,10 @@ def main() -> None:
         *[f"| {name} | {a} | {b} |" for name, a, b in rows],
         "",
         f"After the peers left: object store in use {mib(after_leave)}.",
+        "",
+        "Miners' RSS every 100 rounds (MiB): "
+        + "; ".join(f"{k}: {' / '.join(f'{v:.0f}' for v in rss)}" for k, rss in levels)
+        + ".",
         "",
         *(abused(flood, args.abuse, hung) if flood else []),
     ]
