@@ -91,7 +91,7 @@ class RelaySettings:
     """retention_s, retention_mib: how long, and within how many MiB, finished rounds are kept for checks.
     job_idle_s: a job with no open stream for this long is forgotten. rounds_per_job: how many rounds (seqs) of
     one job may be open here at once (its peers run one round at a time, a fast one at most a round ahead).
-    jobs_per_peer: how many jobs one peer hotkey may be admitted to here at once. memory_mib: what the open
+    memory_mib: what the open
     rounds' inputs may take together; a round that would take more is refused before any of its bytes are read
     (its peers hand the segment to their next miner)."""
 
@@ -99,13 +99,11 @@ class RelaySettings:
     retention_mib: float = 512.0
     job_idle_s: float = 600.0
     rounds_per_job: int = 4
-    jobs_per_peer: int = 16
     memory_mib: float = 2048.0
 
     def __post_init__(self):
-        for name in ("rounds_per_job", "jobs_per_peer"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"relay.{name} must be at least 1, got {getattr(self, name)}")
+        if self.rounds_per_job < 1:
+            raise ValueError(f"relay.rounds_per_job must be at least 1, got {self.rounds_per_job}")
         if self.memory_mib <= 0:
             raise ValueError(f"relay.memory_mib must be positive, got {self.memory_mib}")
 
@@ -121,10 +119,6 @@ class _Job:
     streams: dict[int, _Stream] = field(default_factory=dict)  # rank -> its open stream
     left: set[int] = field(default_factory=set)
     active_at: float = field(default_factory=time.monotonic)
-
-    def holds(self, hotkey: str) -> bool:
-        """`hotkey` holds a rank of this job that has not left."""
-        return any(h == hotkey and r not in self.left for r, h in self.peers.items())
 
 
 class _Stream:
@@ -341,12 +335,6 @@ class Relay(Endpoint):
             raise JobError(f"job {spec.name!r} ({spec.job_id}) does not include miner {self.name!r}")
         self.metagraph.vouched(admission.peer)  # the peer may have registered a moment ago
         with self._lock:
-            held = [j for j in self._jobs.values() if j.spec.job_id != spec.job_id and j.holds(admission.peer)]
-            if len(held) >= self._settings.jobs_per_peer:
-                raise LimitExceededError(
-                    f"peer {admission.peer} is in {len(held)} jobs at miner {self.name!r} already "
-                    f"(relay.jobs_per_peer {self._settings.jobs_per_peer}); it leaves one before it joins another"
-                )
             job = self._jobs.setdefault(spec.job_id, _Job(spec, index, caller.hotkey))
             if job.spec != spec or job.validator != caller.hotkey:
                 raise JobError(f"job {spec.job_id} was admitted here by another validator or with another spec")

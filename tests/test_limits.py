@@ -1,6 +1,6 @@
 """Limits a miner and a validator keep from config, each refused with one error naming its setting.
 
-At a miner (relay.*): the jobs one peer hotkey may be in, the memory the open rounds' inputs may take
+At a miner (relay.*): the memory the open rounds' inputs may take
 (a round that does not fit is refused before any of its bytes are read, and its peers hand the
 segment to the next miner), and a tensor over the job's max_bytes (refused before its chunks are
 planned). At a validator (validator.jobs_per_peer): the open jobs one peer hotkey may hold ranks in.
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import replace
 
 import pytest
 import torch
@@ -20,30 +19,12 @@ from wire_world import SPEC, HandPeer, honest_round_fails, on_every_peer, world_
 from actors.relay import RelaySettings
 from actors.validator.jobs import Job, JobBook
 from mapreduce_ray.errors import JobError, LimitExceededError, PeerLostError
-from mapreduce_ray.messages import JobAdmission, JobRequest, encode
+from mapreduce_ray.messages import JobRequest
 from mapreduce_ray.reference import reference_reduce
 from mapreduce_ray.types import TensorSpec
 from mapreduce_ray.validator.config import ValidatorConfig
 
 world = world_fixture("limits", 3)
-
-
-def test_a_miner_admits_a_peer_to_at_most_relay_jobs_per_peer_jobs(world):
-    relay = world.relay("admits-two-jobs-per-peer", settings=RelaySettings(jobs_per_peer=2))
-    first = world.job([relay], 2)
-    world.job([relay], 2)  # peers 1 and 2 are in two jobs here now
-    third = replace(first, job_id="a-third-job")
-    remote = world.remote(relay, world.validator)
-    try:
-        with pytest.raises(LimitExceededError) as refused:
-            remote.call("admit", encode(JobAdmission(third, 1, world.peers[0].ss58_address)))
-        remote.call("admit", encode(JobAdmission(third, 1, world.peers[2].ss58_address)))  # peer 3 is in none
-    finally:
-        remote.close()
-    assert str(refused.value).endswith(
-        f"peer {world.peers[0].ss58_address} is in 2 jobs at miner 'admits-two-jobs-per-peer' already "
-        "(relay.jobs_per_peer 2); it leaves one before it joins another"
-    )
 
 
 def test_a_round_with_no_room_at_a_miner_goes_to_the_next_miner_and_is_exact(world, caplog):
