@@ -35,6 +35,7 @@ import socket
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,9 +208,12 @@ def run_config(config: Config, args) -> list[dict]:
         for rep in range(args.warmup + args.reps):
             for method in METHODS:
                 wait_until_validator_idle(validator)
+                sampler = Sampler(net, args.timeline_s) if args.timeline_s else None
                 before = net.counters()
                 spans = control.round(method, nbytes)
                 after = net.counters()
+                if sampler is not None:
+                    print(sampler.stop(f"{config.peer_mbit:g}/{config.miner_mbit:g} {method}"), flush=True)
                 if rep >= args.warmup:
                     traffic = {h: after[h] - before[h] for h in after}
                     rows.append({"method": method, "seconds": round_time(spans), "traffic": traffic})
@@ -217,6 +221,35 @@ def run_config(config: Config, args) -> list[dict]:
                         f"{config.peer_mbit:g}/{config.miner_mbit:g} {method}: {rows[-1]['seconds']:.2f} s", flush=True
                     )
     return rows
+
+
+class Sampler:
+    """Every host's byte counters every `period_s` while a round runs, to show when each link moved bytes."""
+
+    def __init__(self, net: netns.TestNetwork, period_s: float):
+        self._net, self._period_s = net, period_s
+        self._samples: list[tuple[float, dict]] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._done.is_set():
+            self._samples.append((time.perf_counter(), self._net.counters()))
+            self._done.wait(self._period_s)
+
+    def stop(self, title: str) -> str:
+        """The timeline as text: per period, each host's Mbit/s sent and received."""
+        self._done.set()
+        self._thread.join()
+        lines = [f"{title}: Mbit/s sent/received per {self._period_s:g} s"]
+        start = self._samples[0][0]
+        for (t0, c0), (t1, c1) in zip(self._samples, self._samples[1:], strict=False):
+            mbit = {h: (c1[h] - c0[h]) for h in c1}
+            scale = 8e-6 / (t1 - t0)
+            rates = [f"{h} {scale * v.sent:4.0f}/{scale * v.received:4.0f}" for h, v in sorted(mbit.items())]
+            lines.append(f"  {t1 - start:6.2f}  " + "  ".join(rates))
+        return "\n".join(lines)
 
 
 def wait_benchmarked(validator, miners: int) -> None:
@@ -292,6 +325,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--object-store-mib", type=int, default=1024)
     parser.add_argument("--verify-fraction", type=float, default=0.0, help="share of relay rounds the validator checks")
+    parser.add_argument("--timeline-s", type=float, default=0, help="print every host's rates per this period")
     parser.add_argument("--output", help="also append the table as markdown to this file")
     parser.add_argument("--peer", type=int, help=argparse.SUPPRESS)  # the rest: a peer host's process
     parser.add_argument("--validator-uid", type=int, help=argparse.SUPPRESS)
