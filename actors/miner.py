@@ -6,7 +6,7 @@ admit jobs at and fetch retained rounds from. The MinerActor listens on `listen`
 picks a free one) and announces `advertise` (default: where it listens, with this node's IP for a
 wildcard host) on the chain. With `reducers` > 1 it starts that many - 1 ReducerActors, spread over the
 operator's nodes (or where `reducer_resources` puts them), each listening on the same host with a port
-of its own; its endpoint's flight info lists every reducer, validators place each job at one, and that
+of its own; its endpoint lists every reducer (the `reducers` call), validators place each job at one, and that
 job's peers stream to it directly. Every reducer speaks for the miner's hotkey, so the wallet (and the
 TLS files, with TLS) must be readable on every node. Nothing from another party reaches them through Ray.
 """
@@ -103,7 +103,7 @@ class MinerActor:
 
 class ReducerActor:
     """One more reducer of a miner, on a node of the operator's Ray: a Relay speaking for the miner's hotkey,
-    announced nowhere but in the miner's flight info. Started by MinerActor with its own arguments."""
+    announced nowhere but in the miner's `reducers` answer. Started by MinerActor with its own arguments."""
 
     def __init__(self, wallet, chain, listen, wire, settings, relay_class, relay_options):
         self._host = _Reducer(wallet, chain, listen, wire, settings, relay_class, relay_options)

@@ -15,7 +15,7 @@ Calls (btauth on each, mapreduce_ray.wire.auth):
   refuses).
 - `ticket` (validators only): every input of one chunk of a retained round, then the result,
   each beside its signed message, so a validator recomputes it on its own hardware.
-- `reducers` (validators only, flight info): the locations of the miner's reducers; a validator
+- `reducers` (validators only): the Flight locations (a JSON list) of the miner's reducers; a validator
   places each job at one of them, and the job's peers stream there.
 
 A round that misses its deadline, or whose peers disagree about it or leave, fails for every
@@ -25,6 +25,7 @@ peer in it with one RoundFailed naming why. A finished round's chunks are retain
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -77,10 +78,10 @@ from mapreduce_ray.wire.frames import CHUNK_SCHEMA, check_schema, digest, frame,
 log = logging.getLogger(__name__)
 
 RULES = {
-    "admit": Rule(fl.FlightMethod.DO_ACTION, permit=True),
+    "admit": Rule(fl.FlightMethod.DO_EXCHANGE, permit=True),
     "exchange": Rule(fl.FlightMethod.DO_EXCHANGE),
-    "ticket": Rule(fl.FlightMethod.DO_GET, permit=True),
-    "reducers": Rule(fl.FlightMethod.GET_FLIGHT_INFO, permit=True),
+    "ticket": Rule(fl.FlightMethod.DO_EXCHANGE, permit=True),
+    "reducers": Rule(fl.FlightMethod.DO_EXCHANGE, permit=True),
 }
 WATCH_S = 0.1  # how often deadlines are looked at
 REDUCE_THREADS = 4  # chunks reduced at once; streams go on reading meanwhile
@@ -325,7 +326,10 @@ class Relay(Endpoint):
     # ---- admit ----------------------------------------------------------------------------------
 
     def actions(self):
-        return {"admit": self._admit}
+        return {"admit": self._admit, "reducers": self._list_reducers}
+
+    def streams(self):
+        return {"exchange": self._job_stream, "ticket": self._ticket}
 
     def _admit(self, caller, payload: bytes) -> bytes:
         admission = parse(JobAdmission, payload)
@@ -345,21 +349,18 @@ class Relay(Endpoint):
             job.active_at = time.monotonic()
         return b"{}"
 
-    def get_flight_info(self, context, descriptor):
-        """Where this miner's reducers listen: validators place each job at one, and its peers stream there."""
-        self.accept(context, descriptor.command)
-        with self.answering():
-            if not self.locations:
-                raise JobError(f"miner {self.name!r} is still starting its reducers; ask again")
-        endpoints = [fl.FlightEndpoint(b"", [location(address, self.config.tls)]) for address in self.locations]
-        return fl.FlightInfo(CHUNK_SCHEMA, descriptor, endpoints, -1, -1)
+    def _list_reducers(self, caller, payload: bytes) -> bytes:
+        """Where this miner's reducers listen (Flight locations, a JSON list): validators place each job at one,
+        and its peers stream there."""
+        if not self.locations:
+            raise JobError(f"miner {self.name!r} is still starting its reducers; ask again")
+        return json.dumps([location(address, self.config.tls) for address in self.locations]).encode()
 
     # ---- job streams ----------------------------------------------------------------------------
 
-    def do_exchange(self, context, descriptor, reader, writer):
-        caller = self.accept(context, descriptor.command)
+    def _job_stream(self, caller, payload: bytes, reader, writer) -> None:
         with self.answering():
-            opened = parse(StreamOpen, descriptor.command)
+            opened = parse(StreamOpen, payload)
             job = self._open_stream(opened, caller.hotkey)
         writer.begin(CHUNK_SCHEMA)
         stream = _Stream(opened.rank, caller.hotkey, writer)
@@ -787,10 +788,9 @@ class Relay(Endpoint):
 
     # ---- tickets --------------------------------------------------------------------------------
 
-    def do_get(self, context, ticket):
-        caller = self.accept(context, ticket.ticket)
+    def _ticket(self, caller, payload: bytes, reader, writer) -> None:
         with self.answering():
-            wanted = parse(Ticket, ticket.ticket)
+            wanted = parse(Ticket, payload)
             with self._lock:
                 state = self._retained.get((wanted.job_id, wanted.seq, wanted.segment), time.monotonic())
                 if state is None or not 0 <= wanted.chunk < len(state.plan.chunks):
@@ -812,7 +812,9 @@ class Relay(Endpoint):
             result.proofs,
         )
         items.append((result.frame, pa.py_buffer(seal_body(self._keypair, reduced, caller.hotkey, self.netuid))))
-        return fl.GeneratorStream(CHUNK_SCHEMA, iter(items))
+        writer.begin(CHUNK_SCHEMA)
+        for batch, wire in items:
+            writer.write_with_metadata(batch, wire)
 
 
 @contextmanager

@@ -125,13 +125,15 @@ def test_a_call_replayed_to_a_restarted_validator_is_refused_and_moves_no_record
     validator = chain.metagraph().neuron(subnet.validator_uid)
     payload = encode(Reports((RoundReport("feedbeeffeed", 1, 1, (), (0,)),)))
     signed_at = time.time()
-    headers = call_headers(reporter, fl.FlightMethod.DO_ACTION, "report", payload, validator.hotkey, chain.netuid)
+    headers = call_headers(reporter, fl.FlightMethod.DO_EXCHANGE, "report", payload, validator.hotkey, chain.netuid)
 
     def send(endpoint: str) -> None:
         remote = Remote("validator", endpoint, validator.hotkey, reporter, WireConfig(), netuid=chain.netuid)
         options = fl.FlightCallOptions(headers=headers, timeout=30)
         with remote.errors():
-            list(remote.client.do_action(fl.Action("report", payload), options))
+            writer, reader = remote.client.do_exchange(fl.FlightDescriptor.for_command(payload), options)
+            writer.done_writing()
+            list(reader)
         remote.close()
 
     with pytest.raises(JobError, match=r"holds no rank 1 in a job feedbeeffeed"):

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = 32
 RULES = {
-    name: Rule(fl.FlightMethod.DO_ACTION) for name in ("join", "leave", "report", "dispute", "benchmark", "miners")
+    name: Rule(fl.FlightMethod.DO_EXCHANGE) for name in ("join", "leave", "report", "dispute", "benchmark", "miners")
 }
 
 
@@ -82,9 +82,9 @@ class ValidatorEndpoint(Endpoint):
             "miners": self._miners,
         }
 
-    def do_action(self, context, action):
+    def do_exchange(self, context, descriptor, reader, writer):
         self._validator.count_call(context.get_middleware("auth"))
-        return super().do_action(context, action)
+        return super().do_exchange(context, descriptor, reader, writer)
 
     def _join(self, caller, payload: bytes) -> bytes:
         admission = self._validator.jobs.join(parse(JobRequest, payload), caller.hotkey)

@@ -98,14 +98,16 @@ def _fetch(remote: Remote, check: ChunkCheck, timeout_s: float) -> list:
     ticket = Ticket(check.spec.job_id, check.seq, check.segment, check.chunk)
     messages = []
     try:
-        reader = remote.fetch("ticket", encode(ticket), timeout_s)
-        with remote.errors():
-            check_schema(reader.schema, remote.who)
+        reply = remote.fetch("ticket", encode(ticket), timeout_s)
+        try:
+            check_schema(reply.schema, remote.who)
             while len(messages) <= check.spec.peer_count + 1:
                 try:
-                    messages.append(reader.read_chunk())
+                    messages.append(reply.read_chunk())
                 except StopIteration:
                     break
+        finally:
+            reply.close()
     except MapReduceError as e:
         raise Unverifiable(f"{remote.who} did not serve chunk {check.chunk} of segment {check.segment}: {e}") from None
     if not 2 <= len(messages) <= check.spec.peer_count + 1:

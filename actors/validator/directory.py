@@ -39,7 +39,7 @@ class ServedMiner:
 
 class MinerDirectory:
     """Served miners by uid, refreshed from the metagraph; where each one's reducers listen, as its endpoint's
-    flight info lists them; and one signed client per reducer."""
+    `reducers` answer lists them; and one signed client per reducer."""
 
     def __init__(self, metagraph: MetagraphCache, keypair, wire: WireConfig):
         self._metagraph, self._keypair, self._wire = metagraph, keypair, wire

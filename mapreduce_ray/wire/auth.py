@@ -1,9 +1,9 @@
-"""Who is calling: bittensor's btauth/1 on every Flight call, checked before any payload is parsed.
+"""Who is calling: bittensor's btauth/1 on every Flight call, checked before any payload is read.
 
 A call signs the request target `/{netuid}/{call}?sha256={digest of its payload}` with btauth (method:
 the Flight verb; receiver: the endpoint's hotkey; body: empty), so a call made on one subnet is
-refused on any other, even by the same hotkey. The payload itself (an action's body,
-an exchange's descriptor, a ticket) is not part of the headers, so the signed target carries
+refused on any other, even by the same hotkey. The payload itself (the command of the first
+message of the call's DoExchange) comes after the headers, so the signed target carries
 its SHA-256: the server middleware checks the signature, receiver, freshness, replay, the caller's
 registration on the subnet and, for validator-only calls, its permit, all from the headers; the
 endpoint then refuses any payload whose digest differs from the signed one before parsing it. Nonces

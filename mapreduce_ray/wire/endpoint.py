@@ -1,16 +1,21 @@
 """A party's Flight endpoint, and its calls to another party's.
 
-`Endpoint` is the server base: btauth middleware on every call (`auth.Authenticator`),
-actions dispatched by name to methods taking the authenticated caller and the payload
-(checked against the signed digest first), our errors sent back by class name. `Remote`
-is the client: one connection to one endpoint, every call signed for that endpoint's
-hotkey, request/answer calls under a deadline, and the size limit applied to what comes
-back. Locations are `host:port`; with a certificate the scheme is grpc+tls, and the
+Every call is a Flight DoExchange, whose headers the server checks before it reads the call's
+first message (for a unary call, gRPC would receive the whole request first): its payload is the
+command of that message's descriptor. `Endpoint` is the server base: btauth middleware on every
+call (`auth.Authenticator`), calls dispatched by their signed name to request/answer actions
+(the answer rides as the metadata of one message) or to streams, each taking the authenticated
+caller and the payload (checked against the signed digest first), our errors sent back by class
+name. `Remote` is the client: one connection to one endpoint, every call signed for that
+endpoint's hotkey, request/answer calls under a deadline, and the size limit applied to what
+comes back. Locations are `host:port`; with a certificate the scheme is grpc+tls, and the
 client pins the certificate whose key the endpoint's hotkey announced on chain (`tls`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import re
 import socket
@@ -31,7 +36,8 @@ from mapreduce_ray.wire.tls import TLS_NAME, pinned_certificate
 log = logging.getLogger(__name__)
 
 Action = Callable[[Caller, bytes], bytes]
-MAX_LOCATIONS = 64  # endpoints one flight info may list
+Stream = Callable[[Caller, bytes, object, object], None]  # (caller, payload, reader, writer)
+MAX_LOCATIONS = 64  # endpoints one `locations` answer may list
 MAX_LOCATION_BYTES = 300
 _LOCATION = re.compile(r"grpc(?:\+tls)?://((?:[\w.-]+|\[[0-9a-fA-F:.]+\]):(\d{1,5}))")
 
@@ -76,8 +82,8 @@ class Endpoint(fl.FlightServerBase):
     """A Flight server speaking for `keypair`'s hotkey on `listen` (host:port; port 0 picks a free one, within
     `config.port_range` when set).
 
-    Subclasses list their calls in `rules` and their actions in `actions()`; exchanges and tickets
-    override `do_exchange` / `do_get`, start with `accept(context, payload)` and answer inside `answering()`.
+    Subclasses list their calls in `rules` (each a DO_EXCHANGE), their request/answer calls in `actions()` and
+    their streamed calls in `streams()`; a stream answers inside `answering()`.
     `on_refusal(error)` is told the class name of every error a call is refused with (for metrics).
     """
 
@@ -121,25 +127,30 @@ class Endpoint(fl.FlightServerBase):
     def actions(self) -> dict[str, Action]:
         return {}
 
-    def accept(self, context: fl.ServerCallContext, payload: bytes) -> Caller:
-        """The caller of this call, once its payload is shown to be the one it signed."""
-        caller: Caller = context.get_middleware("auth")
-        with self.answering():
-            caller.check_payload(payload)
-        return caller
+    def streams(self) -> dict[str, Stream]:
+        return {}
 
-    def do_action(self, context, action):
-        payload = action.body.to_pybytes()
+    def do_exchange(self, context, descriptor, reader, writer):
+        """A call: its payload (the descriptor's command) checked against its size limit and its signed digest,
+        then handed to the stream or action of the name it signed."""
+        caller: Caller = context.get_middleware("auth")
+        payload = descriptor.command
         with self.answering():
             if len(payload) > self.config.max_message_bytes:
-                raise LimitExceededError(f"an action of {len(payload)} bytes is over wire.max_message_bytes")
-        caller = self.accept(context, payload)
-        handler = self.actions().get(action.type)
-        if handler is None or action.type != caller.call:
-            raise fl.FlightServerError(f"no action {action.type!r} here")
+                raise LimitExceededError(
+                    f"the {caller.call} call's payload of {len(payload)} bytes is over wire.max_message_bytes"
+                )
+            caller.check_payload(payload)
+        stream = self.streams().get(caller.call)
+        if stream is not None:
+            stream(caller, payload, reader, writer)
+            return
+        handler = self.actions().get(caller.call)
+        if handler is None:
+            raise fl.FlightServerError(f"no action {caller.call!r} here")
         with self.answering():
             answer = handler(caller, payload)
-        return [fl.Result(answer)]
+        writer.write_metadata(pa.py_buffer(answer))
 
     @contextmanager
     def answering(self) -> Iterator[None]:
@@ -155,6 +166,33 @@ class Endpoint(fl.FlightServerBase):
         except Exception:
             log.exception("a call failed")
             raise fl.FlightInternalError("the endpoint failed to answer; see its log") from None
+
+
+class Reply:
+    """The messages an endpoint sends back on one call, read in turn (the call lives while this does); what the
+    wire throws comes out through `errors` (Remote.errors) as our own errors."""
+
+    def __init__(self, writer, reader, errors: Callable):
+        self._writer, self._reader = writer, reader  # dropping the writer would end the call
+        self._errors = errors
+
+    @property
+    def schema(self) -> pa.Schema:
+        with self._errors():
+            return self._reader.schema
+
+    def read_chunk(self):
+        with self._errors():
+            return self._reader.read_chunk()
+
+    def read_all(self) -> pa.Table:
+        with self._errors():
+            return self._reader.read_all()
+
+    def close(self) -> None:
+        """End the call (quietly: how it ended was read already, or does not matter any more)."""
+        with contextlib.suppress(fl.FlightError, pa.ArrowException, OSError):
+            self._writer.close()
 
 
 class Remote:
@@ -200,13 +238,14 @@ class Remote:
             return self._client
 
     def call(self, name: str, payload: bytes, timeout_s: float | None = None) -> bytes:
-        """The answer of action `name` with `payload`."""
-        options = self._options(fl.FlightMethod.DO_ACTION, name, payload, timeout_s or self.config.call_timeout_s)
-        with self.errors():
-            results = list(self.client.do_action(fl.Action(name, payload), options))
-        if len(results) != 1:
-            raise translated(fl.FlightServerError(f"{len(results)} answers to one {name} call"), self.who)
-        answer = results[0].body
+        """The answer of action `name` with `payload` (answers are never empty)."""
+        reply = self.fetch(name, payload, timeout_s or self.config.call_timeout_s)
+        try:
+            answer = reply.read_chunk().app_metadata or pa.py_buffer(b"")
+        except StopIteration:
+            raise EndpointError(f"{self.who} answered {name} with nothing") from None
+        finally:
+            reply.close()
         if answer.size > self.config.max_message_bytes:
             raise LimitExceededError(
                 f"{self.who} answered {name} with {answer.size} bytes, over wire.max_message_bytes"
@@ -215,25 +254,30 @@ class Remote:
 
     def exchange(self, name: str, command: bytes):
         """(writer, reader) of a bidirectional stream opened with `command`; it has no deadline of its own."""
-        options = self._options(fl.FlightMethod.DO_EXCHANGE, name, command, None)
-        with self.errors():
-            return self.client.do_exchange(fl.FlightDescriptor.for_command(command), options)
+        return self._exchange(name, command, None)
 
     def locations(self, name: str, command: bytes) -> list[str]:
-        """The host:port of every endpoint listed in the flight info the endpoint gives for `command`."""
-        options = self._options(fl.FlightMethod.GET_FLIGHT_INFO, name, command, self.config.call_timeout_s)
-        with self.errors():
-            info = self.client.get_flight_info(fl.FlightDescriptor.for_command(command), options)
-        uris = [location.uri for endpoint in info.endpoints for location in endpoint.locations]
-        if not 1 <= len(uris) <= MAX_LOCATIONS:
-            raise EndpointError(f"{self.who} listed {len(uris)} locations; expected 1 to {MAX_LOCATIONS}")
-        return [address_of(uri, self.who) for uri in uris]
+        """The host:port of every endpoint the endpoint lists (Flight locations, a JSON list) for `command`."""
+        answer = self.call(name, command)
+        try:
+            uris = json.loads(answer)
+        except ValueError:
+            uris = None
+        if not isinstance(uris, list) or not 1 <= len(uris) <= MAX_LOCATIONS:
+            raise EndpointError(f"{self.who} listed no list of 1 to {MAX_LOCATIONS} locations")
+        return [address_of(uri.encode() if isinstance(uri, str) else b"", self.who) for uri in uris]
 
-    def fetch(self, name: str, ticket: bytes, timeout_s: float):
-        """The reader of a stream the endpoint sends for `ticket`, within `timeout_s`."""
-        options = self._options(fl.FlightMethod.DO_GET, name, ticket, timeout_s)
+    def fetch(self, name: str, payload: bytes, timeout_s: float) -> Reply:
+        """What the endpoint sends for call `name` with `payload` (nothing more is sent), within `timeout_s`."""
+        writer, reader = self._exchange(name, payload, timeout_s)
         with self.errors():
-            return self.client.do_get(fl.Ticket(ticket), options)
+            writer.done_writing()
+        return Reply(writer, reader, self.errors)
+
+    def _exchange(self, name: str, payload: bytes, timeout_s: float | None):
+        options = self._options(fl.FlightMethod.DO_EXCHANGE, name, payload, timeout_s)
+        with self.errors():
+            return self.client.do_exchange(fl.FlightDescriptor.for_command(payload), options)
 
     @contextmanager
     def errors(self) -> Iterator[None]:
