@@ -223,19 +223,29 @@ def run_config(config: Config, args) -> list[dict]:
     return rows
 
 
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of this machine's CPUs so far."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle, iowait
+    return sum(fields) - idle, sum(fields)
+
+
 class Sampler:
-    """Every host's byte counters every `period_s` while a round runs, to show when each link moved bytes."""
+    """Every host's byte counters (and the machine's CPU use) every `period_s` while a round runs, to show when
+    each link moved bytes."""
 
     def __init__(self, net: netns.TestNetwork, period_s: float):
         self._net, self._period_s = net, period_s
         self._samples: list[tuple[float, dict]] = []
+        self._drops = net.drops()
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         while not self._done.is_set():
-            self._samples.append((time.perf_counter(), self._net.counters()))
+            self._samples.append((time.perf_counter(), self._net.counters(), cpu_times()))
             self._done.wait(self._period_s)
 
     def stop(self, title: str) -> str:
@@ -244,11 +254,17 @@ class Sampler:
         self._thread.join()
         lines = [f"{title}: Mbit/s sent/received per {self._period_s:g} s"]
         start = self._samples[0][0]
-        for (t0, c0), (t1, c1) in zip(self._samples, self._samples[1:], strict=False):
+        for (t0, c0, cpu0), (t1, c1, cpu1) in zip(self._samples, self._samples[1:], strict=False):
             mbit = {h: (c1[h] - c0[h]) for h in c1}
             scale = 8e-6 / (t1 - t0)
             rates = [f"{h} {scale * v.sent:4.0f}/{scale * v.received:4.0f}" for h, v in sorted(mbit.items())]
-            lines.append(f"  {t1 - start:6.2f}  " + "  ".join(rates))
+            busy = (cpu1[0] - cpu0[0]) / max(cpu1[1] - cpu0[1], 1)
+            lines.append(f"  {t1 - start:6.2f}  cpu {busy:4.0%}  " + "  ".join(rates))
+        drops = self._net.drops()
+        lines.append(
+            "  packets the links dropped (sending/receiving): "
+            + "  ".join(f"{h} {d[0] - self._drops[h][0]}/{d[1] - self._drops[h][1]}" for h, d in sorted(drops.items()))
+        )
         return "\n".join(lines)
 
 

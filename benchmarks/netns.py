@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -197,6 +198,17 @@ class TestNetwork:
         """Bytes every host has sent and received since its link came up."""
         return {name: _traffic(link) for name, link in self._links.items()}
 
+    def drops(self) -> dict[str, tuple[int, int]]:
+        """Packets every capped host's token buckets dropped so far: (sending, receiving)."""
+        return {
+            name: (
+                _dropped(tc("-s", "qdisc", "show", "dev", "eth0", netns=self.netns(name))),
+                _dropped(tc("-s", "qdisc", "show", "dev", link)),
+            )
+            for name, link in self._links.items()
+            if self.hosts[name].mbit is not None
+        }
+
     def close(self) -> None:
         """Stop every process started here (SIGTERM to its group, then SIGKILL) and whatever else runs in the
         hosts, then delete the hosts and the bridge."""
@@ -239,6 +251,12 @@ def _live_members(pgid: int) -> list[int]:
             if int(fields[2]) == pgid and fields[0] != "Z":
                 members.append(int(stat.parent.name))
     return members
+
+
+def _dropped(stats: str) -> int:
+    """The packets a qdisc dropped, from `tc -s qdisc show`."""
+    match = re.search(r"dropped (\d+)", stats)
+    return int(match[1]) if match else 0
 
 
 def _traffic(link: str) -> Traffic:
