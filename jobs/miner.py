@@ -6,7 +6,7 @@ joins the operator's cluster with ray=cluster ray.address=...), starts the
 detached actor miner-{uid} on this node, which serves the miner's Flight
 endpoint on miner.listen and announces miner.advertise on chain (with
 miner.reducers > 1, more reducers spread over the operator's nodes, listed in
-its endpoint's flight info), and logs its status until Ctrl-C, which stops the
+its endpoint's `reducers` answer), and logs its status until Ctrl-C, which stops the
 actor. Settings: conf/miner.yaml.
 """
 
