@@ -136,7 +136,11 @@ class Control:
 
 def serve_peer(args) -> None:
     """A peer host's process: join the job and the gloo group, then time the rounds the driver asks for."""
-    options = {"validator_uid": args.validator_uid, "connect_timeout_s": NODE_TIMEOUT_S}
+    options = {
+        "validator_uid": args.validator_uid,
+        "connect_timeout_s": NODE_TIMEOUT_S,
+        "verify_results": not args.unchecked,
+    }
     bench = BenchPeer(args.peer, args.peers, args.rendezvous, options)
     host, port = args.control.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=NODE_TIMEOUT_S) as connection:
@@ -200,6 +204,7 @@ def run_config(config: Config, args) -> list[dict]:
             register_dev_wallet(client, dev_peer_wallet(chain.state_path, r))
             command = [sys.executable, "-u", __file__, "--peer", str(r), "--peers", str(args.peers)]
             command += ["--validator-uid", str(uid), "--control", control.address]
+            command += ["--unchecked"] if args.unchecked else []
             command += ["--rendezvous", f"{net.addresses['peer-1']}:{GLOO_PORT}"]
             peer_env = {**env, "GLOO_SOCKET_IFNAME": "eth0", "PYTHONPATH": str(ROOT)}
             net.spawn(f"peer-{r}", command, peer_env, Path(temp_dir) / f"peer-{r}.log")
@@ -341,6 +346,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--object-store-mib", type=int, default=1024)
     parser.add_argument("--verify-fraction", type=float, default=0.0, help="share of relay rounds the validator checks")
+    parser.add_argument("--unchecked", action="store_true", help="peers skip the checks of reduced chunks")
     parser.add_argument("--timeline-s", type=float, default=0, help="print every host's rates per this period")
     parser.add_argument("--output", help="also append the table as markdown to this file")
     parser.add_argument("--peer", type=int, help=argparse.SUPPRESS)  # the rest: a peer host's process
