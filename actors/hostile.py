@@ -23,11 +23,10 @@ from dataclasses import dataclass
 
 import grpc
 import pyarrow as pa
-import pyarrow.flight as fl
 
 from mapreduce_ray.errors import MapReduceError
 from mapreduce_ray.messages import StreamOpen, encode
-from mapreduce_ray.wire.auth import call_headers
+from mapreduce_ray.wire.auth import CALL_METHOD, call_headers
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
 from mapreduce_ray.wire.tls import TLS_NAME
@@ -180,7 +179,7 @@ class Flood:
             time.sleep(0.01)
 
     def _headers(self, keypair, target: Target, command: bytes) -> list:
-        return call_headers(keypair, fl.FlightMethod.DO_EXCHANGE, "exchange", command, target.hotkey, self.netuid)
+        return call_headers(keypair, CALL_METHOD, "exchange", command, target.hotkey, self.netuid)
 
     def unregistered(self, target: Target, i: int) -> None:
         command = encode(StreamOpen("flood", 1))

@@ -77,12 +77,7 @@ from mapreduce_ray.wire.frames import CHUNK_SCHEMA, check_schema, digest, frame,
 
 log = logging.getLogger(__name__)
 
-RULES = {
-    "admit": Rule(fl.FlightMethod.DO_EXCHANGE, permit=True),
-    "exchange": Rule(fl.FlightMethod.DO_EXCHANGE),
-    "ticket": Rule(fl.FlightMethod.DO_EXCHANGE, permit=True),
-    "reducers": Rule(fl.FlightMethod.DO_EXCHANGE, permit=True),
-}
+RULES = {"admit": Rule(permit=True), "exchange": Rule(), "ticket": Rule(permit=True), "reducers": Rule(permit=True)}
 WATCH_S = 0.1  # how often deadlines are looked at
 REDUCE_THREADS = 4  # chunks reduced at once; streams go on reading meanwhile
 

@@ -18,7 +18,6 @@ import typing
 from enum import Enum
 
 import grpc
-import pyarrow.flight as fl
 import pytest
 import torch
 from hypothesis import HealthCheck, event, given, settings
@@ -51,7 +50,7 @@ from mapreduce_ray.messages import (
 )
 from mapreduce_ray.protocol import Kind, MetagraphCache, Verifier
 from mapreduce_ray.types import ReduceOp, RoundKind, TensorSpec
-from mapreduce_ray.wire.auth import call_headers
+from mapreduce_ray.wire.auth import CALL_METHOD, call_headers
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, digest, frame
 
 MESSAGES = (
@@ -248,7 +247,7 @@ def test_any_messages_on_an_admitted_peers_stream_are_answered_with_one_of_our_e
     relay, spec = target
     peer = world.peers[0]
     command = encode(StreamOpen(spec.job_id, 1))
-    headers = call_headers(peer, fl.FlightMethod.DO_EXCHANGE, "exchange", command, relay.hotkey, world.chain.netuid)
+    headers = call_headers(peer, CALL_METHOD, "exchange", command, relay.hotkey, world.chain.netuid)
     tensor = TensorSpec("float32", (4,))
     messages = [descriptor(command)]
     if schema != "none":

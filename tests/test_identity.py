@@ -12,7 +12,6 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
-import pyarrow.flight as fl
 import pytest
 import ray
 import torch
@@ -137,7 +136,7 @@ class Impostor(Endpoint):
     """Serves `join` at the validator's announced endpoint, signing its answer as whichever key it is told."""
 
     def __init__(self, metagraph: MetagraphCache):
-        super().__init__("127.0.0.1:0", key("Validator"), metagraph, {"join": Rule(fl.FlightMethod.DO_EXCHANGE)}, WIRE)
+        super().__init__("127.0.0.1:0", key("Validator"), metagraph, {"join": Rule()}, WIRE)
         self.signer, self.rank_shift = key("Validator"), 0
 
     def actions(self):

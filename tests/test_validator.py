@@ -29,7 +29,7 @@ from mapreduce_ray.errors import JobError, PeerLostError, ReplayedMessageError
 from mapreduce_ray.messages import Reports, RoundReport, encode
 from mapreduce_ray.protocol import METAGRAPH_MISS_REFRESH_S
 from mapreduce_ray.reference import reference_reduce
-from mapreduce_ray.wire.auth import call_headers
+from mapreduce_ray.wire.auth import CALL_METHOD, call_headers
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
 
@@ -125,7 +125,7 @@ def test_a_call_replayed_to_a_restarted_validator_is_refused_and_moves_no_record
     validator = chain.metagraph().neuron(subnet.validator_uid)
     payload = encode(Reports((RoundReport("feedbeeffeed", 1, 1, (), (0,)),)))
     signed_at = time.time()
-    headers = call_headers(reporter, fl.FlightMethod.DO_EXCHANGE, "report", payload, validator.hotkey, chain.netuid)
+    headers = call_headers(reporter, CALL_METHOD, "report", payload, validator.hotkey, chain.netuid)
 
     def send(endpoint: str) -> None:
         remote = Remote("validator", endpoint, validator.hotkey, reporter, WireConfig(), netuid=chain.netuid)

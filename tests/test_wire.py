@@ -48,7 +48,7 @@ from mapreduce_ray.errors import (
 )
 from mapreduce_ray.protocol import MetagraphCache
 from mapreduce_ray.wire import Endpoint, Remote, WireConfig
-from mapreduce_ray.wire.auth import CALL_HEADER, Authenticator, Caller, Rule, call_headers, payload_digest
+from mapreduce_ray.wire.auth import CALL_HEADER, CALL_METHOD, Authenticator, Caller, Rule, call_headers, payload_digest
 from mapreduce_ray.wire.errors import MAX_EXTRA_BYTES, MAX_MESSAGE_CHARS, refusal, stream_fault, translated
 from mapreduce_ray.wire.frames import CHUNK_SCHEMA, check_schema, digest, frame, frame_buffer, unframe
 from mapreduce_ray.wire.tls import (
@@ -61,7 +61,6 @@ from mapreduce_ray.wire.tls import (
 
 SERVER, VALIDATOR, PLAIN, STRANGER = (key(n) for n in ("Server", "Validator", "Plain", "Stranger"))
 ED25519 = Keypair.create_from_uri("//Plain", crypto_type=CRYPTO_ED25519)
-ACTION = fl.FlightMethod.DO_EXCHANGE  # every call's Flight verb
 MAX_MESSAGE_BYTES = 4096
 S = 10**9  # nanoseconds per second
 NETUID = ChainConfig().netuid  # the test chain's
@@ -288,13 +287,13 @@ def free_port_run(count: int) -> int:
 # --- a served endpoint --------------------------------------------------------------------------------------------
 
 RULES = {
-    "echo": Rule(ACTION),
-    "secret": Rule(ACTION, permit=True),
-    "grow": Rule(ACTION),
-    "job": Rule(ACTION),
-    "fail": Rule(ACTION),
-    "unhandled": Rule(ACTION),
-    "stream": Rule(ACTION),
+    "echo": Rule(),
+    "secret": Rule(permit=True),
+    "grow": Rule(),
+    "job": Rule(),
+    "fail": Rule(),
+    "unhandled": Rule(),
+    "stream": Rule(),
 }
 
 
@@ -391,7 +390,7 @@ def raw_action(client: fl.FlightClient, payload: bytes, headers: list) -> list[b
 def hand_signed(keypair: Keypair, call: str, payload: bytes, receiver: str, nonce_ns: int) -> list:
     """The headers call_headers would make, with a nonce of our choosing."""
     target = f"/{NETUID}/{call}?sha256={payload_digest(payload)}"
-    signed = http_auth.sign(keypair, method=ACTION.name, path=target, receiver_ss58=receiver, nonce_ns=nonce_ns)
+    signed = http_auth.sign(keypair, method=CALL_METHOD.name, path=target, receiver_ss58=receiver, nonce_ns=nonce_ns)
     return [(k.lower().encode(), v.encode()) for k, v in signed.items()] + [(CALL_HEADER.encode(), target.encode())]
 
 
@@ -478,13 +477,13 @@ def test_a_ruled_call_without_a_handler_is_answered_outside_the_protocol(remote)
 
 
 def test_a_payload_other_than_the_signed_one_is_refused(raw_client):
-    headers = call_headers(PLAIN, ACTION, "echo", b"signed payload", SERVER.ss58_address, NETUID)
+    headers = call_headers(PLAIN, CALL_METHOD, "echo", b"signed payload", SERVER.ss58_address, NETUID)
     with refused(BadSignatureError, r"the echo payload of .* is not the one its signature covers"):
         raw_action(raw_client, b"another payload", headers)
 
 
 def test_a_call_signed_for_another_subnet_is_refused_though_the_same_hotkeys_serve_both(raw_client):
-    headers = call_headers(PLAIN, ACTION, "echo", b"hello", SERVER.ss58_address, NETUID + 1)
+    headers = call_headers(PLAIN, CALL_METHOD, "echo", b"hello", SERVER.ss58_address, NETUID + 1)
     with refused(
         WrongReceiverError,
         rf"^endpoint refused the call: the call was signed for netuid {NETUID + 1}, and this endpoint serves netuid "
@@ -492,12 +491,12 @@ def test_a_call_signed_for_another_subnet_is_refused_though_the_same_hotkeys_ser
     ):
         raw_action(raw_client, b"hello", headers)
     assert raw_action(
-        raw_client, b"hello", call_headers(PLAIN, ACTION, "echo", b"hello", SERVER.ss58_address, NETUID)
+        raw_client, b"hello", call_headers(PLAIN, CALL_METHOD, "echo", b"hello", SERVER.ss58_address, NETUID)
     ) == [b"hello"]
 
 
 def test_replayed_headers_are_refused(raw_client):
-    headers = call_headers(PLAIN, ACTION, "echo", b"once", SERVER.ss58_address, NETUID)
+    headers = call_headers(PLAIN, CALL_METHOD, "echo", b"once", SERVER.ss58_address, NETUID)
     assert raw_action(raw_client, b"once", headers) == [b"once"]
     with refused(ReplayedMessageError, r"^endpoint refused the call: btauth: this nonce was already accepted"):
         raw_action(raw_client, b"once", headers)
@@ -506,11 +505,11 @@ def test_replayed_headers_are_refused(raw_client):
 def test_a_restarted_endpoint_refuses_a_replay_of_what_it_accepted_before(chain):
     config = WireConfig(auth_skew_s=0.2)
     headers = signed_headers(PLAIN, "echo", b"once")
-    Authenticator(SERVER.ss58_address, MetagraphCache(chain), RULES, config)._authenticate(ACTION, headers)
+    Authenticator(SERVER.ss58_address, MetagraphCache(chain), RULES, config)._authenticate(CALL_METHOD, headers)
     time.sleep(0.3)  # the endpoint restarts, more than the skew after the call was signed
     restarted = Authenticator(SERVER.ss58_address, MetagraphCache(chain), RULES, config)
     with refused(ReplayedMessageError, r"^btauth: the call was signed before this endpoint started, so it may be"):
-        restarted._authenticate(ACTION, headers)
+        restarted._authenticate(CALL_METHOD, headers)
 
 
 @pytest.mark.parametrize("offset_s", [-60, 60])
@@ -526,7 +525,7 @@ def test_hand_signed_headers_with_a_fresh_nonce_are_accepted(raw_client):
 
 
 def test_a_call_without_the_call_header_is_refused(raw_client):
-    headers = call_headers(PLAIN, ACTION, "echo", b"hi", SERVER.ss58_address, NETUID)
+    headers = call_headers(PLAIN, CALL_METHOD, "echo", b"hi", SERVER.ss58_address, NETUID)
     headers = [(k, v) for k, v in headers if k != CALL_HEADER.encode()]
     with refused(MalformedMessageError, rf"needs the {CALL_HEADER} header"):
         raw_action(raw_client, b"hi", headers)
@@ -538,7 +537,7 @@ def test_a_call_without_any_headers_is_refused(raw_client):
 
 
 def test_a_btauth_header_sent_twice_is_refused(raw_client):
-    headers = call_headers(PLAIN, ACTION, "echo", b"hi", SERVER.ss58_address, NETUID)
+    headers = call_headers(PLAIN, CALL_METHOD, "echo", b"hi", SERVER.ss58_address, NETUID)
     nonce = next(v for k, v in headers if k == b"x-bittensor-nonce")
     with refused(MalformedMessageError, r"header x-bittensor-nonce sent 2 times"):
         raw_action(raw_client, b"hi", [*headers, (b"x-bittensor-nonce", nonce)])
@@ -878,7 +877,8 @@ def authenticator(chain) -> Authenticator:
 def signed_headers(keypair: Keypair, call: str, payload: bytes) -> dict[str, list[str]]:
     """call_headers as the server middleware sees them."""
     return {
-        k.decode(): [v.decode()] for k, v in call_headers(keypair, ACTION, call, payload, SERVER.ss58_address, NETUID)
+        k.decode(): [v.decode()]
+        for k, v in call_headers(keypair, CALL_METHOD, call, payload, SERVER.ss58_address, NETUID)
     }
 
 
@@ -901,11 +901,11 @@ def test_any_headers_are_accepted_or_refused_as_a_rejected_message(
         else:
             headers[edit[1]] = donor.get(edit[1], ["grafted"])
     try:
-        caller = authenticator._authenticate(ACTION, headers)
+        caller = authenticator._authenticate(CALL_METHOD, headers)
     except MessageRejectedError as e:
         event(type(e).__name__)
         with pytest.raises(MessageRejectedError):  # refused again, with no effect from the first attempt
-            authenticator._authenticate(ACTION, headers)
+            authenticator._authenticate(CALL_METHOD, headers)
         return
     except NoValidatorPermitError:  # only a signature that verifies gets this far: the signed call needs a permit
         event("NoValidatorPermitError")
@@ -915,4 +915,4 @@ def test_any_headers_are_accepted_or_refused_as_a_rejected_message(
     caller.call_completed(None)
     assert caller.hotkey in (PLAIN.ss58_address, VALIDATOR.ss58_address)
     with refused(ReplayedMessageError, r"^btauth: this nonce was already accepted"):
-        authenticator._authenticate(ACTION, headers)
+        authenticator._authenticate(CALL_METHOD, headers)

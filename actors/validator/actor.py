@@ -20,8 +20,6 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-import pyarrow.flight as fl
-
 from actors.validator.audit import Auditor
 from actors.validator.benchmarks import Benchmarks
 from actors.validator.directory import MinerDirectory
@@ -52,9 +50,7 @@ from mapreduce_ray.wire.tls import announce_address
 log = logging.getLogger(__name__)
 
 MAX_CONCURRENCY = 32
-RULES = {
-    name: Rule(fl.FlightMethod.DO_EXCHANGE) for name in ("join", "leave", "report", "dispute", "benchmark", "miners")
-}
+RULES = {name: Rule() for name in ("join", "leave", "report", "dispute", "benchmark", "miners")}
 
 
 class ValidatorEndpoint(Endpoint):

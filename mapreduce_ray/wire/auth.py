@@ -40,6 +40,7 @@ from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.errors import refusal
 
 CALL_HEADER = "x-mapreduce-call"
+CALL_METHOD = fl.FlightMethod.DO_EXCHANGE  # every call's Flight verb: its headers are checked before it is read
 _TARGET = re.compile(r"/(\d{1,5})/([a-z_]{1,32})\?sha256=([0-9a-f]{64})")
 _AUTH_ERRORS = {
     http_auth.MalformedAuth: MalformedMessageError,
@@ -74,9 +75,9 @@ def _fresh_nonce() -> int:
 
 @dataclass(frozen=True)
 class Rule:
-    """How a call may be made: with which Flight verb, and whether only validator permit holders may."""
+    """Who may make a call (always a DoExchange, CALL_METHOD): anyone registered, or only validator permit
+    holders."""
 
-    method: fl.FlightMethod
     permit: bool = False
 
 
@@ -142,7 +143,7 @@ class Authenticator(fl.ServerMiddlewareFactory):
                 f"{self.metagraph.chain.netuid}"
             )
         rule = self.rules.get(call)
-        if rule is None or rule.method != method:
+        if rule is None or method != CALL_METHOD:
             raise MalformedMessageError(f"this endpoint serves no {call} call as {method.name}")
         try:
             caller = http_auth.verify(

@@ -28,7 +28,7 @@ import pyarrow.flight as fl
 
 from mapreduce_ray.errors import EndpointError, LimitExceededError, MapReduceError
 from mapreduce_ray.protocol import MetagraphCache
-from mapreduce_ray.wire.auth import Authenticator, Caller, Rule, call_headers
+from mapreduce_ray.wire.auth import CALL_METHOD, Authenticator, Caller, Rule, call_headers
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.errors import refusal, translated
 from mapreduce_ray.wire.tls import TLS_NAME, pinned_certificate
@@ -252,9 +252,13 @@ class Remote:
             )
         return answer.to_pybytes()
 
-    def exchange(self, name: str, command: bytes):
-        """(writer, reader) of a bidirectional stream opened with `command`; it has no deadline of its own."""
-        return self._exchange(name, command, None)
+    def exchange(self, name: str, payload: bytes, timeout_s: float | None = None):
+        """(writer, reader) of call `name` opened with `payload`, within `timeout_s` (None: no deadline, for a
+        stream kept open)."""
+        headers = call_headers(self._keypair, CALL_METHOD, name, payload, self.hotkey, self.netuid)
+        options = fl.FlightCallOptions(headers=headers, timeout=timeout_s)
+        with self.errors():
+            return self.client.do_exchange(fl.FlightDescriptor.for_command(payload), options)
 
     def locations(self, name: str, command: bytes) -> list[str]:
         """The host:port of every endpoint the endpoint lists (Flight locations, a JSON list) for `command`."""
@@ -269,15 +273,10 @@ class Remote:
 
     def fetch(self, name: str, payload: bytes, timeout_s: float) -> Reply:
         """What the endpoint sends for call `name` with `payload` (nothing more is sent), within `timeout_s`."""
-        writer, reader = self._exchange(name, payload, timeout_s)
+        writer, reader = self.exchange(name, payload, timeout_s)
         with self.errors():
             writer.done_writing()
         return Reply(writer, reader, self.errors)
-
-    def _exchange(self, name: str, payload: bytes, timeout_s: float | None):
-        options = self._options(fl.FlightMethod.DO_EXCHANGE, name, payload, timeout_s)
-        with self.errors():
-            return self.client.do_exchange(fl.FlightDescriptor.for_command(payload), options)
 
     @contextmanager
     def errors(self) -> Iterator[None]:
@@ -293,7 +292,3 @@ class Remote:
         with self._connect_lock:
             if self._client is not None:
                 self._client.close()
-
-    def _options(self, method: fl.FlightMethod, name: str, payload: bytes, timeout_s: float | None):
-        headers = call_headers(self._keypair, method, name, payload, self.hotkey, self.netuid)
-        return fl.FlightCallOptions(headers=headers, timeout=timeout_s)
