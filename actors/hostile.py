@@ -4,7 +4,7 @@ Like the misbehaving miners of actors.behaviours, nothing in the product starts 
 clients of five kinds against miners' endpoints, one thread each, until stopped:
 - unregistered: exchange calls signed by hotkeys the chain does not know;
 - replaying: one signed exchange call sent again and again, byte for byte;
-- oversize: actions over wire.max_message_bytes from a registered hotkey;
+- oversize: `admit` calls over wire.max_message_bytes from a registered hotkey without a permit;
 - slow-drip: raw TCP sending gRPC's connection preface a byte at a time, then junk;
 - holding: a registered hotkey opening exchange calls it never sends a message on, held until the end.
 Each client counts what it got. Flight's DoExchange is spoken by hand over gRPC (FlightData built field
@@ -160,6 +160,14 @@ class Flood:
         for thread in self.threads:
             thread.join(max(deadline - time.monotonic(), 0))
         return [t.name for t in self.threads if t.is_alive()]
+
+    def by_kind(self) -> Counter[tuple[str, str]]:
+        """What the clients got, summed by (kind, outcome)."""
+        totals: Counter[tuple[str, str]] = Counter()
+        for client, got in self.outcomes.items():
+            for outcome, n in got.items():
+                totals[(client.rsplit("-", 1)[0], outcome)] += n
+        return totals
 
     def _run(self, kind: str, i: int) -> None:
         got = self.outcomes.setdefault(threading.current_thread().name, Counter())

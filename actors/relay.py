@@ -87,9 +87,8 @@ class RelaySettings:
     """retention_s, retention_mib: how long, and within how many MiB, finished rounds are kept for checks.
     job_idle_s: a job with no open stream for this long is forgotten. rounds_per_job: how many rounds (seqs) of
     one job may be open here at once (its peers run one round at a time, a fast one at most a round ahead).
-    memory_mib: what the open
-    rounds' inputs may take together; a round that would take more is refused before any of its bytes are read
-    (its peers hand the segment to their next miner)."""
+    memory_mib: what the open rounds' inputs may take together; a round that would take more is refused before
+    any of its bytes are read (its peers hand the segment to their next miner)."""
 
     retention_s: float = 120.0
     retention_mib: float = 512.0
@@ -421,11 +420,8 @@ class Relay(Endpoint):
             ]
             for state in failed:
                 if state.plan is None or state.sent_by(stream.rank) < len(state.plan.chunks):
-                    why = (
-                        f"was cut off by miner {self.name!r}: {cause}"
-                        if cause
-                        else (f"left the job or lost its stream to miner {self.name!r}")
-                    )
+                    lost = f"left the job or lost its stream to miner {self.name!r}"
+                    why = f"was cut off by miner {self.name!r}: {cause}" if cause else lost
                     self._fail(
                         state,
                         PeerLostError(

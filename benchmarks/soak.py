@@ -180,11 +180,7 @@ def main() -> None:
 
 def abused(flood: Flood, per_kind: int, hung: list[str]) -> list[str]:
     """Markdown lines: what the hostile clients got, by kind."""
-    by_kind: dict[tuple[str, str], int] = {}
-    for client, got in flood.outcomes.items():
-        for outcome, n in got.items():
-            kind = client.rsplit("-", 1)[0]
-            by_kind[(kind, outcome)] = by_kind.get((kind, outcome), 0) + n
+    by_kind = flood.by_kind()
     answered = sum(n for (_, outcome), n in by_kind.items() if outcome == "answered")
     return [
         f"Background abuse (`--abuse {per_kind}`): {len(flood.outcomes)} hostile clients for the whole run; calls "

@@ -13,7 +13,6 @@ import multiprocessing
 import os
 import threading
 import time
-from collections import Counter
 from dataclasses import dataclass
 
 import pytest
@@ -118,14 +117,10 @@ def test_fifty_hostile_clients_do_not_disturb_four_honest_peers_and_the_miners_m
         errors = sum(n for outcome, n in got.items() if outcome != "answered")
         assert errors, f"{client} got no error: {dict(got)}"
         assert not got["answered"], f"{client} was answered: {dict(got)}"
-    by_kind = Counter()
-    for client, got in outcomes.items():
-        for outcome, n in got.items():
-            by_kind[(client.rsplit("-", 1)[0], outcome)] += n
     peak = max(rss)
     with capsys.disabled():
         print(f"\n{ROUNDS} honest rounds of {PEERS} peers exact in {honest_s:.1f} s under a flood of {len(outcomes)}")
-        for (kind, outcome), n in sorted(by_kind.items()):
+        for (kind, outcome), n in sorted(flood.by_kind().items()):
             print(f"  {kind:13} {outcome:28} {n}")
         print(f"  miner RSS: {rss[0]:.0f} MiB before, {peak:.0f} MiB at most, {rss[-1]:.0f} MiB at the end")
     assert peak - rss[0] < RSS_GROWTH_MIB, f"the miner's RSS rose from {rss[0]:.0f} MiB to {peak:.0f} MiB"
