@@ -35,7 +35,7 @@ def test_a_peer_that_signs_chunks_as_another_rank_is_cut_off_and_the_round_fails
         return hand.refusal()
 
     try:
-        *messages, refused = honest_round_fails(world, spec, impostor, PeerLostError)
+        *messages, refused = honest_round_fails(world, hand, impostor, PeerLostError)
     finally:
         hand.close()
     assert type(refused) is JobError and str(refused) == "rank 2 of job 'wire' signed a message for another job or rank"
@@ -56,7 +56,7 @@ def test_a_peer_that_stops_mid_round_is_named_and_the_round_fails_for_the_others
         hand.send(tensor, 0)  # then nothing, with the stream left open
 
     try:
-        *messages, _ = honest_round_fails(world, spec, stalls, PeerLostError)
+        *messages, _ = honest_round_fails(world, hand, stalls, PeerLostError)
     finally:
         hand.close()
     for message in messages:

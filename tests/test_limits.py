@@ -64,7 +64,7 @@ def test_a_peer_signing_a_tensor_over_the_jobs_max_bytes_is_cut_off_before_it_is
         return hand.refusal()
 
     try:
-        *messages, refused = honest_round_fails(world, spec, huge, PeerLostError)
+        *messages, refused = honest_round_fails(world, hand, huge, PeerLostError)
     finally:
         hand.close()
     assert type(refused) is JobError

@@ -234,10 +234,11 @@ class HandPeer:
         self.remote.close()
 
 
-def honest_round_fails(world, spec, hostile, error: type) -> list:
-    """Ranks 1 and 3 run round 1 while `hostile(tensor)` plays rank 2; both must fail with `error`, their
-    tensors untouched and the miner holding no round; their messages, then what `hostile` returned."""
-    peers = world.attached(spec)
+def honest_round_fails(world, hand: HandPeer, hostile, error: type) -> list:
+    """Ranks 1 and 3 of `hand`'s job run round 1 while `hostile(tensor)` plays rank 2 (through `hand`); both must
+    fail with `error`, their tensors untouched and `hand`'s miner holding no round; their messages, then what
+    `hostile` returned."""
+    peers = world.attached(hand.spec)
     tensors = [torch.randn(NUMEL, generator=torch.Generator().manual_seed(r)) for r in (1, 2, 3)]
     before = [t.clone() for t in tensors]
     honest = [peers[0], peers[2]]
@@ -252,7 +253,7 @@ def honest_round_fails(world, spec, hostile, error: type) -> list:
         assert type(result) is error, result
     assert all(torch.equal(t, b) for t, b in zip(tensors, before, strict=True))
     deadline = time.monotonic() + WAIT_S
-    while world.relays[-1].status()["open_rounds"]:
+    while hand.relay.status()["open_rounds"]:
         assert time.monotonic() < deadline, "the miner still holds the failed round"
         time.sleep(0.1)
     return [str(r) for r in results[:2]] + [results[2]]
