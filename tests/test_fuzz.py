@@ -2,7 +2,8 @@
 
 Parsers: the JSON of every call body and signed message (`parse`, `Verifier.open`), and Arrow IPC on a
 job stream (schema, record batch headers and bodies, the signed metadata beside them). The endpoint:
-any bytes as an action, a ticket, a flight-info command, or the messages of an admitted peer's stream.
+any bytes as the payload of a validator's call (admit, ticket, reducers), or the messages of an admitted
+peer's stream.
 Whatever comes, a parser answers a value of its type or a MessageRejectedError, and the endpoint
 answers one of our errors: none ends in its catch-all ("a call failed"), and it serves an exact round
 afterwards. Btauth headers and frames are fuzzed in test_wire. No Ray.
