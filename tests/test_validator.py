@@ -237,6 +237,7 @@ def test_reports_from_outside_the_job_or_without_a_signature_are_refused_and_mov
     chain = subnet.chain.open()
     outsider = Keypair.create_from_uri("//outsider-reporter")
     chain.register(outsider.ss58_address, Keypair.create_from_uri("//outsider-cold").ss58_address)
+    time.sleep(METAGRAPH_MISS_REFRESH_S)  # the validator reads the chain again on an unknown hotkey by then
     validator = chain.metagraph().neuron(subnet.validator_uid)
     remote = Remote("validator", validator.endpoint, validator.hotkey, outsider, WireConfig(), netuid=chain.netuid)
     before = ledger(subnet)[uid]
