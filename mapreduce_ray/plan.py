@@ -6,10 +6,14 @@ ends. Giving miner i the contiguous share numel * w_i / sum(w) minimizes that
 maximum; shares are rounded to whole elements by largest remainder, so each is
 within one element of its ideal. A miner holds no more than its verified capacity:
 a segment whose share would exceed it gets what fits, and the rest is split again
-among the others by weight (water-filling). Each segment is cut into chunks of at most
-`chunk_elems` elements so reduction and download overlap with upload. A segment also
-costs every party a few messages whatever its size, so a small tensor goes to fewer
-miners: at most one per MIN_SEGMENT_BYTES, the highest weights first.
+among the others by weight (water-filling). Each segment is cut into chunks so reduction
+and download overlap with upload. Nothing overlaps a segment's first upload or its last
+download, so a segment gets CHUNKS_PER_SEGMENT chunks (each costs that fraction of its time),
+none larger than the job's chunk size, and none smaller than MIN_CHUNK_BYTES or
+CHUNK_BYTES_PER_PEER per peer: each chunk travels beside signed messages that name every
+peer's digest and sketch (about 170 bytes per peer), which then stay under 1% of its bytes.
+A segment also costs every party a few messages whatever its size, so a small tensor goes
+to fewer miners: at most one per MIN_SEGMENT_BYTES, the highest weights first.
 
 Every party calls these functions with the same job spec and tensor spec, so every
 party derives the same plan without exchanging it.
@@ -26,6 +30,9 @@ from mapreduce_ray.types import JobSpec, TensorSpec
 
 PLANS_KEPT = 256
 MIN_SEGMENT_BYTES = 64 * 1024
+CHUNKS_PER_SEGMENT = 128
+MIN_CHUNK_BYTES = 256 * 1024
+CHUNK_BYTES_PER_PEER = 16 * 1024
 CAPACITY_ALIGN = 16  # bytes; every dtype's itemsize divides it, so a segment's limit holds whole elements of any
 
 
@@ -92,10 +99,15 @@ def split_within(numel: int, weights: tuple[float, ...], limits: tuple[int, ...]
 
 
 def plan_segments(
-    numel: int, weights: tuple[float, ...], chunk_elems: int, limits: tuple[int, ...] | None = None
+    numel: int,
+    weights: tuple[float, ...],
+    chunk_elems: int,
+    limits: tuple[int, ...] | None = None,
+    min_chunk_elems: int = 1,
 ) -> tuple[Segment, ...]:
     """One segment per miner (possibly empty), covering [0, numel) in order; at most `limits[i]` elements in
-    segment i (None: no limit)."""
+    segment i (None: no limit). A segment's chunks hold 1/CHUNKS_PER_SEGMENT of it, within [min_chunk_elems,
+    chunk_elems] elements."""
     if chunk_elems < 1:
         raise ValueError(f"chunk_elems must be >= 1, got {chunk_elems}")
     sizes = split_by_weight(numel, weights) if limits is None else split_within(numel, weights, limits)
@@ -103,7 +115,8 @@ def plan_segments(
     start = 0
     for miner, size in enumerate(sizes):
         stop = start + size
-        chunks = tuple((a, min(a + chunk_elems, stop)) for a in range(start, stop, chunk_elems))
+        step = min(chunk_elems, max(min_chunk_elems, -(-size // CHUNKS_PER_SEGMENT)))
+        chunks = tuple((a, min(a + step, stop)) for a in range(start, stop, step))
         segments.append(Segment(miner, start, stop, chunks))
         start = stop
     return tuple(segments)
@@ -115,9 +128,11 @@ def plan_round(job: JobSpec, tensor: TensorSpec) -> tuple[Segment, ...]:
     the next rounds of the same shape)."""
     itemsize = tensor.dtype_info.itemsize
     chunk_elems = max(1, job.chunk_bytes // itemsize)
+    min_chunk_elems = max(1, max(MIN_CHUNK_BYTES, job.peer_count * CHUNK_BYTES_PER_PEER) // itemsize)
     limits = segment_limits(tuple(m.capacity for m in job.miners), job.redundancy)
     elems = None if limits is None else tuple(limit // itemsize for limit in limits)
-    return plan_segments(tensor.numel, _weights_for(job.miner_weights, tensor.nbytes), chunk_elems, elems)
+    weights = _weights_for(job.miner_weights, tensor.nbytes)
+    return plan_segments(tensor.numel, weights, chunk_elems, elems, min_chunk_elems)
 
 
 def segment_limits(capacities: tuple[int, ...], redundancy: int) -> tuple[int, ...] | None:

@@ -5,6 +5,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mapreduce_ray.plan import (
+    CHUNK_BYTES_PER_PEER,
+    CHUNKS_PER_SEGMENT,
+    MIN_CHUNK_BYTES,
     MIN_SEGMENT_BYTES,
     plan_round,
     plan_segments,
@@ -33,7 +36,10 @@ def test_plan_covers_every_element_once_in_order(sizes, weights):
         pieces = [b - a for a, b in s.chunks]
         assert sum(pieces) == s.numel
         assert all(1 <= n <= chunk for n in pieces)
-        assert [a for a, _ in s.chunks] == list(range(s.start, s.stop, chunk))
+        assert len(s.chunks) <= max(CHUNKS_PER_SEGMENT, -(-s.numel // chunk))
+        if pieces:  # equal chunks of 1/CHUNKS_PER_SEGMENT of the segment (or the job's chunk), a shorter last one
+            assert pieces[0] == min(chunk, -(-s.numel // CHUNKS_PER_SEGMENT))
+            assert set(pieces[:-1]) <= {pieces[0]} and pieces[-1] <= pieces[0]
 
 
 @given(sizes=sizes_st, weights=weights_st)
@@ -74,6 +80,22 @@ def test_plan_round_cuts_chunks_by_bytes():
 def test_bad_weights_are_refused(weights, message):
     with pytest.raises(ValueError, match=message):
         split_by_weight(10, weights)
+
+
+def test_a_segment_is_cut_into_chunks_per_segment_within_the_job_chunk_size_and_the_floor():
+    slots = (MinerSlot(1, "a", "127.0.0.1:1", 1.0), MinerSlot(2, "b", "127.0.0.1:2", 1.0))
+    job = JobSpec("j", "j", 2, slots, chunk_bytes=4 << 20, timeout_s=1, max_bytes=1 << 30)
+    big = plan_round(job, TensorSpec("float32", (16 << 20,)))  # 2 x 32 MiB
+    assert [len(s.chunks) for s in big] == [CHUNKS_PER_SEGMENT] * 2
+    assert big[0].chunks[0] == (0, (32 << 20) // CHUNKS_PER_SEGMENT // 4)  # under the job's 4 MiB
+    huge = plan_round(job, TensorSpec("float64", (1 << 28,)))  # 2 x 1 GiB: the job's 4 MiB rules
+    assert huge[0].chunks[0] == (0, (4 << 20) // 8) and len(huge[0].chunks) == 256
+    small = plan_round(job, TensorSpec("float64", (MIN_SEGMENT_BYTES // 4,)))  # 2 x 64 KiB: one chunk each
+    assert [s.chunks for s in small] == [((0, 8192),), ((8192, 16384),)]
+    floor = plan_round(job, TensorSpec("float32", (MIN_CHUNK_BYTES,)))  # segments of two floors each
+    assert [len(s.chunks) for s in floor] == [2, 2] and floor[0].chunks[0] == (0, MIN_CHUNK_BYTES // 4)
+    crowd = JobSpec("j", "j", 64, slots, chunk_bytes=4 << 20, timeout_s=1, max_bytes=1 << 30)  # 64 peers
+    assert plan_round(crowd, TensorSpec("float32", (16 << 20,)))[0].chunks[0] == (0, 64 * CHUNK_BYTES_PER_PEER // 4)
 
 
 def test_chunk_must_be_positive():
