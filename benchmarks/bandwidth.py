@@ -17,8 +17,17 @@ timed from the first peer's start to the last peer's end, and reads every host's
 byte counters around it.
 
 Bounds, with B in bytes/s of the caps (the design's model, anchors section 1):
-relay: max(D/B_peer, n·D/ΣB_miner), since each peer sends D and receives D;
-ring (gloo): 2(n-1)·D/(n·B_peer), since each peer sends and receives 2(n-1)/n·D.
+relay: max(D/B_peer, n·D/ΣB_miner) + RTT, since each peer sends D and receives D,
+through a miner (two hops);
+ring (gloo): 2(n-1)·D/(n·B_peer) + (n-1)·RTT, since each peer sends and receives
+2(n-1)/n·D, in 2(n-1) steps one hop each.
+--rtt-ms adds a round trip between hosts (delay lines, netns.py); --congestion sets
+every host's TCP congestion control. The default is reno: this machine's default,
+BBR, sizes its window by the path's least round trip, which on these links is a few
+microseconds, so a connection carrying bulk data both ways (a relay's job stream)
+is starved by the ACKs queued behind data (RESULTS.md, 2026-12-04); real links have
+milliseconds of round trip, and cubic, Linux's default, is not built into this
+machine's kernel.
 η = bound / time. The validator checks no live rounds here (--verify-fraction),
 so the counters hold the all_reduce's own traffic (plus the peers' round reports).
 """
@@ -77,12 +86,13 @@ class Config:
             raise SystemExit(f"configuration {text!r} is not PEER_MBIT/MINER_MBIT, e.g. 100/200") from None
         return cls(peer, miner)
 
-    def bounds(self, nbytes: int, peers: int, miners: int) -> dict[str, float]:
-        """Each method's lower bound on the time of one all_reduce, in seconds."""
+    def bounds(self, nbytes: int, peers: int, miners: int, rtt_s: float = 0.0) -> dict[str, float]:
+        """Each method's lower bound on the time of one all_reduce, in seconds, with `rtt_s` between hosts: the
+        relay's bytes cross two hops (one round trip), a ring's 2(n-1) hops one after another."""
         peer_bps, miner_bps = self.peer_mbit * 1e6 / 8, self.miner_mbit * 1e6 / 8
         return {
-            "relay": max(nbytes / peer_bps, peers * nbytes / (miners * miner_bps)),
-            "gloo": 2 * (peers - 1) * nbytes / (peers * peer_bps),
+            "relay": max(nbytes / peer_bps, peers * nbytes / (miners * miner_bps)) + rtt_s,
+            "gloo": 2 * (peers - 1) * nbytes / (peers * peer_bps) + (peers - 1) * rtt_s,
         }
 
     def predicted_bytes(self, nbytes: int, peers: int, miners: int) -> dict[tuple[str, str], float]:
@@ -95,9 +105,11 @@ class Config:
         }
 
 
-def hosts_for(config: Config, peers: int, miners: int) -> list[netns.HostSpec]:
-    return [netns.HostSpec(f"peer-{r}", config.peer_mbit) for r in range(1, peers + 1)] + [
-        netns.HostSpec(f"miner-{i}", config.miner_mbit) for i in range(1, miners + 1)
+def hosts_for(config: Config, peers: int, miners: int, rtt_ms: float = 0.0) -> list[netns.HostSpec]:
+    """The peer and miner hosts; `rtt_ms` is added to the round trip between any two of them."""
+    delay = rtt_ms / 4  # a frame crosses two hosts' links each way
+    return [netns.HostSpec(f"peer-{r}", config.peer_mbit, delay) for r in range(1, peers + 1)] + [
+        netns.HostSpec(f"miner-{i}", config.miner_mbit, delay) for i in range(1, miners + 1)
     ]
 
 
@@ -172,7 +184,11 @@ def run_config(config: Config, args) -> list[dict]:
     rows = []
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, temp_dir, ignore_errors=True)
-        net = stack.enter_context(netns.TestNetwork(hosts_for(config, args.peers, args.miners)))
+        hosts = hosts_for(config, args.peers, args.miners, args.rtt_ms)
+        sysctls = {"net.ipv4.tcp_congestion_control": args.congestion}
+        if args.keep_window:
+            sysctls["net.ipv4.tcp_slow_start_after_idle"] = "0"
+        net = stack.enter_context(netns.TestNetwork(hosts, sysctls))
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MAPREDUCE_STATE_DIR": str(Path(temp_dir) / "chain")}
         env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # a Ray in a namespace binds its host's address
         os.environ["MAPREDUCE_STATE_DIR"] = env["MAPREDUCE_STATE_DIR"]
@@ -209,7 +225,7 @@ def run_config(config: Config, args) -> list[dict]:
             peer_env = {**env, "GLOO_SOCKET_IFNAME": "eth0", "PYTHONPATH": str(ROOT)}
             net.spawn(f"peer-{r}", command, peer_env, Path(temp_dir) / f"peer-{r}.log")
         control.accept(NODE_TIMEOUT_S)
-        nbytes = int(args.size_mib * MIB)
+        nbytes = args.nbytes
         for rep in range(args.warmup + args.reps):
             for method in METHODS:
                 wait_until_validator_idle(validator)
@@ -223,7 +239,7 @@ def run_config(config: Config, args) -> list[dict]:
                     traffic = {h: after[h] - before[h] for h in after}
                     rows.append({"method": method, "seconds": round_time(spans), "traffic": traffic})
                     print(
-                        f"{config.peer_mbit:g}/{config.miner_mbit:g} {method}: {rows[-1]['seconds']:.2f} s", flush=True
+                        f"{config.peer_mbit:g}/{config.miner_mbit:g} {method}: {rows[-1]['seconds']:.4g} s", flush=True
                     )
     return rows
 
@@ -284,8 +300,8 @@ def wait_benchmarked(validator, miners: int) -> None:
 
 def summarize(config: Config, rows: list[dict], args) -> list[tuple]:
     """One table row per method: medians of the repetitions."""
-    nbytes = int(args.size_mib * MIB)
-    bounds = config.bounds(nbytes, args.peers, args.miners)
+    nbytes = args.nbytes
+    bounds = config.bounds(nbytes, args.peers, args.miners, args.rtt_ms / 1e3)
     predicted = config.predicted_bytes(nbytes, args.peers, args.miners)
     medians = {m: statistics.median(r["seconds"] for r in rows if r["method"] == m) for m in METHODS}
     table = []
@@ -303,16 +319,16 @@ def summarize(config: Config, rows: list[dict], args) -> list[tuple]:
                 f"{config.peer_mbit:g}",
                 f"{config.miner_mbit:g}",
                 method,
-                f"{t:.2f}",
-                f"{algbw(nbytes, t) / 1e6:.1f}",
-                f"{busbw(algbw(nbytes, t), RoundKind.ALL_REDUCE, args.peers) / 1e6:.1f}",
-                f"{bounds[method]:.2f}",
+                f"{t:.3g}",
+                f"{algbw(nbytes, t) / 1e6:.3g}",
+                f"{busbw(algbw(nbytes, t), RoundKind.ALL_REDUCE, args.peers) / 1e6:.3g}",
+                f"{bounds[method]:.3g}",
                 f"{bounds[method] / t:.2f}",
                 f"{medians['gloo'] / t:.2f}",
-                f"{per_host('peer', 'sent'):.1f} / {per_host('peer', 'received'):.1f}",
-                f"{predicted[(method, 'peer')] / MIB:.1f}",
-                f"{per_host('miner', 'sent'):.1f} / {per_host('miner', 'received'):.1f}",
-                f"{predicted[(method, 'miner')] / MIB:.1f}",
+                f"{per_host('peer', 'sent'):.3g} / {per_host('peer', 'received'):.3g}",
+                f"{predicted[(method, 'peer')] / MIB:.3g}",
+                f"{per_host('miner', 'sent'):.3g} / {per_host('miner', 'received'):.3g}",
+                f"{predicted[(method, 'miner')] / MIB:.3g}",
             )
         )
     return table
@@ -341,6 +357,7 @@ def main() -> None:
     parser.add_argument("--peers", type=int, default=4)
     parser.add_argument("--miners", type=int, default=2)
     parser.add_argument("--size-mib", type=float, default=64)
+    parser.add_argument("--size-kib", type=float, help="the tensor's size in KiB instead")
     parser.add_argument("--chunk-mib", type=float, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
@@ -348,6 +365,11 @@ def main() -> None:
     parser.add_argument("--verify-fraction", type=float, default=0.0, help="share of relay rounds the validator checks")
     parser.add_argument("--unchecked", action="store_true", help="peers skip the checks of reduced chunks")
     parser.add_argument("--timeline-s", type=float, default=0, help="print every host's rates per this period")
+    parser.add_argument("--congestion", default="reno", help="every host's TCP congestion control")
+    parser.add_argument("--rtt-ms", type=float, default=0.0, help="round trip added between any two hosts")
+    parser.add_argument(
+        "--keep-window", action="store_true", help="hosts keep a TCP connection's window across idle time"
+    )
     parser.add_argument("--output", help="also append the table as markdown to this file")
     parser.add_argument("--peer", type=int, help=argparse.SUPPRESS)  # the rest: a peer host's process
     parser.add_argument("--validator-uid", type=int, help=argparse.SUPPRESS)
@@ -359,6 +381,7 @@ def main() -> None:
         return
     netns.require_root()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # every Ray here is local to this machine
+    args.nbytes = int(args.size_kib * 1024) if args.size_kib else int(args.size_mib * MIB)
     configs = [Config.parse(c) for c in args.configs.split(",")]
     table = []
     for config in configs:
@@ -368,8 +391,11 @@ def main() -> None:
     if args.output:
         append_run(
             args.output,
-            f"capped hosts in network namespaces, {args.peers} peers, {args.miners} miners, {args.size_mib:g} MiB "
-            f"float32, chunk {args.chunk_mib:g} MiB, {args.reps} reps (median)",
+            f"capped hosts in network namespaces, {args.peers} peers, {args.miners} miners, {args.nbytes / 1024:g} KiB "
+            f"float32, chunk at most {args.chunk_mib:g} MiB, {args.rtt_ms:g} ms added round trip, "
+            f"TCP congestion control {args.congestion}"
+            + (", windows kept across idle time" if args.keep_window else "")
+            + f", {args.reps} reps (median)",
             markdown,
             command="python (as root)",
         )

@@ -17,6 +17,11 @@ count whole frames (Ethernet, IP and TCP headers included).
 Teardown always runs (exceptions, Ctrl-C, SIGTERM): every process in the hosts
 is killed, then the namespaces and the bridge are deleted. Everything created is
 named with NAME_PREFIX, so `remove_leftovers()` can clear what a killed run left.
+
+A host with a delay gets a delay line (benchmarks/delayline.py) between its link and the
+bridge, which holds every frame `delay_ms` each way: between two such hosts a round trip
+takes 4·delay_ms more. (This kernel has no netem; the line runs in user space, fine for the
+small rates of latency-bound runs, not for capped bulk traffic.)
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,10 +48,11 @@ QUEUE_S = 0.1  # a capped link queues at most this long a burst of its rate befo
 
 @dataclass(frozen=True)
 class HostSpec:
-    """A host and its link's cap in Mbit/s each way (None: uncapped)."""
+    """A host, its link's cap in Mbit/s each way (None: uncapped), and its link's delay each way."""
 
     name: str
     mbit: float | None = None
+    delay_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -130,10 +137,11 @@ def remove_leftovers() -> None:
 class TestNetwork:
     """Hosts as network namespaces on one bridge; a context manager that always tears them down."""
 
-    def __init__(self, hosts: list[HostSpec]):
+    def __init__(self, hosts: list[HostSpec], sysctls: dict[str, str] | None = None):
         if len({h.name for h in hosts}) != len(hosts):
             raise ValueError(f"host names must be unique: {[h.name for h in hosts]}")
         self.hosts = {h.name: h for h in hosts}
+        self.sysctls = sysctls or {}  # set in every host (e.g. its TCP congestion control)
         self.addresses = {h.name: f"198.18.0.{FIRST_HOST_OCTET + i}" for i, h in enumerate(hosts)}
         self._links = {h.name: f"{NAME_PREFIX}{i}" for i, h in enumerate(hosts)}  # the bridge's ends
         self._processes: list[subprocess.Popen] = []
@@ -168,11 +176,25 @@ class TestNetwork:
             ip("addr", "add", f"{self.addresses[name]}/{PREFIX_LEN}", "dev", "eth0", netns=netns)
             ip("link", "set", "lo", "up", netns=netns)
             ip("link", "set", "eth0", "up", netns=netns)
-            ip("link", "set", link, "master", BRIDGE)
+            for key, value in self.sysctls.items():
+                _run("sysctl", ("-qw", f"{key}={value}"), netns)
             ip("link", "set", link, "up")
+            if host.delay_ms:
+                self._delay(link, host.delay_ms)
+            else:
+                ip("link", "set", link, "master", BRIDGE)
             if host.mbit is not None:
                 tc("qdisc", "add", "dev", "eth0", "root", *token_bucket(host.mbit), netns=netns)
                 tc("qdisc", "add", "dev", link, "root", *token_bucket(host.mbit))
+
+    def _delay(self, link: str, delay_ms: float) -> None:
+        """Join `link` to the bridge through a delay line: link <-> line <-> `link`x, `link`y <-> bridge."""
+        ip("link", "add", f"{link}x", "type", "veth", "peer", "name", f"{link}y")
+        ip("link", "set", f"{link}y", "master", BRIDGE)
+        for end in (link, f"{link}x", f"{link}y"):
+            ip("link", "set", end, "promisc", "on", "up")
+        line = [sys.executable, str(Path(__file__).with_name("delayline.py")), link, f"{link}x", f"{delay_ms:g}"]
+        self.spawn(None, line)
 
     def spawn(
         self, host: str | None, command: list[str], env: dict | None = None, log: Path | None = None

@@ -44,6 +44,32 @@ connection.close()
 """
 
 
+CONNECT = """
+import socket, sys, time
+deadline = time.monotonic() + 10
+while True:  # the first connect also resolves the neighbour's address
+    try:
+        socket.create_connection((sys.argv[1], 5001), timeout=5).close()
+        break
+    except ConnectionRefusedError:
+        if time.monotonic() > deadline:
+            raise
+        time.sleep(0.05)
+times = []
+for _ in range(4):
+    start = time.perf_counter()
+    socket.create_connection((sys.argv[1], 5001), timeout=5).close()
+    times.append(time.perf_counter() - start)
+print(min(times))
+"""
+LISTENER = """
+import socket
+server = socket.create_server(("0.0.0.0", 5001))
+while True:
+    server.accept()[0].close()
+"""
+
+
 def in_host(net: netns.TestNetwork, host: str, *command: str) -> list[str]:
     return ["ip", "netns", "exec", net.netns(host), *command]
 
@@ -63,6 +89,27 @@ def test_hosts_send_through_capped_links_and_count_every_byte(tmp_path):
     assert 2 * MIB <= traffic["a"].sent <= 2 * MIB * 1.05 and 2 * MIB <= traffic["b"].received <= 2 * MIB * 1.05
     assert traffic["a"].received < 0.05 * MIB and traffic["b"].sent < 0.05 * MIB  # acknowledgements only
     assert sleeper.poll() is not None
+    assert netns.namespaces() == [] and netns.links() == []
+
+
+@needs_root
+def test_a_delayed_link_adds_its_delay_each_way_and_hosts_take_the_sysctls():
+    delay_ms = 10.0
+    hosts = [netns.HostSpec("a", 100, delay_ms), netns.HostSpec("b", 100, delay_ms)]
+    with netns.TestNetwork(hosts, {"net.ipv4.tcp_congestion_control": "reno"}) as net:
+        net.spawn("b", [sys.executable, "-c", LISTENER])
+        connect = subprocess.run(
+            in_host(net, "a", sys.executable, "-c", CONNECT, net.addresses["b"]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        control = subprocess.run(
+            in_host(net, "b", "sysctl", "-n", "net.ipv4.tcp_congestion_control"), capture_output=True, text=True
+        )
+    rtt = float(connect.stdout)  # a connect takes one round trip: through both links' lines, each way
+    assert 4 * delay_ms / 1e3 <= rtt < 4 * delay_ms / 1e3 + 0.02
+    assert control.stdout.strip() == "reno"
     assert netns.namespaces() == [] and netns.links() == []
 
 
@@ -98,6 +145,8 @@ def test_bounds_and_predicted_bytes_follow_the_cost_model():
     predicted = config.predicted_bytes(d, peers=4, miners=2)
     assert predicted[("relay", "peer")] == d and predicted[("gloo", "peer")] == 1.5 * d
     assert predicted[("relay", "miner")] == 2 * d
+    delayed = config.bounds(d, peers=4, miners=2, rtt_s=0.05)  # two hops for the relay, six for a ring
+    assert delayed == {"relay": d / 12.5e6 + 0.05, "gloo": 1.5 * d / 12.5e6 + 3 * 0.05}
     assert Config.parse("100/1000") == Config(100.0, 1000.0)
     with pytest.raises(SystemExit, match="PEER_MBIT/MINER_MBIT"):
         Config.parse("100")
