@@ -31,7 +31,7 @@ from mapreduce_ray.types import JobSpec, TensorSpec
 PLANS_KEPT = 256
 MIN_SEGMENT_BYTES = 64 * 1024
 CHUNKS_PER_SEGMENT = 128
-MIN_CHUNK_BYTES = 256 * 1024
+MIN_CHUNK_BYTES = 64 * 1024
 CHUNK_BYTES_PER_PEER = 16 * 1024
 CAPACITY_ALIGN = 16  # bytes; every dtype's itemsize divides it, so a segment's limit holds whole elements of any
 
