@@ -382,6 +382,9 @@ def main() -> None:
     netns.require_root()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # every Ray here is local to this machine
     args.nbytes = int(args.size_kib * 1024) if args.size_kib else int(args.size_mib * MIB)
+    allowed = Path("/proc/sys/net/ipv4/tcp_allowed_congestion_control").read_text().split()
+    if args.congestion not in allowed:
+        raise SystemExit(f"--congestion {args.congestion}: this machine's hosts may use {', '.join(allowed)}")
     configs = [Config.parse(c) for c in args.configs.split(",")]
     table = []
     for config in configs:

@@ -43,6 +43,7 @@ PREFIX_LEN = 24
 FIRST_HOST_OCTET = 10
 STOP_GRACE_S = 5.0
 COMMAND_TIMEOUT_S = 30.0
+LINE_START_S = 0.3  # a delay line that fails to open its interfaces has exited by then
 QUEUE_S = 0.1  # a capped link queues at most this long a burst of its rate before dropping
 
 
@@ -194,7 +195,10 @@ class TestNetwork:
         for end in (link, f"{link}x", f"{link}y"):
             ip("link", "set", end, "promisc", "on", "up")
         line = [sys.executable, str(Path(__file__).with_name("delayline.py")), link, f"{link}x", f"{delay_ms:g}"]
-        self.spawn(None, line)
+        proc = self.spawn(None, line)
+        time.sleep(LINE_START_S)
+        if proc.poll() is not None:
+            raise RuntimeError(f"the delay line on {link} exited at start; run `{' '.join(line)}` as root to see why")
 
     def spawn(
         self, host: str | None, command: list[str], env: dict | None = None, log: Path | None = None
