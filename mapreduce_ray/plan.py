@@ -11,7 +11,7 @@ and download overlap with upload. Nothing overlaps a segment's first upload or i
 download, so a segment gets CHUNKS_PER_SEGMENT chunks (each costs that fraction of its time),
 none larger than the job's chunk size, and none smaller than MIN_CHUNK_BYTES or
 CHUNK_BYTES_PER_PEER per peer: each chunk travels beside signed messages that name every
-peer's digest and sketch (about 170 bytes per peer), which then stay under 1% of its bytes.
+peer's digest and sketch (about 140 bytes per peer), which then stay under 1% of its bytes.
 A segment also costs every party a few messages whatever its size, so a small tensor goes
 to fewer miners: at most one per MIN_SEGMENT_BYTES, the highest weights first.
 
