@@ -10,7 +10,8 @@ a Ray of its own, serving its Flight endpoint on the host's address; the
 validator and its benchmark bots run in this driver's own Ray on the bridge,
 uncapped (the validator benchmarks the miners over their endpoints and sizes
 their segments by what it measured); every peer host runs one peer process (a
-Peer needs no Ray) holding a relay Peer and a gloo process group over the hosts'
+Peer needs no Ray; with --peer-ray it starts one of its own, as a notebook on a
+local Ray would) holding a relay Peer and a gloo process group over the hosts'
 links, told what to run by this driver over a plain TCP socket. Each repetition
 runs relay all_reduce, then gloo all_reduce, of the same float32 tensor, each
 timed from the first peer's start to the last peer's end, and reads every host's
@@ -66,6 +67,7 @@ MIB = 1024 * 1024
 GLOO_PORT = 29500
 NODE_TIMEOUT_S = 120.0
 ROUND_TIMEOUT_S = 300.0
+PEER_OBJECT_STORE_MIB = 128
 METHODS = ("relay", "gloo")
 NAMESPACE = "bandwidth"
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,6 +155,8 @@ def serve_peer(args) -> None:
         "connect_timeout_s": NODE_TIMEOUT_S,
         "verify_results": not args.unchecked,
     }
+    if args.peer_ray:  # as a trainer driving its Peer from a notebook on a local Ray
+        init_local_ray(object_store_mib=PEER_OBJECT_STORE_MIB, num_cpus=1, preallocate=False)
     bench = BenchPeer(args.peer, args.peers, args.rendezvous, options)
     host, port = args.control.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=NODE_TIMEOUT_S) as connection:
@@ -221,6 +225,7 @@ def run_config(config: Config, args) -> list[dict]:
             command = [sys.executable, "-u", __file__, "--peer", str(r), "--peers", str(args.peers)]
             command += ["--validator-uid", str(uid), "--control", control.address]
             command += ["--unchecked"] if args.unchecked else []
+            command += ["--peer-ray"] if args.peer_ray else []
             command += ["--rendezvous", f"{net.addresses['peer-1']}:{GLOO_PORT}"]
             peer_env = {**env, "GLOO_SOCKET_IFNAME": "eth0", "PYTHONPATH": str(ROOT)}
             net.spawn(f"peer-{r}", command, peer_env, Path(temp_dir) / f"peer-{r}.log")
@@ -370,6 +375,7 @@ def main() -> None:
     parser.add_argument(
         "--keep-window", action="store_true", help="hosts keep a TCP connection's window across idle time"
     )
+    parser.add_argument("--peer-ray", action="store_true", help="every peer host runs a Ray of its own too")
     parser.add_argument("--output", help="also append the table as markdown to this file")
     parser.add_argument("--peer", type=int, help=argparse.SUPPRESS)  # the rest: a peer host's process
     parser.add_argument("--validator-uid", type=int, help=argparse.SUPPRESS)
@@ -398,6 +404,7 @@ def main() -> None:
             f"float32, chunk at most {args.chunk_mib:g} MiB, {args.rtt_ms:g} ms added round trip, "
             f"TCP congestion control {args.congestion}"
             + (", windows kept across idle time" if args.keep_window else "")
+            + (", a Ray on every peer host" if args.peer_ray else "")
             + f", {args.reps} reps (median)",
             markdown,
             command="python (as root)",
