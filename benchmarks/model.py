@@ -133,28 +133,40 @@ def jobs_of(a: Assumptions, n: int, m: int) -> list[tuple[np.ndarray, np.ndarray
     return [(np.arange(j * n, (j + 1) * n), np.arange(j, count * m, count)) for j in range(count)]
 
 
-def sweep(a: Assumptions, trials: int, seed: int) -> list[tuple]:
+def draws_of(a: Assumptions, trials: int, seed: int) -> list[Trial]:
+    """`trials` draws of the parties, the miners in the order the validator ranks them (measured throughput)."""
     rng = np.random.default_rng(seed)
-    draws = [trial(rng, a) for _ in range(trials)]
+    ranked = []
+    for t in (trial(rng, a) for _ in range(trials)):
+        order = np.argsort(-t.miner_bps)
+        ranked.append(Trial(t.peer_bps, t.peer_delay, t.miner_bps[order], t.miner_delay[order]))
+    return ranked
+
+
+def round_times(a: Assumptions, draws: list[Trial], n: int, m: int, nbytes: int) -> tuple[list[float], list[float]]:
+    """Every job's relay round time in every draw, and the ring's time over it."""
+    chunk = chunk_bytes(n, m, nbytes)
+    relay, ratios = [], []
+    for t in draws:
+        for peers, miners in jobs_of(a, n, m):
+            r = relay_time(t, peers, miners, nbytes, chunk)
+            relay.append(r)
+            ratios.append(ring_time(t, peers, nbytes) / r)
+    return relay, ratios
+
+
+def sweep(a: Assumptions, draws: list[Trial]) -> list[tuple]:
     rows = []
     for n, m in ((8, 8), (64, 8), (64, 32)):
         for nbytes in (4 * 1024, MIB, 64 * MIB, 1024 * MIB):
-            chunk = chunk_bytes(n, m, nbytes)
-            ratios, relay = [], []
-            for t in draws:
-                order = np.argsort(-t.miner_bps)  # the validator ranks miners by measured throughput
-                by_rank = Trial(t.peer_bps, t.peer_delay, t.miner_bps[order], t.miner_delay[order])
-                for peers, miners in jobs_of(a, n, m):
-                    r = relay_time(by_rank, peers, miners, nbytes, chunk)
-                    ratios.append(ring_time(by_rank, peers, nbytes) / r)
-                    relay.append(r)
+            relay, ratios = round_times(a, draws, n, m, nbytes)
             q = np.quantile(ratios, [0.1, 0.5, 0.9])
             rows.append(
                 (
                     str(n),
                     str(m),
                     _size(nbytes),
-                    f"{chunk // 1024} KiB",
+                    f"{chunk_bytes(n, m, nbytes) // 1024} KiB",
                     f"{statistics.median(relay):.3g}",
                     f"{q[1]:.2f}",
                     f"{q[0]:.2f} - {q[2]:.2f}",
@@ -198,10 +210,11 @@ def _size(nbytes: int) -> str:
 
 def report(trials: int, seed: int) -> str:
     a = ASSUMPTIONS
+    draws = draws_of(a, trials, seed)
     header = ("peers n", "miners m", "tensor", "chunk", "relay s (median)", "ring / relay (median)", "p10 - p90")
-    sweep_table = markdown_table((*header, "relay wins"), sweep(a, trials, seed))
+    sweep_table = markdown_table((*header, "relay wins"), sweep(a, draws))
     scarce = markdown_table(("ΣB_miner / (n·B_peer)", "relay s", "ring s", "ring / relay"), scarce_miners(a))
-    round_s = float(sweep(a, 5, seed)[6][4])  # 64 peers, 8 miners, 64 MiB
+    round_s = statistics.median(round_times(a, draws, 64, 8, 64 * MIB)[0])
     load = markdown_table(
         ("64 peers, 8 miners, 64 MiB, rounds back to back", "MB/s"), validator_load(a, 64, 8, 64 * MIB, round_s)
     )
