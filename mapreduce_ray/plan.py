@@ -128,7 +128,7 @@ def plan_round(job: JobSpec, tensor: TensorSpec) -> tuple[Segment, ...]:
     the next rounds of the same shape)."""
     itemsize = tensor.dtype_info.itemsize
     chunk_elems = max(1, job.chunk_bytes // itemsize)
-    min_chunk_elems = max(1, max(MIN_CHUNK_BYTES, job.peer_count * CHUNK_BYTES_PER_PEER) // itemsize)
+    min_chunk_elems = max(MIN_CHUNK_BYTES, job.peer_count * CHUNK_BYTES_PER_PEER) // itemsize
     limits = segment_limits(tuple(m.capacity for m in job.miners), job.redundancy)
     elems = None if limits is None else tuple(limit // itemsize for limit in limits)
     weights = _weights_for(job.miner_weights, tensor.nbytes)
