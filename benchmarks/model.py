@@ -90,13 +90,13 @@ def trial(rng: np.random.Generator, a: Assumptions) -> Trial:
     )
 
 
-def chunk_bytes(n: int, m: int, nbytes: int) -> int:
-    """The planner's first chunk of a float32 tensor of `nbytes` over m equal miners, for n peers."""
+def chunk_sizes(n: int, m: int, nbytes: int) -> list[int]:
+    """The planner's chunks, in bytes, of a segment of a float32 tensor of `nbytes` over m equal miners, for n
+    peers: a ramp up from the floor, steady chunks, a ramp down."""
     slots = tuple(MinerSlot(i, f"m{i}", f"127.0.0.1:{i}", 1.0) for i in range(m))
     job = JobSpec("j", "j", n, slots, ValidatorConfig().chunk_bytes, 60.0, nbytes)
     first = next(s for s in plan_round(job, TensorSpec("float32", (nbytes // 4,))) if s.chunks)
-    a, b = first.chunks[0]
-    return (b - a) * 4
+    return [(b - a) * 4 for a, b in first.chunks]
 
 
 def reduced_bytes(n: int) -> int:
@@ -113,7 +113,7 @@ def relay_time(t: Trial, peers: np.ndarray, miners: np.ndarray, nbytes: int, chu
     n, m = len(peers), len(miners)
     slowest = t.peer_bps[peers].min()
     transfer = max(nbytes / slowest, n * nbytes / t.miner_bps[miners].sum()) / WIRE
-    pipeline = 2 * min(chunk, nbytes / m) * m / slowest
+    pipeline = 2 * chunk * m / slowest
     rtt = 2 * (t.peer_delay[peers].max() + t.miner_delay[miners].max())
     return transfer + pipeline + 2 * rtt + RELAY_ROUND_S
 
@@ -145,7 +145,7 @@ def draws_of(a: Assumptions, trials: int, seed: int) -> list[Trial]:
 
 def round_times(a: Assumptions, draws: list[Trial], n: int, m: int, nbytes: int) -> tuple[list[float], list[float]]:
     """Every job's relay round time in every draw, and the ring's time over it."""
-    chunk = chunk_bytes(n, m, nbytes)
+    chunk = chunk_sizes(n, m, nbytes)[0]  # the first up and the last down overlap nothing
     relay, ratios = [], []
     for t in draws:
         for peers, miners in jobs_of(a, n, m):
@@ -166,7 +166,7 @@ def sweep(a: Assumptions, draws: list[Trial]) -> list[tuple]:
                     str(n),
                     str(m),
                     _size(nbytes),
-                    f"{chunk_bytes(n, m, nbytes) // 1024} KiB",
+                    _chunks(chunk_sizes(n, m, nbytes)),
                     f"{statistics.median(relay):.3g}",
                     f"{q[1]:.2f}",
                     f"{q[0]:.2f} - {q[2]:.2f}",
@@ -190,11 +190,10 @@ def scarce_miners(a: Assumptions, n: int = 64, nbytes: int = 64 * MIB) -> list[t
 def validator_load(a: Assumptions, n: int, m: int, nbytes: int, round_s: float) -> list[tuple]:
     """Bytes/s the validator takes in, by cause, while every job of the subnet runs rounds back to back."""
     v = ValidatorConfig()
-    chunk = chunk_bytes(n, m, nbytes)
-    chunks = -(-nbytes // m // chunk)
+    chunks = len(chunk_sizes(n, m, nbytes))
     jobs = a.peers // n
     reports = jobs * n * m * chunks * reduced_bytes(n) / round_s
-    checks = jobs * v.verify.fraction * m * v.verify.chunks * (n + 1) * chunk / round_s
+    checks = jobs * v.verify.fraction * m * v.verify.chunks * (n + 1) * (nbytes / m / chunks) / round_s
     bench = v.benchmark
     benchmarks = a.miners * bench.peers * bench.size_bytes * 2 / bench.interval_s  # bots send and receive
     return [
@@ -204,6 +203,12 @@ def validator_load(a: Assumptions, n: int, m: int, nbytes: int, round_s: float) 
     ]
 
 
+def _chunks(sizes: list[int]) -> str:
+    """A segment's chunks: the first (the floor) and the steady size, when they differ."""
+    first, steady = sizes[0] // 1024, max(sizes) // 1024
+    return f"{first} KiB" if first == steady else f"{first} - {steady} KiB"
+
+
 def _size(nbytes: int) -> str:
     return f"{nbytes // MIB} MiB" if nbytes >= MIB else f"{nbytes // 1024} KiB"
 
@@ -211,7 +216,7 @@ def _size(nbytes: int) -> str:
 def report(trials: int, seed: int) -> str:
     a = ASSUMPTIONS
     draws = draws_of(a, trials, seed)
-    header = ("peers n", "miners m", "tensor", "chunk", "relay s (median)", "ring / relay (median)", "p10 - p90")
+    header = ("peers n", "miners m", "tensor", "chunks", "relay s (median)", "ring / relay (median)", "p10 - p90")
     sweep_table = markdown_table((*header, "relay wins"), sweep(a, draws))
     scarce = markdown_table(("ΣB_miner / (n·B_peer)", "relay s", "ring s", "ring / relay"), scarce_miners(a))
     round_s = statistics.median(round_times(a, draws, 64, 8, 64 * MIB)[0])

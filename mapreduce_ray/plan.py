@@ -12,6 +12,10 @@ download, so a segment gets CHUNKS_PER_SEGMENT chunks (each costs that fraction 
 none larger than the job's chunk size, and none smaller than MIN_CHUNK_BYTES or
 CHUNK_BYTES_PER_PEER per peer: each chunk travels beside signed messages that name every
 peer's digest and sketch (about 140 bytes per peer), which then stay under 1% of its bytes.
+The chunks at either end of a segment are smaller still: they double from that floor up to
+the segment's chunk size and halve back down to it at the end, so a miner has every peer's
+first chunk, and a peer its last result, after a floor's time rather than a chunk's (the
+download's lag behind the upload, set at the start, is paid again at the end).
 A segment also costs every party a few messages whatever its size, so a small tensor goes
 to fewer miners: at most one per MIN_SEGMENT_BYTES, the highest weights first.
 
@@ -22,6 +26,7 @@ party derives the same plan without exchanging it.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -116,10 +121,24 @@ def plan_segments(
     for miner, size in enumerate(sizes):
         stop = start + size
         step = min(chunk_elems, max(min_chunk_elems, -(-size // CHUNKS_PER_SEGMENT)))
-        chunks = tuple((a, min(a + step, stop)) for a in range(start, stop, step))
-        segments.append(Segment(miner, start, stop, chunks))
+        segments.append(Segment(miner, start, stop, _cut(start, stop, step, min_chunk_elems)))
         start = stop
     return tuple(segments)
+
+
+def _cut(start: int, stop: int, step: int, smallest: int) -> tuple[tuple[int, int], ...]:
+    """[start, stop) in chunks of `step` elements (one shorter before the end), except at either end: there
+    they double from `smallest` up to under `step`, and halve back down to it. The two ramps take under two
+    steps, and a segment cut in steps larger than `smallest` holds at least three, so they always fit."""
+    if start == stop:
+        return ()
+    ramp = []
+    while (size := smallest << len(ramp)) < step:
+        ramp.append(size)
+    head = list(itertools.accumulate(ramp, initial=start))
+    tail = list(itertools.accumulate(ramp, lambda at, size: at - size, initial=stop))[::-1]
+    cuts = head + list(range(head[-1] + step, tail[0], step)) + tail
+    return tuple(zip(cuts, cuts[1:], strict=False))
 
 
 @functools.lru_cache(maxsize=PLANS_KEPT)

@@ -20,8 +20,9 @@ def equal_links(n: int, m: int, bps: float, delay_s: float) -> model.Trial:
 def test_equal_links_give_the_bounds_plus_the_fitted_costs_and_round_trips():
     n, m, d, bps, delay = 4, 2, 64 * MIB, 12.5e6, 0.0125
     t = equal_links(n, m, bps, delay)
-    chunk = model.chunk_bytes(n, m, d)
-    assert chunk == 256 * 1024  # the planner's: 32 MiB segments in 128 chunks
+    sizes = model.chunk_sizes(n, m, d)  # the planner's: 32 MiB segments in 128 chunks, ramps from 64 KiB
+    assert sizes[:3] == [64 * 1024, 128 * 1024, 256 * 1024] and sum(sizes) == d // m
+    chunk = sizes[0]
     relay = model.relay_time(t, np.arange(n), np.arange(m), d, chunk)
     transfer = max(d / bps, n * d / (m * bps)) / model.WIRE  # the miners' term rules: 2 miners for 4 peers
     assert relay == pytest.approx(transfer + 2 * chunk * m / bps + 2 * 0.05 + model.RELAY_ROUND_S)

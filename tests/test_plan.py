@@ -24,22 +24,28 @@ weights_st = (
 sizes_st = st.integers(0, 10**7).flatmap(lambda n: st.tuples(st.just(n), st.integers(max(1, n // 2000), 10**7)))
 
 
-@given(sizes=sizes_st, weights=weights_st)
-def test_plan_covers_every_element_once_in_order(sizes, weights):
+@given(sizes=sizes_st, weights=weights_st, smallest=st.integers(1, 10**5))
+def test_plan_covers_every_element_once_in_order(sizes, weights, smallest):
     numel, chunk = sizes
-    segments = plan_segments(numel, weights, chunk)
+    segments = plan_segments(numel, weights, chunk, min_chunk_elems=smallest)
     assert [s.miner for s in segments] == list(range(len(weights)))
     assert segments[0].start == 0 and segments[-1].stop == numel
     for before, after in zip(segments, segments[1:], strict=False):
         assert before.stop == after.start
     for s in segments:
         pieces = [b - a for a, b in s.chunks]
-        assert sum(pieces) == s.numel
-        assert all(1 <= n <= chunk for n in pieces)
-        assert len(s.chunks) <= max(CHUNKS_PER_SEGMENT, -(-s.numel // chunk))
-        if pieces:  # equal chunks of 1/CHUNKS_PER_SEGMENT of the segment (or the job's chunk), a shorter last one
-            assert pieces[0] == min(chunk, -(-s.numel // CHUNKS_PER_SEGMENT))
-            assert set(pieces[:-1]) <= {pieces[0]} and pieces[-1] <= pieces[0]
+        assert sum(pieces) == s.numel and all(1 <= n <= chunk for n in pieces)
+        assert [a for a, _ in s.chunks[1:]] == [b for _, b in s.chunks[:-1]]
+        if not pieces:
+            continue
+        # chunks of 1/CHUNKS_PER_SEGMENT of the segment, within the job's chunk and over the floor, one of them
+        # shorter; at both ends a ramp doubling from the floor
+        step = min(chunk, max(smallest, -(-s.numel // CHUNKS_PER_SEGMENT)))
+        ramp = [smallest * 2**k for k in range(64) if smallest * 2**k < step]
+        assert pieces[: len(ramp)] == ramp and pieces[len(pieces) - len(ramp) :] == ramp[::-1]
+        steady = pieces[len(ramp) : len(pieces) - len(ramp)]
+        assert steady and sum(n != step for n in steady) <= 1 and max(steady) <= step
+        assert len(steady) <= max(CHUNKS_PER_SEGMENT, -(-s.numel // chunk))
 
 
 @given(sizes=sizes_st, weights=weights_st)
@@ -85,11 +91,14 @@ def test_bad_weights_are_refused(weights, message):
 def test_a_segment_is_cut_into_chunks_per_segment_within_the_job_chunk_size_and_the_floor():
     slots = (MinerSlot(1, "a", "127.0.0.1:1", 1.0), MinerSlot(2, "b", "127.0.0.1:2", 1.0))
     job = JobSpec("j", "j", 2, slots, chunk_bytes=4 << 20, timeout_s=1, max_bytes=1 << 30)
-    big = plan_round(job, TensorSpec("float32", (16 << 20,)))  # 2 x 32 MiB
-    assert [len(s.chunks) for s in big] == [CHUNKS_PER_SEGMENT] * 2
-    assert big[0].chunks[0] == (0, (32 << 20) // CHUNKS_PER_SEGMENT // 4)  # under the job's 4 MiB
+    big = plan_round(job, TensorSpec("float32", (16 << 20,)))  # 2 x 32 MiB: 256 KiB chunks, under the job's 4 MiB
+    kib = [[(b - a) * 4 // 1024 for a, b in s.chunks] for s in big]
+    assert kib == [[64, 128] + [256] * 126 + [128, 128, 64]] * 2  # ramps from the 64 KiB floor at both ends
     huge = plan_round(job, TensorSpec("float64", (1 << 28,)))  # 2 x 1 GiB: the job's 4 MiB rules
-    assert huge[0].chunks[0] == (0, (4 << 20) // 8) and len(huge[0].chunks) == 256
+    mib = [(b - a) * 8 / (1 << 20) for a, b in huge[0].chunks]
+    assert mib[:7] == [1 / 16, 1 / 8, 1 / 4, 1 / 2, 1, 2, 4]
+    assert mib[-8:] == [4, 1 / 8, 2, 1, 1 / 2, 1 / 4, 1 / 8, 1 / 16]  # what the steps leave, then the ramp down
+    assert len(mib) == 6 + 255 + 6  # the ramps take 4 MiB less 1/16 each
     small = plan_round(job, TensorSpec("float64", (MIN_SEGMENT_BYTES // 4,)))  # 2 x 64 KiB: one chunk each
     assert [s.chunks for s in small] == [((0, 8192),), ((8192, 16384),)]
     floor = plan_round(job, TensorSpec("float32", (MIN_CHUNK_BYTES,)))  # segments of two floors each
