@@ -57,7 +57,7 @@ class BenchmarkActor:
         del tensors
         peer = Peer(rank, spec.peer_count, job=spec.name, wire=self._wire, netuid=self._netuid)
         peer.attach(spec, self._identity, Verifier(self._identity.hotkey, self._metagraph), secret=secret)
-        start = time.perf_counter()
+        started_at, start = time.time(), time.perf_counter()
         try:
             peer.all_reduce(mine, OP)
             seconds = time.perf_counter() - start
@@ -72,4 +72,4 @@ class BenchmarkActor:
         finally:
             peer.destroy_process_group()
         self._runs += 1
-        return BenchmarkResult(miner.uid, miner.hotkey, numel * DTYPE.itemsize, seconds, outcome, detail)
+        return BenchmarkResult(miner.uid, miner.hotkey, numel * DTYPE.itemsize, seconds, outcome, detail, started_at)

@@ -255,7 +255,8 @@ class Outcome(str, Enum):
 
 @dataclass(frozen=True)
 class BenchmarkResult:
-    """A benchmark bot's measurement of one miner: end-to-end seconds, the outcome, and what went wrong."""
+    """A benchmark bot's measurement of one miner: end-to-end seconds from `started_at` (wall clock, s), the
+    outcome, and what went wrong."""
 
     miner_uid: int
     miner_hotkey: str
@@ -263,6 +264,7 @@ class BenchmarkResult:
     seconds: float
     outcome: Outcome
     detail: str
+    started_at: float
 
 
 @dataclass(frozen=True)

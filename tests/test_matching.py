@@ -110,3 +110,19 @@ def test_water_filled_shares_stay_within_capacity_and_sum_to_one_whenever_capaci
     for m, miner in enumerate(chosen):  # every miner holds at most its capacity, counting redundant copies
         held = sum(plan[s].numel for s in range(n) if m in failover_order(s, n)[:redundancy])
         assert held * itemsize <= miner.capacity
+
+
+def test_a_benchmark_is_timed_from_its_last_rank_start_to_its_last_rank_end():
+    from actors.validator.benchmarks import combined
+    from mapreduce_ray.messages import BenchmarkResult, Outcome
+
+    def rank(started_at: float, seconds: float, outcome=Outcome.EXACT) -> BenchmarkResult:
+        return BenchmarkResult(7, "m", MIB, seconds, outcome, "", started_at)
+
+    # rank 1 drew its data 0.3 s sooner and waited for rank 2: the miner served them in 5.5 s, not 5.8 s
+    both = combined([rank(100.0, 5.8), rank(100.3, 5.4)])
+    assert both.seconds == pytest.approx(5.5) and both.started_at == 100.3 and both.outcome is Outcome.EXACT
+    # clocks that disagree cannot bend it below the last rank's own time, nor above the longest rank's
+    assert combined([rank(100.0, 5.8), rank(200.0, 5.4)]).seconds == pytest.approx(5.4)
+    assert combined([rank(100.0, 5.8), rank(90.0, 5.4)]).seconds == pytest.approx(5.8)
+    assert combined([rank(100.0, 5.8), rank(100.0, 1.0, Outcome.WRONG)]).outcome is Outcome.WRONG

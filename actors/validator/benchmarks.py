@@ -4,8 +4,9 @@ The validator's loop starts one for each miner due (`start_due`) and collects th
 (`collect`); a job whose miners must prove more capacity, or a peer asking for its job's miners
 to be measured (`measure_job`), has them benchmarked at once (`prove`). A benchmark admits a bot
 of the validator's at each rank (drawn at random from the free ones), made as a live job's spec
-is, with a job secret so its results are checked as a live job's are; its slowest rank's time
-and worst rank's outcome are the result, recorded in the ledger (a wrong result is a strike).
+is, with a job secret so its results are checked as a live job's are; its time from its last
+rank's start to its last rank's end (bots' wall clocks) and its worst rank's outcome are the
+result, recorded in the ledger (a wrong result is a strike).
 """
 
 from __future__ import annotations
@@ -282,6 +283,12 @@ class Benchmarks:
 
 
 def combined(results: list[BenchmarkResult]) -> BenchmarkResult:
-    """One benchmark's result from its ranks': the slowest rank's time and the worst rank's outcome."""
+    """One benchmark's result from its ranks': the worst rank's outcome, and the time from when the last rank
+    started to when the last one ended. Before every rank started the miner could deliver no chunk, so a bot
+    that started early (another took longer to draw its data) does not count its wait against the miner."""
     worst = min(results, key=lambda r: WORST_FIRST.index(r.outcome))
-    return replace(worst, seconds=max(r.seconds for r in results))
+    last = max(results, key=lambda r: r.started_at)
+    span = max(r.started_at + r.seconds for r in results) - last.started_at
+    # within what the clocks cannot bend: the last rank's own time, and the longest rank's
+    seconds = min(max(span, last.seconds), max(r.seconds for r in results))
+    return replace(worst, seconds=seconds, started_at=last.started_at)
