@@ -215,8 +215,12 @@ def run_config(config: Config, args) -> list[dict]:
             "verify": {"fraction": args.verify_fraction},
             "benchmark": {"bots": [hotkey for _, hotkey in bots], "interval_s": 3600},  # one per benchmark rank
         }
-        uid, validator = start_validator(chain, ValidatorConfig.from_dict(settings), listen=f"{netns.BRIDGE_IP}:0")
-        wait_benchmarked(validator, args.miners)
+        validator_config = ValidatorConfig.from_dict(settings)
+        uid, validator = start_validator(chain, validator_config, listen=f"{netns.BRIDGE_IP}:0")
+        ranks = validator_config.benchmark.peers
+        measured = [rank_bps * ranks for rank_bps in wait_benchmarked(validator, args.miners)]
+        shares = ", ".join(f"{8e-6 * m:.1f} Mbit/s ({m / sum(measured):.3f})" for m in measured)
+        print(f"the validator measured the miners taking in (their shares of a tensor): {shares}", flush=True)
         client = chain.open()
         control = Control(args.peers)
         stack.callback(control.close)
@@ -294,10 +298,14 @@ class Sampler:
         return "\n".join(lines)
 
 
-def wait_benchmarked(validator, miners: int) -> None:
-    """Until the validator measured every miner."""
+def wait_benchmarked(validator, miners: int) -> list[float]:
+    """Until the validator measured every miner; what it measured, by uid: bytes/s per benchmark rank (a job's
+    segments are sized in their proportion)."""
     deadline = time.monotonic() + NODE_TIMEOUT_S
-    while sum(row["capacity"] > 0 for row in ray.get(validator.miners.remote(), timeout=NODE_TIMEOUT_S)) < miners:
+    while True:
+        rows = ray.get(validator.miners.remote(), timeout=NODE_TIMEOUT_S)
+        if sum(row["capacity"] > 0 for row in rows) >= miners:
+            return [row["throughput"] for row in rows]
         if time.monotonic() > deadline:
             raise RuntimeError(f"the validator did not benchmark {miners} miner(s) within {NODE_TIMEOUT_S:g} s")
         time.sleep(0.5)
