@@ -112,7 +112,7 @@ def plan_segments(
 ) -> tuple[Segment, ...]:
     """One segment per miner (possibly empty), covering [0, numel) in order; at most `limits[i]` elements in
     segment i (None: no limit). A segment's chunks hold 1/CHUNKS_PER_SEGMENT of it, within [min_chunk_elems,
-    chunk_elems] elements."""
+    chunk_elems] elements, ramping from min_chunk_elems at both ends."""
     if chunk_elems < 1:
         raise ValueError(f"chunk_elems must be >= 1, got {chunk_elems}")
     sizes = split_by_weight(numel, weights) if limits is None else split_within(numel, weights, limits)
