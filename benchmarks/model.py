@@ -113,7 +113,7 @@ def relay_time(t: Trial, peers: np.ndarray, miners: np.ndarray, nbytes: int, chu
     n, m = len(peers), len(miners)
     slowest = t.peer_bps[peers].min()
     transfer = max(nbytes / slowest, n * nbytes / t.miner_bps[miners].sum()) / WIRE
-    pipeline = 2 * chunk * m / slowest
+    pipeline = 2 * min(chunk, nbytes / m) * m / slowest
     rtt = 2 * (t.peer_delay[peers].max() + t.miner_delay[miners].max())
     return transfer + pipeline + 2 * rtt + RELAY_ROUND_S
 

@@ -41,3 +41,13 @@ def test_jobs_deal_the_fastest_miners_round_the_jobs_and_receipts_grow_with_peer
     assert len(jobs) == 8 and list(jobs[0][0]) == list(range(8)) and list(jobs[0][1]) == list(range(0, 64, 8))
     small, large = model.reduced_bytes(8), model.reduced_bytes(64)
     assert 130 * 56 < large - small < 200 * 56  # each peer adds its digest and sealed sketch
+
+
+def test_a_tensor_smaller_than_a_chunk_per_miner_fills_the_pipeline_once():
+    n, m, d, bps, delay = 4, 8, 4 * 1024, 12.5e6, 0.0125
+    t = equal_links(n, m, bps, delay)
+    chunk = model.chunk_sizes(n, m, d)[0]
+    assert chunk == d  # one miner takes all of it
+    relay = model.relay_time(t, np.arange(n), np.arange(m), d, chunk)
+    transfer = max(d / bps, n * d / (m * bps)) / model.WIRE
+    assert relay == pytest.approx(transfer + 2 * d / bps + 2 * 0.05 + model.RELAY_ROUND_S)
