@@ -44,6 +44,7 @@ from mapreduce_ray.chain import ChainConfig  # noqa: E402
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
 HEAD_STOP_GRACE_S = 5.0
+HEAD_START_ATTEMPTS = 3
 CHUNK_MIB = 0.25  # small chunks, so a 1 MiB tensor travels in several pieces
 TIMEOUT_S = 30.0
 # Benchmarks once, at the start; every round the tests run is checked, so an honest miner that
@@ -142,7 +143,29 @@ class RayHead:
 @contextlib.contextmanager
 def ray_head(env: dict, *, dashboard: bool = False, timeout_s: float = 120.0) -> Iterator[RayHead]:
     """`ray start --head --block` on loopback with `env`, in a process group and temp dir of its own, so stopping
-    it never touches the test session's Ray; stopped with SIGTERM, then SIGKILL for what is left."""
+    it never touches the test session's Ray; stopped with SIGTERM, then SIGKILL for what is left.
+
+    Its ports come from `free_port`, so another process can bind one first; a head that exits while starting is
+    started again on fresh ports (HEAD_START_ATTEMPTS in all)."""
+    for _ in range(HEAD_START_ATTEMPTS):
+        proc, head, temp_dir = _start_head(env, dashboard)
+        up = False
+        try:
+            up = _wait_until_up(proc, head, temp_dir, timeout_s)
+        finally:
+            if not up:
+                _stop_head(proc, temp_dir)
+        if up:
+            break
+    else:
+        raise RuntimeError(f"ray start --head exited while starting, {HEAD_START_ATTEMPTS} times")
+    try:
+        yield head
+    finally:
+        _stop_head(proc, temp_dir)
+
+
+def _start_head(env: dict, dashboard: bool) -> tuple[subprocess.Popen, RayHead, str]:
     gcs, dashboard_port, temp_dir = free_port(), free_port(), tempfile.mkdtemp(prefix="ray-head-")
     command = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block"]
     command += [f"--port={gcs}", "--node-ip-address=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats"]
@@ -152,33 +175,39 @@ def ray_head(env: dict, *, dashboard: bool = False, timeout_s: float = 120.0) ->
     proc = subprocess.Popen(
         command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
     )
-    head = RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard_port}" if dashboard else None)
-    try:
-        _wait_until_up(proc, head, timeout_s)
-        yield head
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=HEAD_STOP_GRACE_S)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    return proc, RayHead(f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dashboard_port}" if dashboard else None), temp_dir
 
 
-def _wait_until_up(proc: subprocess.Popen, head: RayHead, timeout_s: float) -> None:
+def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=HEAD_STOP_GRACE_S)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _wait_until_up(proc: subprocess.Popen, head: RayHead, temp_dir: str, timeout_s: float) -> bool:
+    """True once the head has written its own address (`ray start` does so when its GCS and raylet run) and still
+    runs, with its dashboard answering if it has one; False if it exited first. An open port alone proves nothing:
+    another process may hold it."""
     deadline = time.monotonic() + timeout_s
-    host, port = head.address.split(":")
-    while True:
+    address_file = os.path.join(temp_dir, "ray_current_cluster")
+    while proc.poll() is None:
         try:
-            socket.create_connection((host, int(port)), timeout=1).close()
-            if head.dashboard:
+            with open(address_file) as f:
+                written = f.read().strip() == head.address
+            if written and head.dashboard:
                 urllib.request.urlopen(f"{head.dashboard}/api/version", timeout=5).close()
-            return
+            if written and proc.poll() is None:
+                return True
         except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"ray start --head did not come up within {timeout_s:g} s") from None
-            time.sleep(0.3)
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ray start --head did not come up within {timeout_s:g} s")
+        time.sleep(0.3)
+    return False
 
 
 # A trainer party's run in the multi-party tests: its own Ray (in the job), the seed tutorial's flow
