@@ -8,10 +8,14 @@ within one element of its ideal. A miner holds no more than its verified capacit
 a segment whose share would exceed it gets what fits, and the rest is split again
 among the others by weight (water-filling). Each segment is cut into chunks so reduction
 and download overlap with upload. Nothing overlaps a segment's first upload or its last
-download, so a segment gets CHUNKS_PER_SEGMENT chunks (each costs that fraction of its time),
-none larger than the job's chunk size, and none smaller than MIN_CHUNK_BYTES or
+download, so a segment gets up to CHUNKS_PER_SEGMENT chunks (each costs that fraction of its
+time), none larger than the job's chunk size, and none smaller than MIN_CHUNK_BYTES or
 CHUNK_BYTES_PER_PEER per peer: each chunk travels beside signed messages that name every
 peer's digest and sketch (about 140 bytes per peer), which then stay under 1% of its bytes.
+Every chunk also costs each party a fixed amount of CPU (signing, checking, a message per
+peer), so on a fast link a chunk is no smaller than what its miner, at the intake its last
+benchmark measured, takes in from every peer in CHUNK_INTAKE_S: fast miners get fewer,
+larger chunks, and a slow link still gets small ones.
 The chunks at either end of a segment are smaller still: they double from that floor up to
 the segment's chunk size and halve back down to it at the end, so a miner has every peer's
 first chunk, and a peer its last result, after a floor's time rather than a chunk's (the
@@ -38,6 +42,7 @@ MIN_SEGMENT_BYTES = 64 * 1024
 CHUNKS_PER_SEGMENT = 128
 MIN_CHUNK_BYTES = 64 * 1024
 CHUNK_BYTES_PER_PEER = 16 * 1024
+CHUNK_INTAKE_S = 0.02  # a chunk from every peer takes at least this long at its miner's measured intake
 CAPACITY_ALIGN = 16  # bytes; every dtype's itemsize divides it, so a segment's limit holds whole elements of any
 
 
@@ -109,18 +114,22 @@ def plan_segments(
     chunk_elems: int,
     limits: tuple[int, ...] | None = None,
     min_chunk_elems: int = 1,
+    paced_elems: tuple[int, ...] | None = None,
 ) -> tuple[Segment, ...]:
     """One segment per miner (possibly empty), covering [0, numel) in order; at most `limits[i]` elements in
-    segment i (None: no limit). A segment's chunks hold 1/CHUNKS_PER_SEGMENT of it, within [min_chunk_elems,
-    chunk_elems] elements, ramping from min_chunk_elems at both ends."""
+    segment i (None: no limit). A segment's chunks hold 1/CHUNKS_PER_SEGMENT of it, or `paced_elems[i]` if
+    more (but at most a quarter of it), within [min_chunk_elems, chunk_elems] elements, ramping from
+    min_chunk_elems at both ends."""
     if chunk_elems < 1:
         raise ValueError(f"chunk_elems must be >= 1, got {chunk_elems}")
     sizes = split_by_weight(numel, weights) if limits is None else split_within(numel, weights, limits)
+    paced = paced_elems or (0,) * len(sizes)
     segments = []
     start = 0
     for miner, size in enumerate(sizes):
         stop = start + size
-        step = min(chunk_elems, max(min_chunk_elems, -(-size // CHUNKS_PER_SEGMENT)))
+        fraction = max(-(-size // CHUNKS_PER_SEGMENT), min(paced[miner], size // 4))
+        step = min(chunk_elems, max(min_chunk_elems, fraction))
         segments.append(Segment(miner, start, stop, _cut(start, stop, step, min_chunk_elems)))
         start = stop
     return tuple(segments)
@@ -128,8 +137,8 @@ def plan_segments(
 
 def _cut(start: int, stop: int, step: int, smallest: int) -> tuple[tuple[int, int], ...]:
     """[start, stop) in chunks of `step` elements (one shorter before the end), except at either end: there
-    they double from `smallest` up to under `step`, and halve back down to it. The two ramps take under two
-    steps, and a segment cut in steps larger than `smallest` holds at least three, so they always fit."""
+    they double from `smallest` up to under `step`, and halve back down to it. Each ramp takes under two
+    steps, and a segment cut in steps larger than `smallest` holds at least four, so they always fit."""
     if start == stop:
         return ()
     ramp = []
@@ -143,15 +152,16 @@ def _cut(start: int, stop: int, step: int, smallest: int) -> tuple[tuple[int, in
 
 @functools.lru_cache(maxsize=PLANS_KEPT)
 def plan_round(job: JobSpec, tensor: TensorSpec) -> tuple[Segment, ...]:
-    """The plan of one round: the job's miner weights, capacities and chunk size applied to a tensor (kept for
-    the next rounds of the same shape)."""
+    """The plan of one round: the job's miner weights, throughputs, capacities and chunk size applied to a
+    tensor (kept for the next rounds of the same shape)."""
     itemsize = tensor.dtype_info.itemsize
     chunk_elems = max(1, job.chunk_bytes // itemsize)
     min_chunk_elems = max(MIN_CHUNK_BYTES, job.peer_count * CHUNK_BYTES_PER_PEER) // itemsize
     limits = segment_limits(tuple(m.capacity for m in job.miners), job.redundancy)
     elems = None if limits is None else tuple(limit // itemsize for limit in limits)
     weights = _weights_for(job.miner_weights, tensor.nbytes)
-    return plan_segments(tensor.numel, weights, chunk_elems, elems, min_chunk_elems)
+    paced = tuple(int(m.throughput * CHUNK_INTAKE_S / job.peer_count) // itemsize for m in job.miners)
+    return plan_segments(tensor.numel, weights, chunk_elems, elems, min_chunk_elems, paced)
 
 
 def segment_limits(capacities: tuple[int, ...], redundancy: int) -> tuple[int, ...] | None:

@@ -6,6 +6,7 @@ from hypothesis import strategies as st
 
 from mapreduce_ray.plan import (
     CHUNK_BYTES_PER_PEER,
+    CHUNK_INTAKE_S,
     CHUNKS_PER_SEGMENT,
     MIN_CHUNK_BYTES,
     MIN_SEGMENT_BYTES,
@@ -24,10 +25,11 @@ weights_st = (
 sizes_st = st.integers(0, 10**7).flatmap(lambda n: st.tuples(st.just(n), st.integers(max(1, n // 2000), 10**7)))
 
 
-@given(sizes=sizes_st, weights=weights_st, smallest=st.integers(1, 10**5))
-def test_plan_covers_every_element_once_in_order(sizes, weights, smallest):
+@given(sizes=sizes_st, weights=weights_st, smallest=st.integers(1, 10**5), pace=st.integers(0, 10**7))
+def test_plan_covers_every_element_once_in_order(sizes, weights, smallest, pace):
     numel, chunk = sizes
-    segments = plan_segments(numel, weights, chunk, min_chunk_elems=smallest)
+    paced = tuple(pace >> i for i in range(len(weights)))  # miners of different measured intakes
+    segments = plan_segments(numel, weights, chunk, min_chunk_elems=smallest, paced_elems=paced)
     assert [s.miner for s in segments] == list(range(len(weights)))
     assert segments[0].start == 0 and segments[-1].stop == numel
     for before, after in zip(segments, segments[1:], strict=False):
@@ -38,9 +40,9 @@ def test_plan_covers_every_element_once_in_order(sizes, weights, smallest):
         assert [a for a, _ in s.chunks[1:]] == [b for _, b in s.chunks[:-1]]
         if not pieces:
             continue
-        # chunks of 1/CHUNKS_PER_SEGMENT of the segment, within the job's chunk and over the floor, one of them
-        # shorter; at both ends a ramp doubling from the floor
-        step = min(chunk, max(smallest, -(-s.numel // CHUNKS_PER_SEGMENT)))
+        # chunks of 1/CHUNKS_PER_SEGMENT of the segment or its miner's paced size (up to a quarter of it), within
+        # the job's chunk and over the floor, one of them shorter; at both ends a ramp doubling from the floor
+        step = min(chunk, max(smallest, -(-s.numel // CHUNKS_PER_SEGMENT), min(paced[s.miner], s.numel // 4)))
         ramp = [smallest * 2**k for k in range(64) if smallest * 2**k < step]
         assert pieces[: len(ramp)] == ramp and pieces[len(pieces) - len(ramp) :] == ramp[::-1]
         steady = pieces[len(ramp) : len(pieces) - len(ramp)]
@@ -77,6 +79,19 @@ def test_plan_round_cuts_chunks_by_bytes():
     segments = plan_round(job, TensorSpec("float64", (3, 100_000)))  # 2.4 MB: both miners
     assert [(s.start, s.stop) for s in segments] == [(0, 150_000), (150_000, 300_000)]
     assert segments[0].chunks[:2] == ((0, 128), (128, 256)) and segments[0].chunks[-1] == (149_888, 150_000)
+
+
+def test_a_miner_measured_fast_gets_fewer_larger_chunks_up_to_the_jobs_chunk_size():
+    """Each peer's chunk fills CHUNK_INTAKE_S of its miner's measured intake shared by the peers: 25 MB/s over 2
+    peers is 250,000 bytes (62,500 float32 elements); 1 GB/s would be 10 MB, held to the job's 1 MiB."""
+    slots = tuple(
+        MinerSlot(uid, f"m{uid}", f"127.0.0.1:{uid}", 1.0, throughput)
+        for uid, throughput in ((1, 25e6), (2, 1e9), (3, 0.0))
+    )
+    job = JobSpec("j", "j", 2, slots, chunk_bytes=1 << 20, timeout_s=1, max_bytes=1 << 30)
+    segments = plan_round(job, TensorSpec("float32", (3 << 22,)))  # 16 MiB a segment
+    steps = [max(b - a for a, b in s.chunks) for s in segments]
+    assert CHUNK_INTAKE_S == 0.02 and steps == [62_500, (1 << 20) // 4, (16 << 20) // 4 // CHUNKS_PER_SEGMENT]
 
 
 @pytest.mark.parametrize(
