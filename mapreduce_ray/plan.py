@@ -118,8 +118,8 @@ def plan_segments(
 ) -> tuple[Segment, ...]:
     """One segment per miner (possibly empty), covering [0, numel) in order; at most `limits[i]` elements in
     segment i (None: no limit). A segment's chunks hold 1/CHUNKS_PER_SEGMENT of it, or `paced_elems[i]` if
-    more (but at most a quarter of it), within [min_chunk_elems, chunk_elems] elements, ramping from
-    min_chunk_elems at both ends."""
+    more (all of it, or else at most a quarter of it), within [min_chunk_elems, chunk_elems] elements, ramping
+    from min_chunk_elems at both ends; a segment no longer than its chunk is one chunk."""
     if chunk_elems < 1:
         raise ValueError(f"chunk_elems must be >= 1, got {chunk_elems}")
     sizes = split_by_weight(numel, weights) if limits is None else split_within(numel, weights, limits)
@@ -128,8 +128,10 @@ def plan_segments(
     start = 0
     for miner, size in enumerate(sizes):
         stop = start + size
-        fraction = max(-(-size // CHUNKS_PER_SEGMENT), min(paced[miner], size // 4))
-        step = min(chunk_elems, max(min_chunk_elems, fraction))
+        least = max(min_chunk_elems, -(-size // CHUNKS_PER_SEGMENT))
+        step = min(chunk_elems, max(least, paced[miner]))
+        if step < size:  # cut in at least four steps, so the ramps fit
+            step = min(step, max(least, size // 4))
         segments.append(Segment(miner, start, stop, _cut(start, stop, step, min_chunk_elems)))
         start = stop
     return tuple(segments)
@@ -141,6 +143,8 @@ def _cut(start: int, stop: int, step: int, smallest: int) -> tuple[tuple[int, in
     steps, and a segment cut in steps larger than `smallest` holds at least four, so they always fit."""
     if start == stop:
         return ()
+    if stop - start <= step:
+        return ((start, stop),)
     ramp = []
     while (size := smallest << len(ramp)) < step:
         ramp.append(size)

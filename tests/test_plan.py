@@ -40,9 +40,14 @@ def test_plan_covers_every_element_once_in_order(sizes, weights, smallest, pace)
         assert [a for a, _ in s.chunks[1:]] == [b for _, b in s.chunks[:-1]]
         if not pieces:
             continue
-        # chunks of 1/CHUNKS_PER_SEGMENT of the segment or its miner's paced size (up to a quarter of it), within
+        # chunks of 1/CHUNKS_PER_SEGMENT of the segment or its miner's paced size (all of it or up to a quarter), within
         # the job's chunk and over the floor, one of them shorter; at both ends a ramp doubling from the floor
-        step = min(chunk, max(smallest, -(-s.numel // CHUNKS_PER_SEGMENT), min(paced[s.miner], s.numel // 4)))
+        least = max(smallest, -(-s.numel // CHUNKS_PER_SEGMENT))
+        step = min(chunk, max(least, paced[s.miner]))
+        if s.numel <= step:
+            assert pieces == [s.numel]  # a segment no longer than its chunk is one chunk
+            continue
+        step = min(step, max(least, s.numel // 4))
         ramp = [smallest * 2**k for k in range(64) if smallest * 2**k < step]
         assert pieces[: len(ramp)] == ramp and pieces[len(pieces) - len(ramp) :] == ramp[::-1]
         steady = pieces[len(ramp) : len(pieces) - len(ramp)]
@@ -83,7 +88,8 @@ def test_plan_round_cuts_chunks_by_bytes():
 
 def test_a_miner_measured_fast_gets_fewer_larger_chunks_up_to_the_jobs_chunk_size():
     """Each peer's chunk fills CHUNK_INTAKE_S of its miner's measured intake shared by the peers: 25 MB/s over 2
-    peers is 250,000 bytes (62,500 float32 elements); 1 GB/s would be 10 MB, held to the job's 1 MiB."""
+    peers is 250,000 bytes (62,500 float32 elements); 1 GB/s would be 10 MB, held to the job's 1 MiB; a miner
+    not measured gets 1/CHUNKS_PER_SEGMENT of its segment."""
     slots = tuple(
         MinerSlot(uid, f"m{uid}", f"127.0.0.1:{uid}", 1.0, throughput)
         for uid, throughput in ((1, 25e6), (2, 1e9), (3, 0.0))
