@@ -160,9 +160,9 @@ class ReplayingRelay(Cheater):
 
 
 class PausingRelay(Relay):
-    """Honest, but stalls at `point` of the first round of the first job after its first `after_jobs` (by
-    default, after its first benchmark), for twice the round's deadline (long enough for a test to kill it
-    there); its status says `paused` once it got there.
+    """Honest, but stalls at `point` of the first round of the first job after its first `after_jobs` (its
+    benchmarks, say), for twice the round's deadline (long enough for a test to kill it there); its status
+    says `paused` once it got there.
 
     Points: "received" (the first chunk's inputs all in, nothing sent), "reducing" (the first chunk
     sent, the next not), "reduced" (every chunk reduced, the last not sent).
@@ -170,7 +170,7 @@ class PausingRelay(Relay):
 
     POINTS = ("received", "reducing", "reduced")
 
-    def __init__(self, *args, point: str, after_jobs: int = 1):
+    def __init__(self, *args, point: str, after_jobs: int):
         super().__init__(*args)
         if point not in self.POINTS:
             raise ValueError(f"point must be one of {self.POINTS}, got {point!r}")

@@ -74,18 +74,20 @@ class LocalSubnet:
             ray.kill(actor)
 
     def wait_benchmarked(self, timeout_s: float, miners: list | None = None) -> list[dict]:
-        """Wait until the validator has benchmarked `miners` (default: all of the subnet's) and freed them for
-        jobs; their ledger rows. RuntimeError naming the miners that did not pass in time."""
+        """Wait until the validator has benchmarked `miners` (default: all of the subnet's) as often as their
+        throughput takes (`benchmark.best_of` passes) and freed them for jobs; their ledger rows. RuntimeError
+        naming the miners that did not pass in time."""
         uids = {ray.get(m.status.remote(), timeout=timeout_s)["uid"] for m in miners or self.miners}
+        passes = self.config.benchmark.best_of
         deadline = time.monotonic() + timeout_s
         while True:
             rows = [r for r in ray.get(self.validator.miners.remote(), timeout=timeout_s) if r["uid"] in uids]
-            unproven = sorted(uids - {r["uid"] for r in rows if r["capacity"] > 0 and r["state"] != "busy"})
+            unproven = sorted(uids - {r["uid"] for r in rows if r["measured"] >= passes and r["state"] != "busy"})
             if not unproven:
                 return rows
             if time.monotonic() > deadline:
                 raise RuntimeError(
-                    f"miner(s) {unproven} passed no benchmark within {timeout_s:g} s: "
+                    f"miner(s) {unproven} did not pass {passes} benchmark(s) within {timeout_s:g} s: "
                     f"{[r for r in rows if r['uid'] in unproven]}"
                 )
             time.sleep(POLL_S)

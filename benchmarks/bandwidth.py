@@ -217,8 +217,10 @@ def run_config(config: Config, args) -> list[dict]:
         }
         validator_config = ValidatorConfig.from_dict(settings)
         uid, validator = start_validator(chain, validator_config, listen=f"{netns.BRIDGE_IP}:0")
-        ranks = validator_config.benchmark.peers
-        measured = [rank_bps * ranks for rank_bps in wait_benchmarked(validator, args.miners)]
+        benchmark = validator_config.benchmark
+        measured = [
+            rank_bps * benchmark.peers for rank_bps in wait_benchmarked(validator, args.miners, benchmark.best_of)
+        ]
         shares = ", ".join(f"{8e-6 * m:.1f} Mbit/s ({m / sum(measured):.3f})" for m in measured)
         print(f"the validator measured the miners taking in (their shares of a tensor): {shares}", flush=True)
         client = chain.open()
@@ -298,16 +300,18 @@ class Sampler:
         return "\n".join(lines)
 
 
-def wait_benchmarked(validator, miners: int) -> list[float]:
-    """Until the validator measured every miner; what it measured, by uid: bytes/s per benchmark rank (a job's
-    segments are sized in their proportion)."""
+def wait_benchmarked(validator, miners: int, times: int) -> list[float]:
+    """Until every miner's throughput rests on `times` passed benchmarks; what the validator measured, by uid:
+    bytes/s per benchmark rank (a job's segments are sized in their proportion)."""
     deadline = time.monotonic() + NODE_TIMEOUT_S
     while True:
         rows = ray.get(validator.miners.remote(), timeout=NODE_TIMEOUT_S)
-        if sum(row["capacity"] > 0 for row in rows) >= miners:
+        if sum(row["measured"] >= times for row in rows) >= miners:
             return [row["throughput"] for row in rows]
         if time.monotonic() > deadline:
-            raise RuntimeError(f"the validator did not benchmark {miners} miner(s) within {NODE_TIMEOUT_S:g} s")
+            raise RuntimeError(
+                f"the validator did not benchmark {miners} miner(s) {times} times within {NODE_TIMEOUT_S:g} s"
+            )
         time.sleep(0.5)
 
 

@@ -43,6 +43,11 @@ def faulty(local_ray):
     subnet.shutdown()
 
 
+def benchmarks(subnet) -> int:
+    """The jobs a new miner serves before any live one: the validator's benchmarks of it, back to back."""
+    return subnet.config.benchmark.best_of
+
+
 def add_miner(subnet, plan: MinerPlan) -> tuple:
     """Start one more miner on `subnet` and wait for its benchmark; (handle, uid)."""
     wallet = dev_wallet(subnet.chain.state_path, "dev-miner", f"extra-{uuid.uuid4().hex[:8]}")
@@ -93,7 +98,7 @@ def tensors_for(peer_count: int, numel: int, seed: int) -> list[torch.Tensor]:
 def test_a_miner_killed_or_late_in_a_round_is_replaced_and_every_peer_gets_the_exact_result(faulty, point):
     """Killed before the round, at a point of its reduce, or (late) stalled there past its deadline, alive."""
     pause_at = point if point in PausingRelay.POINTS else "received"
-    miner, uid = add_miner(faulty, MinerPlan(PausingRelay, {"point": pause_at}))
+    miner, uid = add_miner(faulty, MinerPlan(PausingRelay, {"point": pause_at, "after_jobs": benchmarks(faulty)}))
     peers = joined_peers(faulty, 3)
     assert uid in [slot.uid for slot in peers[0].spec.miners]
     tensors = tensors_for(3, 1 << 20, seed=len(point))  # 4 MiB: every segment travels in several chunks
@@ -120,7 +125,7 @@ def test_a_miner_killed_or_late_in_a_round_is_replaced_and_every_peer_gets_the_e
 
 
 def test_with_redundancy_2_a_wrong_miner_is_outvoted_and_struck(faulty):
-    cheater, uid = add_miner(faulty, MinerPlan(OneElementOffRelay, {"honest_jobs": 1}))
+    cheater, uid = add_miner(faulty, MinerPlan(OneElementOffRelay, {"honest_jobs": benchmarks(faulty)}))
     peers = joined_peers(faulty, 2, redundancy=2)
     spec = peers[0].spec
     assert spec.redundancy == 2 and uid in [slot.uid for slot in spec.miners]
@@ -141,10 +146,10 @@ def test_with_redundancy_2_a_wrong_miner_is_outvoted_and_struck(faulty):
 
 
 def test_a_miner_struck_during_a_job_leaves_it_at_the_same_round_at_every_peer(faulty):
-    """A miner honest in a job (its second) is caught by a benchmark a peer asks for meanwhile (its third job,
-    where it scales its sums). The peers tell each other of the strike in their verdicts, and from the round
+    """A miner honest in its benchmarks and a job is caught by a benchmark a peer asks for meanwhile (its next
+    job, where it scales its sums). The peers tell each other of the strike in their verdicts, and from the round
     after all of them told of it every peer leaves the miner out alike: no round fails, none takes it anything."""
-    cheater, uid = add_miner(faulty, MinerPlan(ScalingRelay, {"honest_jobs": 2}))
+    cheater, uid = add_miner(faulty, MinerPlan(ScalingRelay, {"honest_jobs": benchmarks(faulty) + 1}))
     peers = joined_peers(faulty, 2)
     assert uid in [slot.uid for slot in peers[0].spec.miners]
     took_in = []

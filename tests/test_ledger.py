@@ -60,6 +60,48 @@ def test_a_wrong_benchmark_result_earns_no_credit_until_one_passes(ledger):
     assert ledger.available() == [1, 2]
 
 
+def test_throughput_is_the_best_of_the_last_benchmarks_since_one_failed(tmp_path, clock):
+    ledger = MinerLedger(tmp_path / "best.sqlite", clock, best_of=3)
+    ledger.follow({1: "hk-1"})
+
+    def throughput(seconds: float, passed: bool = True) -> float:
+        ledger.record_benchmark(1, 64 * MIB, seconds, passed)
+        return ledger.records()[0].throughput
+
+    assert throughput(0.5) == 64 * MIB / 0.5
+    assert throughput(0.4) == 64 * MIB / 0.4  # faster: taken at once
+    assert throughput(0.8) == 64 * MIB / 0.4  # one slow round is not the link
+    assert throughput(0.8) == 64 * MIB / 0.4
+    assert throughput(0.8) == 64 * MIB / 0.8  # three in a row are: the 0.4 s one left the window
+    assert throughput(0.8, passed=False) == 0.0
+    assert throughput(1.0) == 64 * MIB / 1.0  # nothing from before the failure counts
+    ledger.follow({1: "hk-new"})
+    ledger.record_benchmark(1, 64 * MIB, 2.0, passed=True)
+    assert ledger.records()[0].throughput == 64 * MIB / 2.0  # nor anything of the uid's earlier hotkey
+
+
+def test_a_miner_that_passes_a_benchmark_is_due_until_its_throughput_rests_on_best_of(tmp_path, clock):
+    ledger = MinerLedger(tmp_path / "new.sqlite", clock, best_of=2)
+    ledger.follow({1: "hk-1", 2: "hk-2"})
+    ledger.record_benchmark(1, 64 * MIB, 0.5, passed=True)
+    ledger.record_benchmark(2, 64 * MIB, 0.5, passed=False)
+    assert ledger.due_for_benchmark(interval_s=600) == [1]  # a failed one waits out the interval
+    clock.now += 1
+    ledger.record_benchmark(1, 64 * MIB, 0.5, passed=True)
+    assert ledger.due_for_benchmark(interval_s=600) == []
+    ledger.record_benchmark(1, 64 * MIB, 0.5, passed=False)
+    ledger.record_benchmark(1, 64 * MIB, 0.5, passed=True)
+    assert ledger.due_for_benchmark(interval_s=600) == [1]  # nothing before the failure counts
+    ledger.follow({1: "hk-1"})  # uid 2 deregistered
+    ledger.follow({1: "hk-1", 2: "hk-2"})  # and back: measured afresh
+    assert ledger.due_for_benchmark(interval_s=600) == [2, 1]
+
+
+def test_a_ledger_keeps_the_best_of_at_least_one_benchmark(tmp_path):
+    with pytest.raises(MapReduceError, match=r"^a ledger keeps the best of at least 1 benchmark, not 0$"):
+        MinerLedger(tmp_path / "none.sqlite", best_of=0)
+
+
 def test_rounds_count_towards_reliability(ledger):
     for on_time in (True, True, False, True):
         ledger.record_rounds({1: on_time})

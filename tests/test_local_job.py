@@ -46,3 +46,5 @@ def test_impossible_settings_are_one_clear_line(tmp_path, job_config):
     assert done.stderr.strip().splitlines()[-1] == "error: op=avg of int32 would truncate; pass op=sum"
     with pytest.raises(ValueError, match=r"^validator.benchmark.size_mib must be positive, got 0.0$"):
         check_config(job_config("local", "validator.benchmark.size_mib=0"))
+    with pytest.raises(ValueError, match=r"^validator.benchmark.best_of must be at least 1, got 0$"):
+        check_config(job_config("local", "validator.benchmark.best_of=0"))

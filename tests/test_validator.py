@@ -29,12 +29,14 @@ from mapreduce_ray.errors import JobError, PeerLostError, ReplayedMessageError
 from mapreduce_ray.messages import Reports, RoundReport, encode
 from mapreduce_ray.protocol import METAGRAPH_MISS_REFRESH_S
 from mapreduce_ray.reference import reference_reduce
+from mapreduce_ray.validator.config import ValidatorConfig
 from mapreduce_ray.wire.auth import CALL_METHOD, call_headers
 from mapreduce_ray.wire.config import WireConfig
 from mapreduce_ray.wire.endpoint import Remote
 
 MIB = 1024 * 1024
 ROUNDS = 3
+BENCHMARKS = ValidatorConfig().benchmark.best_of  # a new miner's benchmarks, back to back: a cheater's honest jobs
 WAIT_S = 120
 
 
@@ -58,7 +60,8 @@ def uids_of(subnet) -> list[int]:
 
 @pytest.fixture(scope="module")
 def benchmarked(local_ray):
-    """An honest miner and one that returns zeros, each benchmarked once with 64 MiB."""
+    """An honest miner benchmarked `BENCHMARKS` times with 64 MiB, and one that returns zeros, struck at its
+    first."""
     subnet = start_local_subnet(
         [MinerPlan(), MinerPlan(ZerosRelay)],
         peers=0,
@@ -68,7 +71,12 @@ def benchmarked(local_ray):
         validator={"epoch_blocks": 10**9, "benchmark": {"size_mib": 64, "interval_s": 3600}},
     )
     honest, zeros = uids_of(subnet)
-    wait_for(lambda: all(ledger(subnet).get(u, {}).get("rounds_assigned") for u in (honest, zeros)), "benchmarks")
+
+    def ready() -> bool:
+        rows = ledger(subnet)
+        return rows.get(honest, {}).get("measured") == BENCHMARKS and rows.get(zeros, {}).get("rounds_assigned")
+
+    wait_for(ready, "benchmarks")
     yield subnet, honest, zeros
     subnet.shutdown()
 
@@ -76,11 +84,15 @@ def benchmarked(local_ray):
 def test_a_64_mib_benchmark_is_timed_verified_and_feeds_the_score(benchmarked):
     subnet, honest, _ = benchmarked
     row = ledger(subnet)[honest]
-    assert (row["state"], row["capacity"], row["rounds_on_time"], row["strikes"]) == ("available", 64 * MIB, 1, 0)
-    assert row["throughput"] > 0
-    event, detail = ray.get(subnet.validator.history.remote(honest))[-1]
-    assert (event, detail["bytes"], detail["passed"]) == ("benchmark", 64 * MIB, True)
-    assert row["throughput"] == 64 * MIB / detail["seconds"]
+    assert (row["state"], row["capacity"], row["rounds_on_time"], row["strikes"]) == (
+        "available",
+        64 * MIB,
+        BENCHMARKS,
+        0,
+    )
+    history = ray.get(subnet.validator.history.remote(honest))
+    assert [(event, d["bytes"], d["passed"]) for event, d in history] == [("benchmark", 64 * MIB, True)] * BENCHMARKS
+    assert row["throughput"] == max(64 * MIB / d["seconds"] for _, d in history) > 0  # the best of them
     weights = ray.get(subnet.validator.epoch.remote())
     assert weights[honest] == 1.0 and ledger(subnet)[honest]["score"] > 0
 
@@ -287,7 +299,7 @@ BAN_S = 20  # long enough to leave a struck cheater out of a job's later rounds,
 def cheaters(local_ray):
     """An honest miner and one of each cheater (in LIVE_CHEATERS' order), honest in benchmarks and cheating in
     real jobs."""
-    plans = [MinerPlan()] + [MinerPlan(cls, {"honest_jobs": 1}) for cls in LIVE_CHEATERS.values()]
+    plans = [MinerPlan()] + [MinerPlan(cls, {"honest_jobs": BENCHMARKS}) for cls in LIVE_CHEATERS.values()]
     subnet = start_local_subnet(
         plans,
         peers=2,
@@ -385,8 +397,8 @@ def curious(local_ray):
 
 
 def test_a_miner_cannot_tell_a_benchmark_from_a_live_job(curious, run_peers):
-    """The miner's first job is the validator's benchmark of it; then a live job of two trainers, one of which
-    asks the validator to benchmark the job's miner again meanwhile. What the miner sees of the second benchmark
+    """The miner's first jobs are the validator's benchmarks of it; then a live job of two trainers, one of which
+    asks the validator to benchmark the job's miner again meanwhile. What the miner sees of that benchmark
     is what it sees of the live job: a spec alike but for the id, a name that is the id, a hotkey of its own at
     every rank, all_reduce rounds (avg, float32, as a gradient average) with every chunk's sketch sealed."""
 
@@ -396,8 +408,10 @@ def test_a_miner_cannot_tell_a_benchmark_from_a_live_job(curious, run_peers):
 
     measured = run_peers(curious, 2, rounds)[0]
     assert [m.outcome.value for m in measured] == ["exact"]
-    first, live, again = statuses(curious)[0]["reducers"][0]["seen"]
-    for note in (first, live, again):
+    *benchmarks, live, again = statuses(curious)[0]["reducers"][0]["seen"]
+    assert len(benchmarks) == BENCHMARKS
+    first = benchmarks[0]
+    for note in (*benchmarks, live, again):
         assert note["named_by_id"] and note["sketched"]
         assert note["rounds"] == [("all_reduce", "avg", "float32")]
         assert len(set(note["hotkeys"])) == 2
@@ -411,9 +425,9 @@ def statuses(subnet) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def blamer(local_ray):
-    """An honest miner and one that, after its benchmark, gives up every segment blaming rank 2 for leaving."""
+    """An honest miner and one that, after its benchmarks, gives up every segment blaming rank 2 for leaving."""
     subnet = start_local_subnet(
-        [MinerPlan(), MinerPlan(BlamingRelay, {"honest_jobs": 1})],
+        [MinerPlan(), MinerPlan(BlamingRelay, {"honest_jobs": BENCHMARKS})],
         peers=2,
         chunk_mib=0.25,
         timeout_s=30,

@@ -144,7 +144,10 @@ class ValidatorActor:
         self.config = config
         self._netuid = chain.netuid
         wire = wire or WireConfig()
-        self.ledger = MinerLedger(chain.state_path / f"validator-{chain.netuid}-{self._identity.hotkey}.sqlite")
+        self.ledger = MinerLedger(
+            chain.state_path / f"validator-{chain.netuid}-{self._identity.hotkey}.sqlite",
+            best_of=config.benchmark.best_of,
+        )
         self.ledger.recover()
         self._directory = MinerDirectory(self._metagraph, self._identity.keypair, wire)
         self.jobs = JobBook(

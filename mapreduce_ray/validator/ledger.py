@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS miners (
     strikes INTEGER NOT NULL DEFAULT 0, banned_until REAL NOT NULL DEFAULT 0, score REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS history (
     at REAL NOT NULL, uid INTEGER NOT NULL, hotkey TEXT NOT NULL, event TEXT NOT NULL, detail TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS history_by_uid ON history (uid, event);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -42,11 +43,16 @@ class MinerState(str, Enum):
 
 
 class MinerLedger:
-    """The ledger in the SQLite file at `path`; `clock` gives wall-clock seconds."""
+    """The ledger in the SQLite file at `path`; `clock` gives wall-clock seconds. A miner's throughput is the
+    best of its last `best_of` benchmarks, if they all passed (see `record_benchmark`); a new miner is due
+    for that many at once."""
 
-    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time):
+    def __init__(self, path: str | Path, clock: Callable[[], float] = time.time, best_of: int = 1):
+        if best_of < 1:
+            raise MapReduceError(f"a ledger keeps the best of at least 1 benchmark, not {best_of}")
         self.path = Path(path)
         self._clock = clock
+        self._best_of = best_of
         create(self.path, _SCHEMA)
 
     def follow(self, miners: Mapping[int, str]) -> None:
@@ -69,9 +75,13 @@ class MinerLedger:
 
     def record_benchmark(self, uid: int, size_bytes: int, seconds: float, passed: bool, host: str = "") -> None:
         """A benchmark round, counted as an assigned round: an exact result updates throughput and capacity
-        (and the host, when known); any other outcome fails the miner and zeroes its throughput."""
+        (and the host, when known); any other outcome fails the miner and zeroes its throughput. Throughput is
+        the best of the last `best_of` benchmarks since the last one that failed: a round only ever falls short
+        of the miner's link (a lost packet, a busy core), so the best recent one measures the link most
+        closely, and a slower link shows within `best_of` benchmarks."""
         with transaction(self.path) as db:
             hotkey = self._hotkey(db, uid)
+            self._log(db, uid, hotkey, "benchmark", {"bytes": size_bytes, "seconds": seconds, "passed": passed})
             db.execute(
                 "UPDATE miners SET benchmarked_at=?, rounds_assigned=rounds_assigned+1, "
                 "rounds_on_time=rounds_on_time+?, host=CASE WHEN ?='' THEN host ELSE ? END WHERE uid=?",
@@ -81,23 +91,49 @@ class MinerLedger:
                 db.execute(
                     "UPDATE miners SET throughput=?, capacity=MAX(capacity, ?), "
                     "state=CASE WHEN state=? THEN ? ELSE state END WHERE uid=?",
-                    (size_bytes / seconds, size_bytes, MinerState.FAILED.value, MinerState.AVAILABLE.value, uid),
+                    (
+                        max(self._passed(db, uid, hotkey)),
+                        size_bytes,
+                        MinerState.FAILED.value,
+                        MinerState.AVAILABLE.value,
+                        uid,
+                    ),
                 )
             else:
                 db.execute(
                     "UPDATE miners SET throughput=0, state=CASE WHEN state=? THEN state ELSE ? END WHERE uid=?",
                     (MinerState.BANNED.value, MinerState.FAILED.value, uid),
                 )
-            self._log(db, uid, hotkey, "benchmark", {"bytes": size_bytes, "seconds": seconds, "passed": passed})
+
+    def _passed(self, db: sqlite3.Connection, uid: int, hotkey: str) -> list[float]:
+        """Bytes/s of each of this hotkey's last `best_of` benchmarks at the uid that passed, newest first, back
+        to the last one that failed or to when the ledger last forgot the uid."""
+        rows = db.execute(
+            "SELECT event, detail FROM history WHERE uid=? AND hotkey=? AND event IN ('benchmark', 'forgotten') "
+            "ORDER BY rowid DESC LIMIT ?",
+            (uid, hotkey, self._best_of),
+        )
+        passed = []
+        for event, detail in rows:
+            benchmark = json.loads(detail)
+            if event == "forgotten" or not benchmark["passed"]:
+                break
+            passed.append(benchmark["bytes"] / benchmark["seconds"])
+        return passed
 
     def due_for_benchmark(self, interval_s: float) -> list[int]:
-        """Available or failed uids whose last benchmark is at least `interval_s` old, oldest first."""
+        """Available or failed uids whose last benchmark is at least `interval_s` old, or whose throughput rests
+        on fewer than `best_of` passed benchmarks (a miner that passes one is measured that many times at once),
+        oldest first."""
         with transaction(self.path, write=False) as db:
             rows = db.execute(
-                "SELECT uid FROM miners WHERE state IN (?, ?) AND benchmarked_at<=? ORDER BY benchmarked_at, uid",
-                (MinerState.AVAILABLE.value, MinerState.FAILED.value, self._clock() - interval_s),
-            )
-            return [uid for (uid,) in rows]
+                "SELECT uid, hotkey, benchmarked_at FROM miners WHERE state IN (?, ?) ORDER BY benchmarked_at, uid",
+                (MinerState.AVAILABLE.value, MinerState.FAILED.value),
+            ).fetchall()
+            old = self._clock() - interval_s
+            return [
+                uid for uid, hotkey, at in rows if at <= old or 0 < len(self._passed(db, uid, hotkey)) < self._best_of
+            ]
 
     def record_rounds(self, on_time: Mapping[int, bool]) -> None:
         """One round each of these miners was assigned ({uid: whether it delivered on time}), in one write."""
@@ -189,11 +225,15 @@ class MinerLedger:
             return dict(db.execute("SELECT uid, host FROM miners WHERE host!=''"))
 
     def table(self) -> list[dict]:
-        """Every tracked miner as a dict of its columns, by uid."""
+        """Every tracked miner as a dict of its columns, by uid, and `measured`: how many passed benchmarks its
+        throughput rests on (`best_of` at most)."""
         with transaction(self.path, write=False) as db:
             cursor = db.execute("SELECT * FROM miners ORDER BY uid")
             names = [c[0] for c in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            rows = [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+            for row in rows:
+                row["measured"] = len(self._passed(db, row["uid"], row["hotkey"]))
+            return rows
 
     def history(self, uid: int) -> list[tuple[str, dict]]:
         """(event, detail) of a uid's current hotkey and earlier ones, oldest first."""
