@@ -4,8 +4,8 @@ Each is a Relay (serve one with MinerActor(..., relay_class=..., relay_args=...)
 throttle, stall or falsify the reduced chunks it sends; everything else (signatures, protocol)
 stays honest, so only the validator's measurements and checks, or the peers' failover, can tell.
 A benchmark reads like any job, so a cheater can only play for time: with `honest_jobs=n` it
-behaves in the first n jobs it serves (a miner's first job is the validator's first benchmark of
-it) and cheats in every later one.
+behaves in the first n jobs it serves (a miner's first jobs are the validator's benchmarks of it,
+`benchmark.best_of` of them back to back) and cheats in every later one.
 """
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ class MinerState(str, Enum):
 
 class MinerLedger:
     """The ledger in the SQLite file at `path`; `clock` gives wall-clock seconds. A miner's throughput is the
-    best of its last `best_of` benchmarks, if they all passed (see `record_benchmark`); a new miner is due
-    for that many at once."""
+    best of its last `best_of` benchmarks, if they all passed (see `record_benchmark`); a miner that passes
+    one is due for that many at once."""
 
     def __init__(self, path: str | Path, clock: Callable[[], float] = time.time, best_of: int = 1):
         if best_of < 1:
