@@ -23,7 +23,8 @@ class BenchmarkConfig:
     own, through one miner, at most once per `interval_s` per miner, within the validator's `timeout_s`, as
     a live job's round; passing it proves `size_mib` of capacity. A miner's throughput is the best of its
     last `best_of` benchmarks, all passed (a round only falls short of a link, so one slowed by a lost packet
-    does not skew the miner's share of a job). A job larger than its miners' verified capacity has them
+    does not skew the miner's share of a job); a miner that passes one is benchmarked until it has
+    `best_of`, back to back. A job larger than its miners' verified capacity has them
     benchmarked at the size it needs, up to `max_size_mib` (capacity on demand)."""
 
     bots: tuple[str, ...] = ()
