@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS miners (
     strikes INTEGER NOT NULL DEFAULT 0, banned_until REAL NOT NULL DEFAULT 0, score REAL NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS history (
     at REAL NOT NULL, uid INTEGER NOT NULL, hotkey TEXT NOT NULL, event TEXT NOT NULL, detail TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS history_by_uid ON history (uid, event);
+CREATE INDEX IF NOT EXISTS history_by_uid ON history (uid);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
@@ -107,7 +107,8 @@ class MinerLedger:
 
     def _passed(self, db: sqlite3.Connection, uid: int, hotkey: str) -> list[float]:
         """Bytes/s of each of this hotkey's last `best_of` benchmarks at the uid that passed, newest first, back
-        to the last one that failed or to when the ledger last forgot the uid."""
+        to the last one that failed or to when the ledger last forgot the uid (read newest first along the
+        uid's index, however long its history)."""
         rows = db.execute(
             "SELECT event, detail FROM history WHERE uid=? AND hotkey=? AND event IN ('benchmark', 'forgotten') "
             "ORDER BY rowid DESC LIMIT ?",
