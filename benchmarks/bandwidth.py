@@ -28,7 +28,9 @@ BBR, sizes its window by the path's least round trip, which on these links is a 
 microseconds, so a connection carrying bulk data both ways (a relay's job stream)
 is starved by the ACKs queued behind data (RESULTS.md, 2026-12-04); real links have
 milliseconds of round trip, and cubic, Linux's default, is not built into this
-machine's kernel.
+machine's kernel. Miner hosts keep a connection's window across idle time, as jobs.miner
+asks its operator to (mapreduce_ray/wire/tuning.py; --untuned-miners leaves Linux's
+default); peer hosts keep Linux's defaults, and --keep-window sets it on every host.
 η = bound / time. The validator checks no live rounds here (--verify-fraction),
 so the counters hold the all_reduce's own traffic (plus the peers' round reports).
 """
@@ -62,6 +64,7 @@ from mapreduce_ray.metrics import algbw, busbw
 from mapreduce_ray.types import RoundKind
 from mapreduce_ray.validator.config import ValidatorConfig
 from mapreduce_ray.wallets import dev_peer_wallet, dev_wallet
+from mapreduce_ray.wire.tuning import MINER_SYSCTLS
 
 MIB = 1024 * 1024
 GLOO_PORT = 29500
@@ -107,11 +110,14 @@ class Config:
         }
 
 
-def hosts_for(config: Config, peers: int, miners: int, rtt_ms: float = 0.0) -> list[netns.HostSpec]:
-    """The peer and miner hosts; `rtt_ms` is added to the round trip between any two of them."""
+def hosts_for(
+    config: Config, peers: int, miners: int, rtt_ms: float = 0.0, miner_sysctls: dict[str, str] | None = None
+) -> list[netns.HostSpec]:
+    """The peer and miner hosts; `rtt_ms` is added to the round trip between any two of them, and the miner
+    hosts get `miner_sysctls`."""
     delay = rtt_ms / 4  # a frame crosses two hosts' links each way
     return [netns.HostSpec(f"peer-{r}", config.peer_mbit, delay) for r in range(1, peers + 1)] + [
-        netns.HostSpec(f"miner-{i}", config.miner_mbit, delay) for i in range(1, miners + 1)
+        netns.HostSpec(f"miner-{i}", config.miner_mbit, delay, miner_sysctls or {}) for i in range(1, miners + 1)
     ]
 
 
@@ -188,7 +194,8 @@ def run_config(config: Config, args) -> list[dict]:
     rows = []
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, temp_dir, ignore_errors=True)
-        hosts = hosts_for(config, args.peers, args.miners, args.rtt_ms)
+        miner_sysctls = {} if args.untuned_miners else MINER_SYSCTLS  # as jobs.miner asks its operator
+        hosts = hosts_for(config, args.peers, args.miners, args.rtt_ms, miner_sysctls)
         sysctls = {"net.ipv4.tcp_congestion_control": args.congestion}
         if args.keep_window:
             sysctls["net.ipv4.tcp_slow_start_after_idle"] = "0"
@@ -387,6 +394,9 @@ def main() -> None:
     parser.add_argument(
         "--keep-window", action="store_true", help="hosts keep a TCP connection's window across idle time"
     )
+    parser.add_argument(
+        "--untuned-miners", action="store_true", help="miner hosts keep Linux's TCP settings, not jobs.miner's advice"
+    )
     parser.add_argument("--peer-ray", action="store_true", help="every peer host runs a Ray of its own too")
     parser.add_argument("--output", help="also append the table as markdown to this file")
     parser.add_argument("--peer", type=int, help=argparse.SUPPRESS)  # the rest: a peer host's process
@@ -416,6 +426,7 @@ def main() -> None:
             f"float32, chunk at most {args.chunk_mib:g} MiB, {args.rtt_ms:g} ms added round trip, "
             f"TCP congestion control {args.congestion}"
             + (", windows kept across idle time" if args.keep_window else "")
+            + (", miner hosts untuned" if args.untuned_miners else "")
             + (", a Ray on every peer host" if args.peer_ray else "")
             + f", {args.reps} reps (median)",
             markdown,

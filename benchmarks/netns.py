@@ -33,7 +33,8 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 NAME_PREFIX = "mrnet"
@@ -49,11 +50,13 @@ QUEUE_S = 0.1  # a capped link queues at most this long a burst of its rate befo
 
 @dataclass(frozen=True)
 class HostSpec:
-    """A host, its link's cap in Mbit/s each way (None: uncapped), and its link's delay each way."""
+    """A host, its link's cap in Mbit/s each way (None: uncapped), its link's delay each way, and sysctls set
+    in it (over the network's)."""
 
     name: str
     mbit: float | None = None
     delay_ms: float = 0.0
+    sysctls: Mapping[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -177,7 +180,7 @@ class TestNetwork:
             ip("addr", "add", f"{self.addresses[name]}/{PREFIX_LEN}", "dev", "eth0", netns=netns)
             ip("link", "set", "lo", "up", netns=netns)
             ip("link", "set", "eth0", "up", netns=netns)
-            for key, value in self.sysctls.items():
+            for key, value in {**self.sysctls, **host.sysctls}.items():
                 _run("sysctl", ("-qw", f"{key}={value}"), netns)
             ip("link", "set", link, "up")
             if host.delay_ms:

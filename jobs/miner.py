@@ -7,10 +7,13 @@ detached actor miner-{uid} on this node, which serves the miner's Flight
 endpoint on miner.listen and announces miner.advertise on chain (with
 miner.reducers > 1, more reducers spread over the operator's nodes, listed in
 its endpoint's `reducers` answer), and logs its status until Ctrl-C, which stops the
-actor. Settings: conf/miner.yaml.
+actor. Settings: conf/miner.yaml. It warns when this host lacks a TCP setting its wire
+wants (mapreduce_ray/wire/tuning.py).
 """
 
 from __future__ import annotations
+
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -20,6 +23,7 @@ from actors.relay import Relay
 from jobs.config import relay_settings, wire_config
 from jobs.service import serve_role, user_errors
 from mapreduce_ray.naming import miner_name
+from mapreduce_ray.wire.tuning import advice, untuned
 
 
 def show(status: dict) -> str:
@@ -38,6 +42,8 @@ def main(cfg: DictConfig) -> None:
         check_reducers(cfg.miner.reducers)
         settings = (cfg.miner.listen, cfg.miner.advertise, wire_config(cfg), relay_settings(cfg), Relay, None)
     arguments = (*settings, cfg.miner.reducers)
+    if lacking := untuned():
+        print(f"warning: {advice(lacking)}", file=sys.stderr, flush=True)
     serve_role(cfg, MinerActor, miner_name, lambda wallet, chain: (wallet, chain, *arguments), show, MAX_CONCURRENCY)
 
 
