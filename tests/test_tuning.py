@@ -35,5 +35,5 @@ def test_a_setting_the_kernel_lacks_is_left_out(tmp_path):
 def test_the_advice_is_one_line_naming_the_command():
     assert advice({KEY: "0"}) == (
         "this host restarts idle TCP connections from slow start, so every round's results start slowly: "
-        "run `sysctl -w net.ipv4.tcp_slow_start_after_idle=0` as root (README: running a miner)"
+        "run `sysctl -w net.ipv4.tcp_slow_start_after_idle=0` as root (README: Running the parties)"
     )

@@ -34,5 +34,5 @@ def advice(lacking: dict[str, str]) -> str:
     settings = " ".join(f"{key}={value}" for key, value in lacking.items())
     return (
         f"this host restarts idle TCP connections from slow start, so every round's results start slowly: "
-        f"run `sysctl -w {settings}` as root (README: running a miner)"
+        f"run `sysctl -w {settings}` as root (README: Running the parties)"
     )
