@@ -198,7 +198,7 @@ def run_config(config: Config, args) -> list[dict]:
         hosts = hosts_for(config, args.peers, args.miners, args.rtt_ms, miner_sysctls)
         sysctls = {"net.ipv4.tcp_congestion_control": args.congestion}
         if args.keep_window:
-            sysctls["net.ipv4.tcp_slow_start_after_idle"] = "0"
+            sysctls.update(MINER_SYSCTLS)  # on every host, peers' too
         net = stack.enter_context(netns.TestNetwork(hosts, sysctls))
         env = {**os.environ, "RAY_AUTH_MODE": "disabled", "MAPREDUCE_STATE_DIR": str(Path(temp_dir) / "chain")}
         env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # a Ray in a namespace binds its host's address
@@ -392,7 +392,7 @@ def main() -> None:
     parser.add_argument("--congestion", default="reno", help="every host's TCP congestion control")
     parser.add_argument("--rtt-ms", type=float, default=0.0, help="round trip added between any two hosts")
     parser.add_argument(
-        "--keep-window", action="store_true", help="hosts keep a TCP connection's window across idle time"
+        "--keep-window", action="store_true", help="every host keeps a TCP connection's window across idle time"
     )
     parser.add_argument(
         "--untuned-miners", action="store_true", help="miner hosts keep Linux's TCP settings, not jobs.miner's advice"
