@@ -93,10 +93,11 @@ def test_hosts_send_through_capped_links_and_count_every_byte(tmp_path):
 
 
 @needs_root
-def test_a_delayed_link_adds_its_delay_each_way_and_hosts_take_the_sysctls():
+def test_a_delayed_link_adds_its_delay_each_way_and_hosts_take_the_networks_sysctls_and_their_own():
     delay_ms = 10.0
-    hosts = [netns.HostSpec("a", 100, delay_ms), netns.HostSpec("b", 100, delay_ms)]
-    with netns.TestNetwork(hosts, {"net.ipv4.tcp_congestion_control": "reno"}) as net:
+    idle = "net.ipv4.tcp_slow_start_after_idle"
+    hosts = [netns.HostSpec("a", 100, delay_ms, {idle: "0"}), netns.HostSpec("b", 100, delay_ms)]
+    with netns.TestNetwork(hosts, {"net.ipv4.tcp_congestion_control": "reno", idle: "1"}) as net:
         net.spawn("b", [sys.executable, "-c", LISTENER])
         connect = subprocess.run(
             in_host(net, "a", sys.executable, "-c", CONNECT, net.addresses["b"]),
@@ -104,12 +105,17 @@ def test_a_delayed_link_adds_its_delay_each_way_and_hosts_take_the_sysctls():
             text=True,
             timeout=60,
         )
-        control = subprocess.run(
-            in_host(net, "b", "sysctl", "-n", "net.ipv4.tcp_congestion_control"), capture_output=True, text=True
-        )
+        settings = {
+            host: subprocess.run(
+                in_host(net, host, "sysctl", "-n", "net.ipv4.tcp_congestion_control", idle),
+                capture_output=True,
+                text=True,
+            ).stdout.split()
+            for host in ("a", "b")
+        }
     rtt = float(connect.stdout)  # a connect takes one round trip: through both links' lines, each way
     assert 4 * delay_ms / 1e3 <= rtt < 4 * delay_ms / 1e3 + 0.02
-    assert control.stdout.strip() == "reno"
+    assert settings == {"a": ["reno", "0"], "b": ["reno", "1"]}
     assert netns.namespaces() == [] and netns.links() == []
 
 
