@@ -30,7 +30,7 @@ is starved by the ACKs queued behind data (RESULTS.md, 2026-12-04); real links h
 milliseconds of round trip, and cubic, Linux's default, is not built into this
 machine's kernel. Miner hosts keep a connection's window across idle time, as jobs.miner
 asks its operator to (mapreduce_ray/wire/tuning.py; --untuned-miners leaves Linux's
-default); peer hosts keep Linux's defaults, and --keep-window sets it on every host.
+default); peer hosts keep Linux's defaults, and --keep-window gives every host that setting.
 η = bound / time. The validator checks no live rounds here (--verify-fraction),
 so the counters hold the all_reduce's own traffic (plus the peers' round reports).
 """
@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,7 +112,7 @@ class Config:
 
 
 def hosts_for(
-    config: Config, peers: int, miners: int, rtt_ms: float = 0.0, miner_sysctls: dict[str, str] | None = None
+    config: Config, peers: int, miners: int, rtt_ms: float = 0.0, miner_sysctls: Mapping[str, str] | None = None
 ) -> list[netns.HostSpec]:
     """The peer and miner hosts; `rtt_ms` is added to the round trip between any two of them, and the miner
     hosts get `miner_sysctls`."""
@@ -391,10 +392,11 @@ def main() -> None:
     parser.add_argument("--timeline-s", type=float, default=0, help="print every host's rates per this period")
     parser.add_argument("--congestion", default="reno", help="every host's TCP congestion control")
     parser.add_argument("--rtt-ms", type=float, default=0.0, help="round trip added between any two hosts")
-    parser.add_argument(
+    windows = parser.add_mutually_exclusive_group()
+    windows.add_argument(
         "--keep-window", action="store_true", help="every host keeps a TCP connection's window across idle time"
     )
-    parser.add_argument(
+    windows.add_argument(
         "--untuned-miners", action="store_true", help="miner hosts keep Linux's TCP settings, not jobs.miner's advice"
     )
     parser.add_argument("--peer-ray", action="store_true", help="every peer host runs a Ray of its own too")

@@ -9,15 +9,17 @@ their chunks, queued ahead of the acknowledgements. Keeping the window saves tha
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 
-MINER_SYSCTLS = {"net.ipv4.tcp_slow_start_after_idle": "0"}
+MINER_SYSCTLS: Mapping[str, str] = MappingProxyType({"net.ipv4.tcp_slow_start_after_idle": "0"})
 SYSCTL_ROOT = Path("/proc/sys")
 
 
-def untuned(wanted: dict[str, str] = MINER_SYSCTLS, root: Path = SYSCTL_ROOT) -> dict[str, str]:
-    """The settings of `wanted` this host has otherwise, with the values wanted (a setting this host does
-    not have, or lets no one read, is left out)."""
+def untuned(wanted: Mapping[str, str] = MINER_SYSCTLS, root: Path = SYSCTL_ROOT) -> dict[str, str]:
+    """Those of `wanted` this host sets to another value, each with the value wanted (a setting this host
+    lacks, or lets no one read, is skipped)."""
     lacking = {}
     for key, value in wanted.items():
         try:
