@@ -40,6 +40,7 @@ from actors import LocalSubnet, init_local_ray, start_local_subnet  # noqa: E402
 from actors.subnet import READY_TIMEOUT_S  # noqa: E402
 from mapreduce_ray import Peer  # noqa: E402
 from mapreduce_ray.chain import ChainConfig  # noqa: E402
+from mapreduce_ray.validator.config import ValidatorConfig  # noqa: E402
 
 CONF = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 
@@ -213,6 +214,7 @@ def _wait_until_up(proc: subprocess.Popen, head: RayHead, temp_dir: str, timeout
 # A trainer party's run in the multi-party tests: its own Ray (in the job), the seed tutorial's flow
 # (join, broadcast, all_reduce, leave) and 5 all_reduce rounds, every result checked bit for bit.
 TRAINER_OVERRIDES = ("ray=local", "topology.peers=2", "size_mib=1", "rounds=5")
+NEW_MINER_BENCHMARKS = ValidatorConfig().benchmark.best_of  # of each new miner, back to back, before it takes jobs
 
 
 def assert_exact_rounds(stdout: str) -> None:

@@ -20,9 +20,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import netns  # noqa: E402
-from conftest import TRAINER_OVERRIDES, assert_exact_rounds  # noqa: E402
-
-from mapreduce_ray.validator.config import ValidatorConfig  # noqa: E402
+from conftest import NEW_MINER_BENCHMARKS, TRAINER_OVERRIDES, assert_exact_rounds  # noqa: E402
 
 START_TIMEOUT_S = 120.0
 BOTS = ("bot-0", "bot-1")  # a benchmark has a bot at each of its two ranks
@@ -85,8 +83,7 @@ def test_miner_validator_and_trainer_on_three_hosts_each_with_its_own_ray(tmp_pa
         uid = wait_for(logs["validator"], rf"validator-(\d+) \(hotkey \w+\) serving .* at endpoint {ip['validator']}:")[
             1
         ]
-        benchmarks = ValidatorConfig().benchmark.best_of  # of a new miner, back to back, before it takes jobs
-        wait_for(logs["validator"], rf"0 job\(s\) open, {benchmarks} benchmark\(s\)")
+        wait_for(logs["validator"], rf"0 job\(s\) open, {NEW_MINER_BENCHMARKS} benchmark\(s\)")
         trainer = job("jobs.local", f"subnet.validator_uid={uid}", *TRAINER_OVERRIDES, run_dir=tmp_path)
         in_host = ["ip", "netns", "exec", net.netns("trainer"), *trainer]
         done = subprocess.run(in_host, env=env, capture_output=True, text=True, timeout=300)

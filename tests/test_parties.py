@@ -15,19 +15,17 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
-from conftest import TRAINER_OVERRIDES, assert_exact_rounds, free_port, ray_head
+from conftest import NEW_MINER_BENCHMARKS, TRAINER_OVERRIDES, assert_exact_rounds, free_port, ray_head
 
 from actors.subnet import register_dev_wallet
 from mapreduce_ray import Peer
 from mapreduce_ray.chain import ChainConfig
 from mapreduce_ray.reference import reference_reduce
-from mapreduce_ray.validator.config import ValidatorConfig
 from mapreduce_ray.validator.ledger import MinerLedger
 from mapreduce_ray.wallets import dev_wallet
 
 START_TIMEOUT_S = 120.0
 BOTS = ("bot-0", "bot-1")  # a benchmark has a bot at each of its two ranks
-BENCHMARKS = ValidatorConfig().benchmark.best_of  # of each new miner, back to back, before it is free for jobs
 RAY_LINE = r"Ray cluster ([\d.]+:\d+): \d+ node\(s\) \[([^\]]*)\]"
 LIVE_ACTORS = """
 import sys, ray
@@ -121,7 +119,7 @@ def test_three_parties_each_on_its_own_ray_meet_only_through_their_endpoints(tmp
                 r"validator-(\d+) \(hotkey \w+\) serving netuid 10 .* at endpoint [\d.:]+ over grpc\+tls"
             )
             uid = uid[1]
-            output.wait_for(rf"validator-\d+: uid \d+ \w+: 0 job\(s\) open, {2 * BENCHMARKS} benchmark\(s\)")
+            output.wait_for(rf"validator-\d+: uid \d+ \w+: 0 job\(s\) open, {2 * NEW_MINER_BENCHMARKS} benchmark\(s\)")
             trainer = finish(
                 ["-m", "jobs.local", f"subnet.validator_uid={uid}", *TRAINER_OVERRIDES, f"hydra.run.dir={tmp_path}/t"],
                 env,
@@ -194,8 +192,10 @@ def test_two_validators_benchmark_and_weigh_the_same_two_miners_and_their_jobs_s
                 time.sleep(0.5)
             assert all(w > 0 for uid in validators.values() for w in chain.weights()[uid].values())
             for hotkey in hotkeys.values():  # each validator's own ledger: its own passed benchmarks of each miner
-                books = MinerLedger(state / f"validator-10-{hotkey}.sqlite", best_of=BENCHMARKS)
-                while not all(r["measured"] == BENCHMARKS and r["state"] == "available" for r in books.table()):
+                books = MinerLedger(state / f"validator-10-{hotkey}.sqlite", best_of=NEW_MINER_BENCHMARKS)
+                while not all(
+                    r["measured"] == NEW_MINER_BENCHMARKS and r["state"] == "available" for r in books.table()
+                ):
                     assert time.monotonic() < deadline, f"validator {hotkey}'s ledger: {books.table()}"
                     time.sleep(0.5)
 
