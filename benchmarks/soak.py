@@ -75,9 +75,9 @@ def snapshot(subnet) -> dict:
     }
 
 
-def miners_rss(subnet) -> list[float]:
-    """Each miner's resident memory now, in MiB."""
-    statuses = ray.get([m.status.remote() for m in subnet.miners], timeout=60)
+def resident(subnet) -> list[float]:
+    """Each miner's resident memory now, then the validator's, in MiB."""
+    statuses = ray.get([*(m.status.remote() for m in subnet.miners), subnet.validator.status.remote()], timeout=60)
     return [memory(s["pid"])[0] / MIB for s in statuses]
 
 
@@ -126,12 +126,12 @@ def main() -> None:
         wrong += not all(ray.get([p.run.remote(exact_round, numel, k) for p in peers], timeout=120))
     start = snapshot(subnet)
     began = time.perf_counter()
-    levels = []  # (round, each miner's RSS), every 100 rounds
+    levels = []  # (round, each miner's RSS and the validator's), every 100 rounds
     for k in range(args.rounds):
         wrong += not all(ray.get([p.run.remote(exact_round, numel, k) for p in peers], timeout=120))
         if (k + 1) % 100 == 0:
-            levels.append((k + 1, miners_rss(subnet)))
-            print(f"round {k + 1}: store {mib(store_bytes())}, miners' RSS {levels[-1][1]}", flush=True)
+            levels.append((k + 1, resident(subnet)))
+            print(f"round {k + 1}: store {mib(store_bytes())}, RSS (miners, validator) {levels[-1][1]}", flush=True)
     seconds = time.perf_counter() - began
     end = snapshot(subnet)
     hung = flood.finish() if flood else []
@@ -164,7 +164,7 @@ def main() -> None:
         "",
         f"After the peers left: object store in use {mib(after_leave)}.",
         "",
-        "Miners' RSS every 100 rounds (MiB): "
+        "RSS every 100 rounds, miners / validator (MiB): "
         + "; ".join(f"{k}: {' / '.join(f'{v:.0f}' for v in rss)}" for k, rss in levels)
         + ".",
         "",
