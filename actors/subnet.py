@@ -272,7 +272,6 @@ def start_validator(
         wire=wire,
         max_concurrency=VALIDATOR_CONCURRENCY,
         resources=resources,
-        runtime_env=ValidatorActor.RUNTIME_ENV,
     )
     ray.get(handle.status.remote(), timeout=READY_TIMEOUT_S)
     return uid, handle
@@ -285,17 +284,8 @@ def register_dev_wallet(chain: Chain, wallet: WalletConfig, stake: float = 0.0) 
 
 
 def _start(
-    actor_class,
-    name: str,
-    namespace: str,
-    *args,
-    max_concurrency: int = 1,
-    resources: dict | None = None,
-    runtime_env: dict | None = None,
-    **kwargs,
+    actor_class, name: str, namespace: str, *args, max_concurrency: int = 1, resources: dict | None = None, **kwargs
 ):
     remote_class = ray.remote(num_cpus=0)(actor_class)
     options = {"name": name, "namespace": namespace, "max_concurrency": max_concurrency, "resources": resources or {}}
-    if runtime_env:
-        options["runtime_env"] = runtime_env
     return remote_class.options(**options).remote(*args, **kwargs)

@@ -80,11 +80,8 @@ def connect(ray_cfg: DictConfig) -> None:
         ) from None
 
 
-def start_detached(
-    actor_class, name: str, namespace: str, *args, max_concurrency: int = 1, runtime_env: dict | None = None
-):
-    """Start `actor_class(*args)` on this node as detached actor `name` (in `runtime_env`, if any), and wait
-    until it answers."""
+def start_detached(actor_class, name: str, namespace: str, *args, max_concurrency: int = 1):
+    """Start `actor_class(*args)` on this node as detached actor `name`, and wait until it answers."""
     try:
         ray.get_actor(name, namespace=namespace)
     except ValueError:
@@ -100,7 +97,6 @@ def start_detached(
             lifetime="detached",
             max_concurrency=max_concurrency,
             scheduling_strategy=here,
-            **({"runtime_env": runtime_env} if runtime_env else {}),
         )
         .remote(*args)
     )
@@ -136,24 +132,15 @@ def serve_role(
     args_of: Callable[[WalletConfig, ChainConfig], tuple],
     show: Callable[[dict], str],
     max_concurrency: int = 1,
-    runtime_env: dict | None = None,
 ) -> None:
-    """Register the wallet, start `actor_class(*args_of(wallet, chain))` as `name_of(uid)` here (in `runtime_env`,
-    if any), serve until Ctrl-C."""
+    """Register the wallet, start `actor_class(*args_of(wallet, chain))` as `name_of(uid)` here, serve until Ctrl-C."""
     with user_errors():
         wallet, chain = wallet_and_chain(cfg)
         uid = registered_uid(chain, wallet, cfg.stake)
         connect(cfg.ray)
         name, namespace = name_of(uid), cfg.subnet.namespace
         print(describe_ray(), flush=True)
-        handle = start_detached(
-            actor_class,
-            name,
-            namespace,
-            *args_of(wallet, chain),
-            max_concurrency=max_concurrency,
-            runtime_env=runtime_env,
-        )
+        handle = start_detached(actor_class, name, namespace, *args_of(wallet, chain), max_concurrency=max_concurrency)
         hotkey = load_identity(wallet).hotkey
         endpoint = get(handle.status.remote(), STATUS_TIMEOUT_S, f"asking {name}").get("endpoint")
         tls = " over grpc+tls" if cfg.get("wire", {}).get("tls_cert") else ""

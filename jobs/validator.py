@@ -48,13 +48,7 @@ def main(cfg: DictConfig) -> None:
     with user_errors():
         settings = (validator_config(cfg), cfg.endpoint.listen, cfg.endpoint.advertise, wire_config(cfg))
     serve_role(
-        cfg,
-        ValidatorActor,
-        validator_name,
-        lambda wallet, chain: (wallet, chain, *settings),
-        show,
-        MAX_CONCURRENCY,
-        ValidatorActor.RUNTIME_ENV,
+        cfg, ValidatorActor, validator_name, lambda wallet, chain: (wallet, chain, *settings), show, MAX_CONCURRENCY
     )
 
 

@@ -51,12 +51,6 @@ def test_a_peer_keeps_only_its_latest_round_open(subnets, run_peers):
     assert max(run_peers(subnet, 2, three_rounds)) <= 2
 
 
-def test_the_validators_process_keeps_two_malloc_arenas(subnets):
-    pid = ray.get(subnets[1].validator.status.remote())["pid"]
-    with open(f"/proc/{pid}/environ", "rb") as environ:
-        assert b"MALLOC_ARENA_MAX=2" in environ.read().split(b"\0")
-
-
 def test_joining_a_validator_that_serves_no_endpoint_names_the_fix(subnets):
     chain = subnets[1].chain
     wallet = dev_wallet(chain.state_path, "dev-validator", "silent")

@@ -115,16 +115,10 @@ class ValidatorEndpoint(Endpoint):
 
 class ValidatorActor:
     """Create with `ray.remote(ValidatorActor).options(name=validator_name(uid), namespace=...,
-    max_concurrency=MAX_CONCURRENCY, runtime_env=ValidatorActor.RUNTIME_ENV).remote(wallet, chain, config)`.
+    max_concurrency=MAX_CONCURRENCY).remote(wallet, chain, config)`.
 
     It listens on `listen` (host:port) and announces `advertise` (default: where it listens) on chain.
     """
-
-    # glibc gives threads that allocate at once arenas of their own, up to 8 per core, and free memory stays
-    # stranded in them: under a soak the validator's many call and check threads grew its resident memory by
-    # about 7 MiB per 100 rounds while what it had allocated stayed level. Two arenas hold it level
-    # (benchmarks/RESULTS.md, 2026-12-05). glibc reads this when the process starts.
-    RUNTIME_ENV = {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
 
     def __init__(
         self,
